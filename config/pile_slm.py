@@ -1,0 +1,20 @@
+# The paper's teacher: a ~1.5B GPT (gpt2-xl shape) on the Pile. 8 GPUs:
+#   python data.py pile /path/to/pile/train/*.jsonl.zst --out_dir data/pile
+#   torchrun --standalone --nproc_per_node=8 train.py config/pile_slm.py
+# Alternatively a pretrained GPT-2 XL can be the SLM: teacher_ckpt='gpt2-xl' in the student config
+# (needs `pip install transformers` and the hub).
+# Batch and schedule are ours, not the paper's (it does not publish them all): tune before trusting them.
+out_dir = 'out/pile/slm'
+data_dir = 'data/pile'
+model_size = 'gpt2-xl'
+block_size = 2048
+batch_size = 8               # per GPU; 8 GPUs x 8 x 2048 x grad_accum 8 = 1M tokens per step
+grad_accum_steps = 8
+max_steps = 100_000
+learning_rate = 2e-4
+min_lr = 2e-5
+warmup_steps = 2000
+eval_interval = 1000
+eval_batches = 50
+ckpt_interval = 1000
+compile = True

@@ -1,0 +1,26 @@
+# The paper's student: a ~2.8B GPT on the Pile, ~208K steps, of which the first 36K are the KD stage.
+#   baseline: torchrun --standalone --nproc_per_node=8 train.py config/pile_student.py
+#   SALT:     ... train.py config/pile_student.py --teacher_ckpt=out/pile/slm/ckpt.pt --out_dir=out/pile/salt
+#   SALT_DS:  torchrun --standalone --nproc_per_node=8 salt.py score --ckpt out/pile/slm/ckpt.pt \
+#                 --data_dir data/pile --block_size 2048 --out out/pile/scores.npy
+#             ... train.py config/pile_student.py --teacher_ckpt=out/pile/slm/ckpt.pt \
+#                 --score_file=out/pile/scores.npy --out_dir=out/pile/salt_ds
+# kd_weight, teacher_temperature and select_fraction are not confirmed by the paper: the ablations decide.
+out_dir = 'out/pile/baseline'
+data_dir = 'data/pile'
+model_size = 'salt-2.8b'
+block_size = 2048
+batch_size = 4               # per GPU; 8 GPUs x 4 x 2048 x grad_accum 16 = 1M tokens per step
+grad_accum_steps = 16
+max_steps = 208_000
+learning_rate = 1.6e-4
+min_lr = 1.6e-5
+warmup_steps = 2000
+kd_steps = 36_000
+kd_weight = 0.667
+teacher_temperature = 1.0
+select_fraction = 0.5
+eval_interval = 1000
+eval_batches = 50
+ckpt_interval = 1000
+compile = True
