@@ -47,10 +47,14 @@ def python(nproc):
     return [sys.executable]
 
 
-def read_metrics(out_dir):
+def read_records(out_dir):
+    """metrics.jsonl's records; a run killed mid-write may have left half a last line, which is skipped."""
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-        records = [json.loads(line) for line in f]
-    return [r for r in records if 'val_loss' in r]
+        return [json.loads(line) for line in f if line.endswith('\n')]
+
+
+def read_metrics(out_dir):
+    return [r for r in read_records(out_dir) if 'val_loss' in r]
 
 
 def val_at(curve, step):
@@ -65,11 +69,9 @@ def steps_to_reach(curve, target):
 
 def finished(out_dir):
     """A train.py run is finished when its metrics hold the final evaluation at its max_steps."""
-    path = os.path.join(out_dir, 'metrics.jsonl')
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(out_dir, 'metrics.jsonl')):
         return False
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
+    records = read_records(out_dir)
     max_steps = [r for r in records if r.get('type') == 'header'][-1]['config']['max_steps']
     return any(r.get('step') == max_steps and 'val_loss' in r for r in records)
 
@@ -78,8 +80,8 @@ def train(nproc, config_file, out_dir, overrides):
     if finished(out_dir):
         print(f"[skip] {out_dir} is finished")
         return
-    resume = ['--init_from=resume'] if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')) else []
-    run(python(nproc) + [os.path.join(HERE, 'train.py'), config_file, f'--out_dir={out_dir}'] + overrides + resume)
+    # an interrupted run resumes from its checkpoint by itself
+    run(python(nproc) + [os.path.join(HERE, 'train.py'), config_file, f'--out_dir={out_dir}'] + overrides)
 
 
 def write_table(curves, path):

@@ -6,9 +6,11 @@ stages, DDP, resume) and the end-to-end experiment. Scripts are run as a user ru
 """
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -671,6 +673,43 @@ def test_triton_kernel_compiles_for_gpu():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_training_with_salt_loss_tracks_the_eager_loss():
+    """120 steps of a tiny GPT, KD from a teacher for the first 60: the fused loss and the eager one
+    (full logits, log_softmax, autograd) give the same loss curve in fp32, up to rounding."""
+    def train_losses(loss_fn):
+        torch.manual_seed(0)
+        config = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32)
+        student, teacher = GPT(config), GPT(GPTConfig(**{**vars(config), 'n_embd': 16})).requires_grad_(False)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
+        data_rng = torch.Generator().manual_seed(1)
+        losses = []
+        for step in range(120):
+            seqs = torch.randint(0, 100, (4, 17), generator=data_rng)
+            seqs[:, 1::2] = (seqs[:, 0::2][:, :8] * 7 + 3) % 100  # something learnable
+            x, y = seqs[:, :-1], seqs[:, 1:]
+            w = 0.5 if step < 60 else 0.0
+            loss = loss_fn(student(x, return_hidden=True), student.lm_head.weight, y,
+                           teacher(x, return_hidden=True), teacher.lm_head.weight, w)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return np.array(losses)
+
+    def eager(hidden, weight, y, teacher_hidden, teacher_weight, w):
+        log_p = torch.log_softmax((hidden @ weight.T)[..., :100], dim=-1)
+        log_q = torch.log_softmax((teacher_hidden @ teacher_weight.T)[..., :100], dim=-1)
+        ce = -log_p.gather(-1, y[..., None]).mean()
+        return (1 - w) * ce + w * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+
+    def fused(hidden, weight, y, teacher_hidden, teacher_weight, w):
+        return salt_loss(hidden, weight, y, teacher_hidden, teacher_weight, kd_weight=w, vocab_size=100, chunk_size=16)
+
+    eager_losses, fused_losses = train_losses(eager), train_losses(fused)
+    assert fused_losses[-1] < 0.8 * np.log(100)  # it learned something beyond the uniform guess
+    np.testing.assert_allclose(fused_losses, eager_losses, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # salt: schedule, scores, selection
 
@@ -832,3 +871,116 @@ def test_score_file_made_for_other_data_or_teacher_is_refused(slm_and_scores, te
         assert score_file in str(error.value)
     with pytest.raises(FileNotFoundError, match='salt.py score'):
         salt.load_scores(score_file + '.missing.npy', expected)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# failures: kill -9 anywhere, dead ranks, non-finite losses, bad settings
+
+
+def train_command(text_data, out_dir, *overrides):
+    return [sys.executable, 'train.py', f'--data_dir={text_data}', f'--out_dir={out_dir}', '--model_size=demo-student',
+            *TINY, *overrides]
+
+
+def test_kill_anywhere_then_the_same_command_resumes_bit_identically(tmp_path, text_data, slm_and_scores):
+    """SIGKILL a SALT_DS run at random moments, once in the middle of a checkpoint write, and rerun the same
+    command each time: the stitched per-step losses equal an uninterrupted run's, across the KD switch."""
+    teacher, scores = slm_and_scores
+    salt_ds = [f'--teacher_ckpt={teacher}', f'--score_file={scores}', '--train_sequences=256', '--kd_steps=6',
+               '--max_steps=12', '--ckpt_interval=1', '--eval_interval=6']
+    train(text_data, tmp_path / 'whole', *salt_ds)
+    killed = tmp_path / 'killed'
+    command = train_command(text_data, killed, *salt_ds)
+    rng = np.random.default_rng(0)
+    kills = 0
+    while True:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kills == 0:  # the first kill lands while a checkpoint is being written
+            while not (killed / 'ckpt.pt.tmp').exists() and process.poll() is None:
+                time.sleep(0.001)
+        elif kills < 5:
+            time.sleep(rng.uniform(2.0, 6.0))
+        else:
+            assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+            break
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+    whole, stitched = step_records(tmp_path / 'whole'), step_records(killed)
+    assert sorted(stitched) == list(range(1, 13))
+    for step in whole:
+        assert {k: whole[step][k] for k in ('loss', 'ce', 'kl', 'kd_weight')} == \
+            {k: stitched[step][k] for k in ('loss', 'ce', 'kl', 'kd_weight')}, step
+    assert whole[12]['val_loss'] == stitched[12]['val_loss']
+    assert torch.load(killed / 'ckpt.prev.pt', weights_only=True)['step'] == 11  # the one before is kept
+
+
+def rank_pid(out_dir, rank):
+    """The process id of one rank of a torchrun job training into out_dir."""
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            cmdline = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\0')
+            environ = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+        except OSError:
+            continue
+        if f'--out_dir={out_dir}'.encode() in cmdline and f'RANK={rank}'.encode() in environ:
+            return int(pid)
+    return None
+
+
+def test_a_dead_rank_ends_the_job_and_the_rerun_resumes(tmp_path, text_data):
+    common = ['--max_steps=30', '--ckpt_interval=2', '--eval_interval=10', '--ddp_timeout=30']
+    train(text_data, tmp_path / 'whole', *common, nproc=2)
+    killed = tmp_path / 'killed'
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    process = subprocess.Popen(launcher + train_command(text_data, killed, *common)[1:], cwd=REPO,
+                               env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / 'ckpt.pt').exists() and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(rank_pid(killed, 1), signal.SIGKILL)
+    killed_at = time.time()
+    assert process.wait(timeout=90) != 0
+    assert time.time() - killed_at < 60  # the job ends, no rank waits forever
+    train(text_data, killed, *common, nproc=2)  # the same command again
+    whole, stitched = step_records(tmp_path / 'whole'), step_records(killed)
+    assert sorted(stitched) == list(range(1, 31))
+    assert [whole[s]['loss'] for s in whole] == pytest.approx([stitched[s]['loss'] for s in whole], rel=1e-6)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, text_data):
+    blow_up = ['--learning_rate=1e30', '--warmup_steps=1', '--ckpt_interval=1', '--max_steps=6', '--grad_clip=0.0']
+    result = train(text_data, tmp_path / 'stop', *blow_up, check=False)
+    assert result.returncode != 0 and 'step 2: loss' in result.stderr and 'not finite' in result.stderr
+    assert f"{tmp_path / 'stop' / 'ckpt.pt'} (step 1)" in result.stderr
+    assert torch.load(tmp_path / 'stop' / 'ckpt.pt', weights_only=True)['step'] == 1
+    result = train(text_data, tmp_path / 'skip', *blow_up, '--skip_nonfinite=2', check=False)
+    assert 'batch skipped (1/2)' in result.stdout and 'batch skipped (2/2)' in result.stdout
+    assert result.returncode != 0 and 'step 2: loss' in result.stderr
+
+
+def test_bad_settings_are_clear_errors(tmp_path, text_data, slm_and_scores):
+    teacher, scores = slm_and_scores
+    missing = tmp_path / 'no_such_slm.pt'
+    result = train(text_data, tmp_path / 'a', f'--teacher_ckpt={missing}', '--kd_steps=2', check=False)
+    assert result.returncode != 0 and str(missing) in result.stderr and 'train the SLM first' in result.stderr
+    result = train(text_data, tmp_path / 'b', f'--teacher_ckpt={teacher}', '--kd_steps=50', '--max_steps=10', check=False)
+    assert result.returncode != 0 and 'kd_steps=50' in result.stderr
+    result = train(text_data, tmp_path / 'c', f'--score_file={scores}', check=False)
+    assert result.returncode != 0 and 'teacher_ckpt' in result.stderr
+    # a rerun into the same out_dir with other settings would silently mix two runs: refused
+    train(text_data, tmp_path / 'd', '--max_steps=2')
+    result = train(text_data, tmp_path / 'd', '--max_steps=4', '--learning_rate=1e-3', check=False)
+    assert result.returncode != 0 and 'learning_rate=0.003 (now 0.001)' in result.stderr
+    result = train(text_data, tmp_path / 'e', '--init_from=resume', check=False)
+    assert result.returncode != 0 and 'holds no checkpoint' in result.stderr
+
+
+def test_teacher_with_another_vocabulary_is_refused(tmp_path):
+    other = GPT(GPTConfig(block_size=16, vocab_size=1000, n_layer=1, n_head=2, n_embd=16))
+    path = tmp_path / 'other.pt'
+    torch.save(dict(model=other.state_dict(), model_args=vars(other.config), run_id='x', step=1), path)
+    with pytest.raises(ValueError, match='vocab_size 1000 but the student has 50257'):
+        salt.load_teacher(str(path), 'cpu', GPTConfig(block_size=16))

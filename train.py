@@ -12,6 +12,7 @@ steps the loss is (1-w) CE + w KL(teacher || student); afterwards plain CE and t
 With `score_file` set too it is SALT_DS: stage 1 trains only on the SLM-selected sequences.
 """
 import ast
+import datetime
 import json
 import math
 import os
@@ -33,8 +34,9 @@ import salt
 
 # ----------------------------------------------------------------------------------------------------------
 # config: defaults, overridden by config/*.py and --key=value
-out_dir = 'out/run'          # checkpoint and metrics.jsonl go here
-init_from = 'scratch'        # 'scratch', 'resume' (out_dir/ckpt.pt) or a GPT-2 name ('gpt2', ...)
+out_dir = 'out/run'          # checkpoints and metrics.jsonl go here
+init_from = 'scratch'        # a new run starts from 'scratch' or a GPT-2 name ('gpt2', ...); whatever it says,
+                             # a run whose out_dir holds a checkpoint continues from it ('resume' requires one)
 seed = 1337                  # model init and data order
 # data
 data_dir = 'data/stdlib'     # made by `python data.py ...`
@@ -55,6 +57,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0              # clip the global gradient norm (0 = off)
+skip_nonfinite = 0           # skip up to this many steps whose loss or gradient is inf/NaN (0 = stop at the first)
 # SALT
 teacher_ckpt = ''            # the SLM (a checkpoint of this script, or a GPT-2 name); '' = baseline
 kd_steps = 0                 # stage 1 length in steps (paper: 36K of ~208K)
@@ -74,6 +77,7 @@ wandb_project = 'salt'
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype on CUDA
 compile = False              # torch.compile the model
+ddp_timeout = 600            # seconds a rank waits for the others in a collective before the job fails
 peak_flops = 989e12          # per-GPU dense bf16 peak for MFU (H100/H200 SXM)
 # ----------------------------------------------------------------------------------------------------------
 
@@ -127,7 +131,8 @@ if score_file and not teacher_ckpt:
 # DDP: one process per device; rank 0 logs and checkpoints
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
-    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    # the timeout bounds how long a rank waits in a collective for a rank that died
+    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', timeout=datetime.timedelta(seconds=ddp_timeout))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if device.startswith('cuda'):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -166,16 +171,47 @@ def make_loader(step):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# model init, or resume
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-checkpoint = None
-if init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"init_from=resume but {ckpt_path} does not exist")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+# model init, or resume: a run whose out_dir holds a checkpoint continues from it, so that a job killed at
+# any moment is restarted with the same command
+CHECKPOINTS = [os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'ckpt.prev.pt')]  # newest first
+# settings a resumed run may change without changing what it computes
+RESUMABLE_CHANGES = {'out_dir', 'init_from', 'max_steps', 'eval_interval', 'eval_batches', 'log_interval',
+                     'ckpt_interval', 'wandb_log', 'wandb_project', 'compile', 'device', 'dtype', 'peak_flops',
+                     'ddp_timeout', 'skip_nonfinite'}
+
+
+def latest_good_checkpoint():
+    """(path, state) of the newest checkpoint in out_dir that loads, or (None, None) when there is none.
+    ckpt.prev.pt, the one before ckpt.pt, covers a ckpt.pt damaged after it was written."""
+    for path in CHECKPOINTS:
+        if os.path.isfile(path):
+            try:
+                return path, torch.load(path, map_location='cpu', weights_only=True)
+            except Exception as error:  # whatever is wrong with the file, the previous one may be fine
+                print(f"warning: {path} does not load ({type(error).__name__}: {error}); trying the previous one")
+    if any(os.path.exists(path) for path in CHECKPOINTS):
+        raise SystemExit(f"no checkpoint in {out_dir} loads (see the warnings above): move them away to start over")
+    return None, None
+
+
+def check_resumable(saved):
+    changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in config.items()
+               if key not in RESUMABLE_CHANGES and saved.get(key) != value]
+    if changed:
+        raise SystemExit(f"{out_dir} holds a checkpoint of a run with other settings: {', '.join(changed)}. "
+                         f"Continue that run with its settings, or give this one another out_dir.")
+
+
+ckpt_path, checkpoint = latest_good_checkpoint()
+if checkpoint:
+    check_resumable(checkpoint['config'])
     model_config = GPTConfig(**checkpoint['model_args'])
     model = GPT(model_config)
     model.load_state_dict(checkpoint['model'])
+    if master:
+        print(f"resuming from {ckpt_path} at step {checkpoint['step']}")
+elif init_from == 'resume':
+    raise SystemExit(f"init_from=resume but {out_dir} holds no checkpoint")
 elif init_from.startswith('gpt2'):
     model = GPT.from_pretrained(init_from)
     model_config = model.config
@@ -185,6 +221,8 @@ else:
 model.to(device)
 step = checkpoint['step'] if checkpoint else 0
 run_id = checkpoint['run_id'] if checkpoint else uuid.uuid4().hex[:12]
+last_good = f"{ckpt_path} (step {step})" if checkpoint else None  # for the message if the loss goes non-finite
+nonfinite_skipped = checkpoint['nonfinite_skipped'] if checkpoint else 0
 
 teacher = None
 if teacher_ckpt and step < kd_steps:
@@ -268,11 +306,12 @@ def git_commit():
 
 def open_metrics():
     """Start metrics.jsonl, or on resume keep only the records up to the checkpoint's step (a killed job
-    may have logged steps after its last checkpoint: those steps are about to be trained again)."""
+    may have logged steps after its last checkpoint, which are about to be trained again, and may have left
+    half a line)."""
     kept = []
     if step > 0 and os.path.isfile(metrics_path):
         with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line).get('step', 0) <= step]
+            kept = [line for line in f if line.endswith('\n') and json.loads(line).get('step', 0) <= step]
     header = dict(type='header', run_id=run_id, resumed_at=step, config=config, git_commit=git_commit(),
                   device=torch.cuda.get_device_name() if device_type == 'cuda' else 'cpu', torch=torch.__version__,
                   world_size=world_size, n_params=raw_model.num_params(), time=time.strftime('%Y-%m-%d %H:%M:%S'))
@@ -290,18 +329,26 @@ def log(record):
 
 
 def save_checkpoint():
-    """Atomically: write a temporary file, fsync it, rename it over ckpt.pt. A crash mid-write leaves the
-    previous checkpoint intact. Only tensors and plain values, so torch.load(weights_only=True) reads it."""
+    """Write ckpt.pt.tmp, fsync it, move ckpt.pt to ckpt.prev.pt, rename the new file to ckpt.pt. A kill at
+    any moment leaves at least one complete checkpoint (latest_good_checkpoint looks at both). Only tensors
+    and plain values, so torch.load(weights_only=True) reads it."""
     state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args(model_config),
-                 step=step, run_id=run_id, loader=loader.state_dict(), config=config, rng_cpu=torch.get_rng_state())
+                 step=step, run_id=run_id, loader=loader.state_dict(), config=config, rng_cpu=torch.get_rng_state(),
+                 nonfinite_skipped=nonfinite_skipped)
     if device_type == 'cuda':
         state['rng_cuda'] = torch.cuda.get_rng_state()
-    tmp = ckpt_path + '.tmp'
-    with open(tmp, 'wb') as f:
+    newest, previous = CHECKPOINTS
+    with open(newest + '.tmp', 'wb') as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, ckpt_path)
+    if os.path.exists(newest):
+        os.replace(newest, previous)
+    os.replace(newest + '.tmp', newest)
+    directory = os.open(out_dir, os.O_RDONLY)  # make the renames themselves durable
+    os.fsync(directory)
+    os.close(directory)
+    return f"{newest} (step {step})"
 
 
 if master:
@@ -334,8 +381,20 @@ while step < max_steps:
             loss, ce, kl = loss_on(x, y, w)
             (loss / grad_accum_steps).backward()
         parts += torch.stack([loss.detach(), ce, kl]) / grad_accum_steps
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # clip_grad_norm_ also gives the norm for the check below (max_norm=inf: measure, don't clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if ddp:
+        dist.all_reduce(parts, op=dist.ReduceOp.AVG)  # every rank takes the same decision below
+    if not (torch.isfinite(parts[0]) and torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        nonfinite_skipped += 1
+        if nonfinite_skipped > skip_nonfinite:
+            raise SystemExit(f"step {step + 1}: loss {parts[0].item()}, gradient norm {grad_norm.item()}: not finite, "
+                             f"stopping. The last good checkpoint is {last_good or 'none (none was written yet)'}. "
+                             f"Lower learning_rate, or set skip_nonfinite=N to skip up to N such batches.")
+        if master:
+            print(f"step {step + 1}: non-finite loss or gradient, batch skipped ({nonfinite_skipped}/{skip_nonfinite})")
+        continue
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
@@ -345,8 +404,6 @@ while step < max_steps:
         if device_type == 'cuda':
             torch.cuda.empty_cache()
         loader = make_loader(step)
-    if ddp:
-        dist.all_reduce(parts, op=dist.ReduceOp.AVG)
     do_eval = step % eval_interval == 0 or step == max_steps
     val_loss = estimate_val_loss() if do_eval else None
     if master and (step % log_interval == 0 or do_eval):
@@ -366,7 +423,7 @@ while step < max_steps:
               f"{tokens_per_s:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if 'mfu' in record else '') +
               (f" | val {val_loss:.4f}" if val_loss is not None else '') + f" | eta {eta / 60:.1f} min", flush=True)
     if master and (step % ckpt_interval == 0 or step == max_steps):
-        save_checkpoint()
+        last_good = save_checkpoint()
 
 if master:
     metrics_file.close()
