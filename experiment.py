@@ -3,9 +3,13 @@ The whole SALT experiment, end to end: tokenize -> train the small LM -> score t
 the student three ways (baseline, SALT, SALT_DS) with the same seed, data order and step budget -> a
 results table and val-loss curves in results/<name>/.
 
-  python experiment.py                     # the embedded demo: Python's standard library, CPU, ~12 min
+  python experiment.py                     # the embedded demo: Python's standard library, CPU, ~11 min
   python experiment.py --name pile --slm_config config/pile_slm.py --student_config config/pile_student.py \\
       --nproc 8 --seeds 1337 1338          # data tokenized beforehand with `python data.py pile ...`
+  python experiment.py --seeds 1337 1338 --ablate kd_weight=0.5,0.667,0.9 --ablate top_k=1,10,100
+
+An ablation `--ablate KEY=V1,V2,...` trains one more student per value and seed: SALT with --KEY=V, or
+SALT_DS for the selection's keys (top_k, select_fraction), and adds a table per KEY to the report.
 
 Each step is an ordinary command (printed before it runs), so any of them can be rerun by hand. A step
 whose output already exists is skipped: rerunning after an interruption continues where it stopped.
@@ -17,11 +21,17 @@ import shlex
 import subprocess
 import sys
 
+import time
+
 import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
+import numpy as np
+
+from model import PRESETS
 
 RUNS = ('baseline', 'salt', 'salt_ds')
+SELECTION_KEYS = ('top_k', 'select_fraction')  # ablated on SALT_DS; every other key on SALT
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts; out/ and results/ go to the working directory
 
 
@@ -84,42 +94,159 @@ def train(nproc, config_file, out_dir, overrides):
     run(python(nproc) + [os.path.join(HERE, 'train.py'), config_file, f'--out_dir={out_dir}'] + overrides)
 
 
-def write_table(curves, path):
-    """results table: per run and seed, val loss at 50/70/100% of the steps and the fraction of the steps
-    the run needed to reach the baseline's final val loss (read at evaluation granularity)."""
-    seeds = sorted({seed for seed, _ in curves})
-    max_step = curves[(seeds[0], 'baseline')][-1]['step']
+def score(args, student, data_dir, slm_ckpt, top_k, out):
+    """The SALT_DS score file for this top-k (made once); its wall-clock goes to timings.json, as part of
+    what SALT_DS costs on top of the student's training."""
+    score_file = os.path.join(out, f'scores_top{top_k}.npy')
+    started = time.time()
+    run(python(args.nproc) + [os.path.join(HERE, 'salt.py'), 'score', f'--ckpt={slm_ckpt}', f'--data_dir={data_dir}',
+                              f"--block_size={student['block_size']}", f"--max_sequences={student.get('train_sequences', 0)}",
+                              f'--top_k={top_k}', f'--out={score_file}'], done_file=score_file)
+    timings_path = os.path.join(out, 'timings.json')
+    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
+    if f'score_top{top_k}' not in timings:
+        timings[f'score_top{top_k}'] = time.time() - started
+        with open(timings_path, 'w') as f:
+            json.dump(timings, f)
+    return score_file, timings[f'score_top{top_k}']
+
+
+def planned_runs(args, slm_ckpt, score_files, student):
+    """{label: (kind, train.py overrides)} for one seed: the three main runs, then one run per ablated value
+    (the value the main run already has is that run: same label, no second training)."""
+    teacher = [f'--teacher_ckpt={slm_ckpt}']
+    runs = {'baseline': ('baseline', []), 'salt': ('salt', teacher),
+            'salt_ds': ('salt_ds', teacher + [f'--score_file={score_files[args.top_k]}'])}
+    for key, values in args.ablate:
+        kind = 'salt_ds' if key in SELECTION_KEYS else 'salt'
+        current = str(args.top_k if key == 'top_k' else student.get(key))
+        for value in values:
+            if ablation_label(kind, key, value, current) == kind:
+                continue
+            if key == 'top_k':
+                overrides = teacher + [f'--score_file={score_files[int(value)]}']
+            else:
+                overrides = runs[kind][1] + [f'--{key}={value}']
+            runs[ablation_label(kind, key, value, current)] = (kind, overrides)
+    return runs
+
+
+def ablation_label(kind, key, value, current):
+    try:
+        same = float(value) == float(current)
+    except ValueError:
+        same = value == current
+    return kind if same else f'{kind} {key}={value}'
+
+
+def teacher_minutes(kind, slm_minutes, score_minutes):
+    """What a run costs before its student trains: the SLM for SALT, the SLM and the scoring for SALT_DS."""
+    return {'baseline': 0.0, 'salt': slm_minutes, 'salt_ds': slm_minutes + score_minutes}[kind]
+
+
+def summary_row(curves, baselines, max_step):
+    """Over seeds: mean val loss at 50/70/100% of the steps, and steps to reach each seed's baseline final."""
     marks = [round(max_step * f) for f in (0.5, 0.7, 1.0)]
-    lines = [f"| run | seed | " + " | ".join(f"val loss @ {m} ({m / max_step:.0%})" for m in marks) +
-             " | steps to baseline's final val loss | wall-clock (min) |", "|---" * (len(marks) + 4) + "|"]
-    for seed in seeds:
-        target = curves[(seed, 'baseline')][-1]['val_loss']
-        for name in RUNS:
-            curve = curves[(seed, name)]
-            reached = steps_to_reach(curve, target)
-            reach = f"{reached} ({reached / max_step:.0%})" if reached else "not reached"
-            lines.append(f"| {name} | {seed} | " + " | ".join(f"{val_at(curve, m):.4f}" for m in marks) +
-                         f" | {reach} | {curve[-1]['elapsed_s'] / 60:.1f} |")
-    with open(path, 'w') as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    vals = [np.mean([val_at(c, m) for c in curves]) for m in marks]
+    reached = [steps_to_reach(c, b[-1]['val_loss']) for c, b in zip(curves, baselines)]
+    if all(reached):
+        reach = f"{np.mean(reached):.0f} ({np.mean(reached) / max_step:.0%})"
+    else:
+        reach = f"not reached ({sum(r is None for r in reached)} of {len(reached)} seeds)"
+    return [f"{v:.4f}" for v in vals] + [reach]
 
 
-def plot_curves(curves, path):
+def markdown_table(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] +
+                      ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
+
+
+def main_table(curves, runs, seeds, max_step, costs):
+    """Per run and seed (and their mean): val loss at 50/70/100% of the steps, the steps the run needed to
+    reach the baseline's final val loss (at evaluation granularity), and the wall-clock with the teacher."""
+    marks = [round(max_step * f) for f in (0.5, 0.7, 1.0)]
+    header = ['run', 'seed'] + [f"val loss @ {m} ({m / max_step:.0%})" for m in marks] + [
+        "steps to baseline's final val loss", 'student wall-clock (min)', 'with the SLM and scoring (min)']
+    rows = []
+    for label in RUNS:
+        for seed in seeds + (['mean'] if len(seeds) > 1 else []):
+            chosen = seeds if seed == 'mean' else [seed]
+            student = np.mean([curves[(s, label)][-1]['elapsed_s'] / 60 for s in chosen])
+            rows.append([label, seed] + summary_row([curves[(s, label)] for s in chosen],
+                                                    [curves[(s, 'baseline')] for s in chosen], max_step) +
+                        [f"{student:.1f}", f"{student + costs[runs[label][0]]:.1f}"])
+    return markdown_table(header, rows)
+
+
+def ablation_tables(curves, args, student, max_step):
+    tables = []
+    for key, values in args.ablate:
+        kind = 'salt_ds' if key in SELECTION_KEYS else 'salt'
+        marks = [round(max_step * f) for f in (0.5, 0.7, 1.0)]
+        header = [key] + [f"val loss @ {m / max_step:.0%}" for m in marks] + ["steps to baseline's final val loss"]
+        current = str(args.top_k if key == 'top_k' else student.get(key))
+        labels = [ablation_label(kind, key, value, current) for value in values]
+        rows = [[value + (' (main run)' if label == kind else '')] +
+                summary_row([curves[(s, label)] for s in args.seeds], [curves[(s, 'baseline')] for s in args.seeds],
+                            max_step) for value, label in zip(values, labels)]
+        tables.append(f"### {key} ({kind.upper()}, mean over {len(args.seeds)} seed(s))\n\n" + markdown_table(header, rows))
+    return "\n".join(tables)
+
+
+def cost_table(out, seeds):
+    """KD-stage vs plain step time of the SALT runs against the FLOP estimate of what KD adds: a teacher
+    forward (2 FLOPs per parameter per token) over a student step (6 per parameter, plus attention)."""
+    def header(run_dir):
+        return [r for r in read_records(run_dir) if r.get('type') == 'header'][-1]
+
+    def flops_per_token(h, passes):
+        n_layer, _, n_embd = PRESETS[h['config']['model_size']]
+        return passes * h['n_params'] + 2 * passes * n_layer * n_embd * h['config']['block_size']
+
+    slm, student = header(os.path.join(out, 'slm')), header(os.path.join(out, f'seed{seeds[0]}', 'salt'))
+    flop_ratio = flops_per_token(slm, 2) / flops_per_token(student, 6)
+    rows = []
+    for label in ('salt', 'salt_ds'):
+        for seed in seeds:
+            records = [r for r in read_records(os.path.join(out, f'seed{seed}', label))
+                       if 'tokens_per_s' in r and r['step'] > 1]  # the first interval includes start-up
+            kd = [r['tokens_per_s'] for r in records if r['kd_weight'] > 0]
+            plain = [r['tokens_per_s'] for r in records if r['kd_weight'] == 0]
+            if not (kd and plain):
+                continue  # too few logged steps in one of the stages
+            kd, plain = np.median(kd), np.median(plain)
+            rows.append([label, seed, f"{kd:,.0f}", f"{plain:,.0f}", f"{plain / kd:.2f}", f"{1 + flop_ratio:.2f}"])
+    return markdown_table(['run', 'seed', 'KD-stage tokens/s', 'plain tokens/s', 'KD step time / plain step time',
+                           '(student step + teacher forward) / student step, FLOPs'], rows)
+
+
+def plot_curves(curves, costs, runs, path):
+    """Val loss vs step, and vs wall-clock where SALT runs start after the SLM (and SALT_DS after scoring)."""
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = dict(baseline='tab:gray', salt='tab:blue', salt_ds='tab:orange')
-    for (seed, name), curve in sorted(curves.items()):
+    for (seed, label), curve in sorted(curves.items()):
+        if label not in RUNS:
+            continue  # ablations are in the tables
         evals = [r for r in curve if r['step'] > 0]
-        label = f"{name} (seed {seed})"
-        by_step.plot([r['step'] for r in evals], [r['val_loss'] for r in evals], color=colors[name], label=label)
-        by_time.plot([r['elapsed_s'] / 60 for r in evals], [r['val_loss'] for r in evals], color=colors[name], label=label)
+        offset = costs[runs[label][0]]
+        name = f"{label} (seed {seed})"
+        by_step.plot([r['step'] for r in evals], [r['val_loss'] for r in evals], color=colors[label], label=name)
+        by_time.plot([offset + r['elapsed_s'] / 60 for r in evals], [r['val_loss'] for r in evals],
+                     color=colors[label], label=name)
     by_step.set(xlabel='step', ylabel='val loss', title='val loss vs step')
-    by_time.set(xlabel='wall-clock (min, student training only)', ylabel='val loss', title='val loss vs time')
+    by_time.set(xlabel='wall-clock (min), the SLM and scoring included', ylabel='val loss', title='val loss vs time')
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def parse_ablation(text):
+    key, sep, values = text.partition('=')
+    if not sep or not values:
+        raise argparse.ArgumentTypeError(f"--ablate {text!r}: expected KEY=V1,V2,...")
+    return key, values.split(',')
 
 
 def main():
@@ -130,6 +257,7 @@ def main():
     parser.add_argument('--seeds', type=int, nargs='+', default=[1337])
     parser.add_argument('--nproc', type=int, default=1, help='processes per run (torchrun when > 1)')
     parser.add_argument('--top_k', type=int, default=10, help='SALT_DS: learnable = target in the SLM top-k')
+    parser.add_argument('--ablate', type=parse_ablation, action='append', default=[], metavar='KEY=V1,V2,...')
     parser.add_argument('--tokenize', default='stdlib',
                         help="data.py arguments that make the student config's data_dir when it has no meta.json "
                              "('' = it must exist already)")
@@ -149,21 +277,29 @@ def main():
 
     slm_dir = os.path.join(out, 'slm')
     train(args.nproc, args.slm_config, slm_dir, [])
-    slm_ckpt, score_file = os.path.join(slm_dir, 'ckpt.pt'), os.path.join(out, 'scores.npy')
-    run(python(args.nproc) + [os.path.join(HERE, 'salt.py'), 'score', f'--ckpt={slm_ckpt}', f'--data_dir={data_dir}',
-                              f"--block_size={student['block_size']}", f"--max_sequences={student.get('train_sequences', 0)}",
-                              f'--top_k={args.top_k}', f'--out={score_file}'], done_file=score_file)
+    slm_ckpt = os.path.join(slm_dir, 'ckpt.pt')
+    top_ks = {args.top_k} | {int(v) for key, values in args.ablate if key == 'top_k' for v in values}
+    scored = {k: score(args, student, data_dir, slm_ckpt, k, out) for k in sorted(top_ks)}
+    runs = planned_runs(args, slm_ckpt, {k: path for k, (path, _) in scored.items()}, student)
+    costs = {kind: teacher_minutes(kind, read_metrics(slm_dir)[-1]['elapsed_s'] / 60, scored[args.top_k][1] / 60)
+             for kind in RUNS}
 
-    extra = {'baseline': [], 'salt': [f'--teacher_ckpt={slm_ckpt}'],
-             'salt_ds': [f'--teacher_ckpt={slm_ckpt}', f'--score_file={score_file}']}
     curves = {}
     for seed in args.seeds:
-        for name in RUNS:
-            run_dir = os.path.join(out, f'seed{seed}', name)
-            train(args.nproc, args.student_config, run_dir, [f'--seed={seed}'] + extra[name] + [f'--{s}' for s in args.set])
-            curves[(seed, name)] = read_metrics(run_dir)
-    write_table(curves, os.path.join(results, 'table.md'))
-    plot_curves(curves, os.path.join(results, 'val_loss.png'))
+        for label, (_, overrides) in runs.items():
+            run_dir = os.path.join(out, f'seed{seed}', label.replace(' ', '_'))
+            train(args.nproc, args.student_config, run_dir, [f'--seed={seed}'] + overrides + [f'--{s}' for s in args.set])
+            curves[(seed, label)] = read_metrics(run_dir)
+    max_step = curves[(args.seeds[0], 'baseline')][-1]['step']
+    report = (f"# SALT experiment `{args.name}`\n\n{args.slm_config} (SLM), {args.student_config} (students), "
+              f"seeds {args.seeds}; SLM {costs['salt']:.1f} min, scoring {scored[args.top_k][1] / 60:.1f} min\n\n"
+              f"## Val loss\n\n" + main_table(curves, runs, args.seeds, max_step, costs) +
+              (f"\n## Ablations\n\n{ablation_tables(curves, args, student, max_step)}" if args.ablate else "") +
+              f"\n## Cost per step\n\n" + cost_table(out, args.seeds))
+    with open(os.path.join(results, 'table.md'), 'w') as f:
+        f.write(report)
+    print(report)
+    plot_curves(curves, costs, runs, os.path.join(results, 'val_loss.png'))
     print(f"wrote {results}/table.md and {results}/val_loss.png")
 
 

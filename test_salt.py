@@ -840,23 +840,31 @@ def test_two_ddp_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, t
 
 
 def test_experiment_writes_table_and_plot(tmp_path, text_data):
-    """The whole pipeline of experiment.py at toy size: SLM -> scores -> baseline, SALT, SALT_DS -> report."""
+    """The whole pipeline of experiment.py at toy size: SLM -> scores -> baseline, SALT, SALT_DS and two
+    ablations -> report."""
     common = f"data_dir = {text_data!r}\nblock_size = 16\nbatch_size = 2\ntrain_sequences = 128\neval_batches = 2\n"
     (tmp_path / 'slm.py').write_text(common + "model_size = 'demo-slm'\nmax_steps = 6\neval_interval = 3\n")
-    (tmp_path / 'student.py').write_text(common + "model_size = 'demo-student'\nmax_steps = 10\nkd_steps = 2\n"
-                                         "eval_interval = 1\nwarmup_steps = 2\nlearning_rate = 3e-3\n")
-    run_script(os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py', '--student_config=student.py',
-               '--tokenize=', cwd=tmp_path)
-    table = (tmp_path / 'results' / 'toy' / 'table.md').read_text().splitlines()
+    (tmp_path / 'student.py').write_text(common + "model_size = 'demo-student'\nmax_steps = 10\nkd_steps = 4\n"
+                                         "eval_interval = 1\nlog_interval = 1\nwarmup_steps = 2\nlearning_rate = 3e-3\n")
+    command = [os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py', '--student_config=student.py',
+               '--tokenize=', '--ablate', 'kd_weight=0.5,0.9', '--ablate', 'top_k=1']
+    run_script(*command, cwd=tmp_path)
+    report = (tmp_path / 'results' / 'toy' / 'table.md').read_text()
+    table = report.split('## Val loss\n\n')[1].split('\n\n')[0].splitlines()
     assert table[0].startswith('| run | seed | val loss @ 5 (50%) | val loss @ 7 (70%) | val loss @ 10 (100%)')
     assert [row.split('|')[1].strip() for row in table[2:]] == ['baseline', 'salt', 'salt_ds']
     baseline_final = float(table[2].split('|')[5])
-    assert baseline_final == pytest.approx(step_records(tmp_path / 'out' / 'toy' / 'seed1337' / 'baseline')[10]['val_loss'], abs=1e-4)
+    runs = tmp_path / 'out' / 'toy' / 'seed1337'
+    assert baseline_final == pytest.approx(step_records(runs / 'baseline')[10]['val_loss'], abs=1e-4)
+    kd_weight_table = report.split('### kd_weight (SALT, mean over 1 seed(s))\n\n')[1].split('\n\n')[0].splitlines()
+    assert [row.split('|')[1].strip() for row in kd_weight_table[2:]] == ['0.5', '0.9']
+    assert step_records(runs / 'salt_kd_weight=0.9')[1]['kd_weight'] == 0.9
+    assert '### top_k (SALT_DS' in report and (tmp_path / 'out' / 'toy' / 'scores_top1.npy').exists()
+    assert '## Cost per step' in report
     assert (tmp_path / 'results' / 'toy' / 'val_loss.png').stat().st_size > 10_000
     # a rerun finds every step done and only rewrites the report
-    rerun = run_script(os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py',
-                       '--student_config=student.py', '--tokenize=', cwd=tmp_path)
-    assert '[run]' not in rerun.stdout and rerun.stdout.count('[skip]') == 5
+    rerun = run_script(*command, cwd=tmp_path)
+    assert '[run]' not in rerun.stdout and rerun.stdout.count('[skip]') == 9
 
 
 def test_score_file_made_for_other_data_or_teacher_is_refused(slm_and_scores, text_data):
