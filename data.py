@@ -7,24 +7,42 @@ Prepare a token dataset (GPT-2 BPE via tiktoken, EOT before every document):
     python data.py pile SHARD.jsonl.zst... --out_dir DIR    # Pile-format jsonl / jsonl.zst shards
     common flags: --val_fraction 0.05 --shard_tokens 100000000
 
-This writes DIR/{train,val}_000000.bin ... in the llm.c shard format (256 int32 header
-[MAGIC, VERSION, token_count, 0...] then uint16 tokens) and DIR/meta.json.
+`pile` tokenizes its input files in parallel, one worker process per file (os.cpu_count() at a time), each
+streaming its file; run again after an interruption, it skips the files already done, with the same result.
+stdlib and text are one input, tokenized in this process.
+
+Files written to DIR, each atomically (a name never shows a half-written file):
+- {split}_{k:06d}.bin, k = input * 1000 + part: at most shard_tokens tokens of one input, in the llm.c shard
+  format (256 int32 header [MAGIC, VERSION, token_count, 0...] then uint16 tokens). Sorted names follow the
+  inputs' order, so the split's documents are in input order, whatever order the workers finish in.
+- {split}_{k:06d}.docs.npy: int64 rows (offset of the document's EOT in the shard, subset index into its
+  input's "subsets") of each document that starts in the shard; a shard may begin with the end of a document
+  started in the previous shard of its input.
+- input_{i:03d}.json: input i's manifest (what it was made from, its subsets, shards, token and document
+  counts), written after its shards: it marks the input done.
+- meta.json, written last: encoding, source, "subsets" (every subset name, sorted), per split the shards and
+  counts, and "inputs", the manifests. Subsets: the Pile's meta.pile_set_name ("unknown" when absent), the
+  stdlib file's top-level package ("stdlib" for a top-level module), "text" for text files.
 
 Training reads them back with TokenSequences (fixed windows of block_size+1 tokens, each with a
-stable integer id, so a method like SALT_DS can select sequences by id) and BatchLoader (a seeded
-per-epoch permutation of ids, cut into batches and strided over ranks, resumable via state_dict).
+stable integer id, so a method like SALT_DS can select sequences by id; domains() gives each window's
+subset) and BatchLoader (a seeded per-epoch permutation of ids, cut into batches and strided over ranks,
+resumable via state_dict).
 """
 import argparse
 import glob
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import sys
 import secrets
+import signal
 import sysconfig
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import tiktoken
@@ -39,6 +57,8 @@ VERSION = 1
 HEADER_INTS = 256
 SHARD_TOKENS = 100_000_000
 SPLITS = ("train", "val")
+PARTS = 1000  # output shard k = input * PARTS + part: six digits hold 1000 inputs of up to 1000 shards each
+EDGE_TOKENS = 32 * 1024  # tokens read from each end of a shard when opening it (64 KiB)
 BATCH_CHARS = 1 << 22  # characters per encode_ordinary_batch call: big enough to keep all threads busy
 
 # -----------------------------------------------------------------------------
@@ -72,6 +92,16 @@ def write_bin(path, tokens):
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, VERSION, tokens.size
     _atomic_write(path, [header.tobytes(), tokens.astype("<u2").tobytes()])
+
+
+def _write_npy(path, array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    _atomic_write(path, [buffer.getvalue()])
+
+
+def _write_json(path, obj):
+    _atomic_write(path, [json.dumps(obj, indent=2).encode("utf-8")])
 
 
 def read_bin(path):
@@ -134,10 +164,13 @@ def stdlib_files(root=None):
     return sorted(paths, key=lambda p: (zlib.crc32(p.encode("utf-8")), p))
 
 
-def stdlib_documents(val_fraction=0.05, root=None):
+def stdlib_documents(val_fraction=0.05, root=None, subsets=False):
+    """(split, text) of each stdlib file; with subsets=True (split, text, subset), the subset being the file's
+    top-level package ("asyncio", "test", ...) or "stdlib" for a top-level module."""
     root = root or sysconfig.get_paths()["stdlib"]
     for rel in stdlib_files(root):
-        yield ("val" if _is_val(rel, val_fraction) else "train"), _read_text(os.path.join(root, rel))
+        split, text = ("val" if _is_val(rel, val_fraction) else "train"), _read_text(os.path.join(root, rel))
+        yield (split, text, rel.split("/")[0] if "/" in rel else "stdlib") if subsets else (split, text)
 
 
 def text_documents(paths, val_fraction=0.05):
@@ -165,9 +198,10 @@ def _open_jsonl(path):
     return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
 
 
-def pile_documents(paths, val_fraction=0.05):
-    """Pile format: one JSON object a line with "text" (and "meta": {"pile_set_name": ...}, unused here).
-    A document goes to val by a hash of f"{basename}:{line_number}"."""
+def pile_documents(paths, val_fraction=0.05, subsets=False):
+    """Pile format: one JSON object a line with "text" and "meta": {"pile_set_name": ...}. Yields (split, text),
+    or (split, text, pile_set_name) with subsets=True ("unknown" when a line has none). A document goes to val
+    by a hash of f"{basename}:{line_number}"."""
     for path in paths:
         name = os.path.basename(path)
         with _open_jsonl(path) as lines:
@@ -175,20 +209,25 @@ def pile_documents(paths, val_fraction=0.05):
             try:
                 for number, line in enumerate(lines, 1):
                     if line.strip():  # tolerate blank lines (e.g. a trailing newline)
-                        text = _pile_text(path, number, line)
-                        yield ("val" if _is_val(f"{name}:{number}", val_fraction) else "train"), text
+                        text, subset = _pile_record(path, number, line)
+                        split = "val" if _is_val(f"{name}:{number}", val_fraction) else "train"
+                        yield (split, text, subset) if subsets else (split, text)
             except zstandard.ZstdError as e:  # corrupt compressed data, met while reading the next line
                 raise ValueError(f"{path}: line {number + 1}: {e}") from e
 
 
-def _pile_text(path, number, line):
+def _pile_record(path, number, line):
     try:
         doc = json.loads(line.decode("utf-8"))
     except ValueError as e:  # UnicodeDecodeError or JSONDecodeError
         raise ValueError(f"{path}: line {number}: {e}") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
         raise ValueError(f'{path}: line {number}: expected a JSON object with a string "text"')
-    return doc["text"]
+    meta = doc.get("meta") or {}
+    subset = meta.get("pile_set_name", "unknown") if isinstance(meta, dict) else None
+    if not isinstance(subset, str):
+        raise ValueError(f'{path}: line {number}: "meta" must be an object whose "pile_set_name" is a string')
+    return doc["text"], subset
 
 
 # -----------------------------------------------------------------------------
@@ -196,43 +235,47 @@ def _pile_text(path, number, line):
 
 
 class ShardWriter:
-    """Collects one split's tokens and writes {out_dir}/{split}_{k:06d}.bin shards of shard_tokens tokens."""
+    """One split of one input -> {split}_{k:06d}.bin shards of shard_tokens tokens, k = input * PARTS + part,
+    each with its .docs.npy: (EOT offset, subset index) of every document that starts in it."""
 
-    def __init__(self, out_dir, split, shard_tokens):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.pending, self.pending_tokens = [], 0
+    def __init__(self, out_dir, split, index, shard_tokens):
+        self.out_dir, self.split, self.index, self.shard_tokens = out_dir, split, index, shard_tokens
+        self.pending, self.pending_tokens, self.pending_docs = [], 0, []
         self.shards, self.tokens, self.documents = [], 0, 0
 
-    def add(self, document_tokens):
+    def add(self, document_tokens, subset):
+        self.pending_docs.append((self.pending_tokens, subset))
         self.pending.append(np.array([EOT] + document_tokens, dtype=np.uint16))  # EOT separates documents
         self.pending_tokens += len(document_tokens) + 1
         self.tokens += len(document_tokens) + 1
         self.documents += 1
         while self.pending_tokens >= self.shard_tokens:  # a document may continue in the next shard
-            buffer = np.concatenate(self.pending)
-            self._write(buffer[: self.shard_tokens])
-            self.pending, self.pending_tokens = [buffer[self.shard_tokens:]], len(buffer) - self.shard_tokens
+            self._write(self.shard_tokens)
 
     def close(self):
         if self.pending_tokens:
-            self._write(np.concatenate(self.pending))
-        self.pending, self.pending_tokens = [], 0
-        # shards left over from an earlier, larger run would otherwise be read as part of this split
-        for path in glob.glob(os.path.join(self.out_dir, f"{self.split}_*.bin")):
-            if os.path.basename(path) not in self.shards:
-                os.remove(path)
+            self._write(self.pending_tokens)
 
-    def _write(self, tokens):
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        write_bin(os.path.join(self.out_dir, name), tokens)
-        self.shards.append(name)
+    def _write(self, n):
+        """Write the first n pending tokens as the next shard, with the documents that start in them."""
+        part = len(self.shards)
+        if part == PARTS:
+            raise ValueError(f"input {self.index} needs more than {PARTS} {self.split} shards: raise --shard_tokens")
+        buffer, docs = np.concatenate(self.pending), np.array(self.pending_docs, dtype=np.int64).reshape(-1, 2)
+        name = f"{self.split}_{self.index * PARTS + part:06d}"
+        write_bin(os.path.join(self.out_dir, name + ".bin"), buffer[:n])
+        _write_npy(os.path.join(self.out_dir, name + ".docs.npy"), docs[docs[:, 0] < n])
+        self.shards.append(name + ".bin")
+        # copy: a view would keep the whole written buffer alive
+        self.pending, self.pending_tokens = [buffer[n:].copy()], len(buffer) - n
+        self.pending_docs = (docs[docs[:, 0] >= n] - [n, 0]).tolist()
 
 
 def _batches(documents, max_chars=BATCH_CHARS):
     batch, chars = [], 0
-    for split, text in documents:
-        batch.append((split, text))
-        chars += len(text)
+    for document in documents:
+        batch.append(document)
+        chars += len(document[1])
         if chars >= max_chars:
             yield batch
             batch, chars = [], 0
@@ -240,33 +283,133 @@ def _batches(documents, max_chars=BATCH_CHARS):
         yield batch
 
 
-def tokenize(documents, out_dir, source, shard_tokens=SHARD_TOKENS):
-    """Tokenize (split, text) documents into shards under out_dir and write meta.json; returns the meta dict."""
+def _manifest_path(out_dir, index):
+    return os.path.join(out_dir, f"input_{index:03d}.json")
+
+
+def _tokenize_input(index, documents, out_dir, shard_tokens, job, threads):
+    """Tokenize input `index`'s (split, text, subset) documents into its shards, then write its manifest: the
+    manifest exists only once every shard of the input does. `job` records what the input was made from."""
+    enc = tiktoken.get_encoding(ENCODING)
+    writers = {split: ShardWriter(out_dir, split, index, shard_tokens) for split in SPLITS}
+    subsets = {}  # name -> index, in order of first appearance in this input
+    start = last_print = time.time()
+    for batch in _batches(documents):
+        encoded = enc.encode_ordinary_batch([text for _, text, _ in batch], num_threads=threads)
+        for (split, _, subset), tokens in zip(batch, encoded):
+            writers[split].add(tokens, subsets.setdefault(subset, len(subsets)))
+        if time.time() - last_print >= 60:
+            last_print, total = time.time(), sum(w.tokens for w in writers.values())
+            print(f"{out_dir} input {index}: {total:,} tokens, {total / (last_print - start):,.0f} tokens/s",
+                  flush=True)
+    for w in writers.values():
+        w.close()
+    manifest = {"job": job, "subsets": list(subsets),
+                "splits": {s: {"shards": w.shards, "tokens": w.tokens, "documents": w.documents}
+                           for s, w in writers.items()}}
+    _write_json(_manifest_path(out_dir, index), manifest)
+    return manifest
+
+
+def _is_done(out_dir, index, job):
+    """Whether an earlier run finished input `index` from the same job and its shards are still there."""
+    path = _manifest_path(out_dir, index)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        manifest = json.load(f)
+    shards = [os.path.join(out_dir, name) for split in manifest["splits"].values() for name in split["shards"]]
+    return manifest["job"] == job and all(os.path.exists(p) and os.path.exists(_docs_path(p)) for p in shards)
+
+
+def _docs_path(shard_path):
+    return shard_path[:-len(".bin")] + ".docs.npy"
+
+
+def _begin(out_dir, shard_tokens):
     if not 0 < shard_tokens < 1 << 31:
         raise ValueError(f"shard_tokens must be in [1, 2**31), got {shard_tokens}")
     os.makedirs(out_dir, exist_ok=True)
-    enc = tiktoken.get_encoding(ENCODING)
-    writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in SPLITS}
-    start = last_print = time.time()
-    for batch in _batches(documents):
-        encoded = enc.encode_ordinary_batch([text for _, text in batch], num_threads=os.cpu_count())
-        for (split, _), tokens in zip(batch, encoded):
-            writers[split].add(tokens)
-        if time.time() - last_print < 10:
-            continue
-        last_print, total = time.time(), sum(w.tokens for w in writers.values())
-        print(f"{out_dir}: {total:,} tokens, {sum(w.documents for w in writers.values()):,} documents, "
-              f"{total / (time.time() - start):,.0f} tokens/s", flush=True)
-    for w in writers.values():
-        w.close()
+    if os.path.exists(os.path.join(out_dir, "meta.json")):  # meta.json marks a complete directory
+        os.remove(os.path.join(out_dir, "meta.json"))
+    return time.time()
+
+
+def _finish(out_dir, source, n_inputs, tokenized, start):
+    """Gather the inputs' manifests into meta.json (written last), after deleting what this run did not make:
+    shards of an earlier, larger run, which would otherwise be read as part of a split, and the temporary
+    files of a killed one. `tokenized`: the inputs tokenized by this run, for the speed report."""
+    manifests = []
+    for index in range(n_inputs):
+        with open(_manifest_path(out_dir, index)) as f:
+            manifests.append(json.load(f))
+    splits = {s: {"shards": [name for m in manifests for name in m["splits"][s]["shards"]],
+                  "tokens": sum(m["splits"][s]["tokens"] for m in manifests),
+                  "documents": sum(m["splits"][s]["documents"] for m in manifests)} for s in SPLITS}
+    for split, counts in splits.items():  # every document is an EOT and its text: only EOTs = no text at all
+        if counts["tokens"] == counts["documents"] and (split == "train" or source.get("val_fraction", 1) > 0):
+            raise ValueError(f"{out_dir}: the {split} split got no text from the {source['kind']} input: an empty "
+                             f"corpus, or too little of it for a {split} split (see --val_fraction)")
+    keep = {os.path.basename(_manifest_path(out_dir, i)) for i in range(n_inputs)}
+    keep |= {name for s in splits.values() for shard in s["shards"] for name in (shard, _docs_path(shard))}
+    patterns = ["input_*.json", ".*.tmp"] + [f"{s}_*{ext}" for s in SPLITS for ext in (".bin", ".docs.npy")]
+    for path in sum((glob.glob(os.path.join(out_dir, p)) for p in patterns), []):
+        if os.path.basename(path) not in keep:
+            os.remove(path)
     meta = {"encoding": ENCODING, "vocab_size": VOCAB_SIZE, "eot": EOT, "source": source,
-            "splits": {s: {"shards": w.shards, "tokens": w.tokens, "documents": w.documents}
-                       for s, w in writers.items()}}
-    _atomic_write(os.path.join(out_dir, "meta.json"), [json.dumps(meta, indent=2).encode("utf-8")])
-    total, seconds = sum(w.tokens for w in writers.values()), time.time() - start
-    print(f"{out_dir}: done, {total:,} tokens in {seconds:.1f}s ({total / seconds:,.0f} tokens/s): " +
-          ", ".join(f"{s} {w.tokens:,} tokens / {w.documents:,} documents" for s, w in writers.items()))
+            "subsets": sorted({name for m in manifests for name in m["subsets"]}), "splits": splits,
+            "inputs": manifests}
+    _write_json(os.path.join(out_dir, "meta.json"), meta)
+    new_tokens = sum(manifests[i]["splits"][s]["tokens"] for i in tokenized for s in SPLITS)
+    seconds = time.time() - start
+    print(f"{out_dir}: done, {len(tokenized)} of {n_inputs} inputs tokenized now, {new_tokens:,} tokens in "
+          f"{seconds:.1f}s ({new_tokens / seconds:,.0f} tokens/s); " +
+          ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} documents" for s, v in splits.items()))
     return meta
+
+
+def tokenize(documents, out_dir, source, shard_tokens=SHARD_TOKENS):
+    """Tokenize documents as one input, in this process, into shards under out_dir and write meta.json; returns
+    the meta dict. documents: (split, text, subset) triples, or (split, text) pairs of subset source["kind"]."""
+    start = _begin(out_dir, shard_tokens)
+    triples = (doc if len(doc) == 3 else (*doc, source["kind"]) for doc in documents)
+    _tokenize_input(0, triples, out_dir, shard_tokens, dict(source, shard_tokens=shard_tokens), os.cpu_count())
+    return _finish(out_dir, source, 1, [0], start)
+
+
+def _tokenize_pile_file(index, path, val_fraction, out_dir, shard_tokens, job, threads):
+    return _tokenize_input(index, pile_documents([path], val_fraction, subsets=True), out_dir, shard_tokens, job,
+                           threads)
+
+
+def tokenize_pile(paths, out_dir, source, val_fraction=0.05, shard_tokens=SHARD_TOKENS):
+    """Tokenize Pile-format files into shards under out_dir, file i being input i, one worker process per file
+    and os.cpu_count() at a time; write meta.json and return it. A file finished by an earlier run with the same
+    settings (same size and mtime too) is skipped, so a re-run resumes an interrupted one: the files written
+    are the same either way."""
+    if len(paths) > PARTS:
+        raise ValueError(f"{len(paths)} input files: at most {PARTS} per directory; concatenate some")
+    jobs = [{"file": os.path.abspath(p), "bytes": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns,
+             "val_fraction": val_fraction, "shard_tokens": shard_tokens, "encoding": ENCODING} for p in paths]
+    start = _begin(out_dir, shard_tokens)
+    todo = [i for i, job in enumerate(jobs) if not _is_done(out_dir, i, job)]
+    print(f"{out_dir}: {len(paths) - len(todo)} of {len(paths)} inputs already done", flush=True)
+    workers = max(1, min(os.cpu_count(), len(todo)))
+    others = multiprocessing.active_children()  # not ours to kill below
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(_tokenize_pile_file, i, paths[i], val_fraction, out_dir, shard_tokens, jobs[i],
+                               max(1, os.cpu_count() // workers)) for i in todo]
+        try:
+            tokens = 0
+            for done, future in enumerate(as_completed(futures), 1):
+                tokens += sum(split["tokens"] for split in future.result()["splits"].values())
+                print(f"{out_dir}: {done} of {len(todo)} inputs tokenized, {tokens:,} tokens, "
+                      f"{tokens / (time.time() - start):,.0f} tokens/s", flush=True)
+        except BaseException:  # an input failed, or Ctrl-C: stop now (the executor would run every input queued)
+            for worker in set(multiprocessing.active_children()) - set(others):
+                worker.kill()  # not terminate(): the SIGTERM handler of __main__ would only interrupt their task
+            raise
+    return _finish(out_dir, source, len(paths), todo, start)
 
 
 # -----------------------------------------------------------------------------
@@ -278,13 +421,13 @@ class TokenSequences:
 
     Window i of a shard is tokens[i*T : i*T+T+1] (windows never cross shards); its id is the shard's
     offset + i, over the split's shards in sorted order, so ids are stable for a given data_dir.
-    max_sequences keeps only ids [0, max_sequences), e.g. a small demo pool.
+    max_sequences keeps only ids [0, max_sequences), e.g. a small demo pool. domains() gives each id's subset.
     """
 
     def __init__(self, data_dir, split, block_size, max_sequences=None):
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        self.block_size = block_size
+        self.data_dir, self.split, self.block_size = data_dir, split, block_size
         # {split}_000000.bin ... from this file, or a nanoGPT prepare.py output's single {split}.bin
         self.shards = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin"))) or glob.glob(
             os.path.join(data_dir, f"{split}.bin"))
@@ -293,8 +436,9 @@ class TokenSequences:
                                     f"`python data.py stdlib --out_dir {data_dir}` (see python data.py -h)")
         self.tokens = [read_bin(path) for path in self.shards]
         for path, tokens in zip(self.shards, self.tokens):
-            if tokens.size and int(tokens.max()) >= VOCAB_SIZE:  # one vectorized pass at open
-                raise ValueError(f"{path}: token id {int(tokens.max())} >= vocab size {VOCAB_SIZE}")
+            # the ends only: reading every token is 600 GB for the Pile. A file that is not a shard of ours (a
+            # wrong magic reads as a headerless file) shows at the start; get() checks every window it returns.
+            _check_vocab(path, np.concatenate([tokens[:EDGE_TOKENS], tokens[-EDGE_TOKENS:]]))
         counts = [max(0, (len(t) - 1) // block_size) for t in self.tokens]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_sequences = int(self.offsets[-1]) if max_sequences is None else min(max_sequences, int(self.offsets[-1]))
@@ -312,17 +456,57 @@ class TokenSequences:
         out = np.empty((ids.size, T + 1), dtype=np.int64)
         for row, (s, i) in enumerate(zip(shard, ids - self.offsets[shard])):
             out[row] = self.tokens[s][i * T: i * T + T + 1]
+        if out.size and out.max() >= VOCAB_SIZE:  # cheap next to the copy; open checked the shards' ends only
+            row = int(np.argmax(out.max(axis=1)))
+            _check_vocab(f"{self.shards[shard[row]]} (sequence {ids[row]})", out[row])
         return torch.from_numpy(out)
+
+    def domains(self):
+        """(int64 array of len(self), list of names): the subset of each sequence id, as an index into the names.
+        A sequence's subset is that of the document its first token lies in, which may have begun in an
+        earlier shard; see the top of this file for what the subsets are."""
+        meta_path = os.path.join(self.data_dir, "meta.json")
+        meta = {}
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+        if "subsets" not in meta:
+            raise ValueError(f"{self.data_dir!r} has no document subsets (made by an older data.py, or not by "
+                             f"data.py): re-tokenize it with `python data.py ... --out_dir {self.data_dir}`")
+        names = meta["subsets"]
+        # docs.npy holds indices into its input's own subset list: map them to indices into names
+        lookup = {shard: np.array([names.index(n) for n in m["subsets"]], dtype=np.int64)
+                  for m in meta["inputs"] for shard in m["splits"][self.split]["shards"]}
+        out = np.empty(len(self), dtype=np.int64)
+        carry = -1  # the subset of the document still open at the end of the previous shard
+        for path, first, end in zip(self.shards, self.offsets[:-1], np.minimum(self.offsets[1:], len(self))):
+            if first >= len(self):
+                break
+            if os.path.basename(path) not in lookup or not os.path.exists(_docs_path(path)):
+                raise ValueError(f"{_docs_path(path)}: missing, or {path} is not in {meta_path}: re-tokenize "
+                                 f"with `python data.py ... --out_dir {self.data_dir}`")
+            docs = np.load(_docs_path(path))
+            subsets = np.concatenate([[carry], lookup[os.path.basename(path)][docs[:, 1]]])
+            starts = np.arange(end - first) * self.block_size
+            out[first:end] = subsets[np.searchsorted(docs[:, 0], starts, side="right")]  # 0: the carried one
+            carry = subsets[-1]
+        if (out < 0).any():
+            raise ValueError(f"{self.data_dir!r}: the first {self.split} shard does not start with a document")
+        return out, names
 
     def fingerprint(self):
         """Cheap hex id of the data: each shard's name, size and first/last 64 KiB, block_size, len(self)."""
         h = hashlib.sha256(f"block_size={self.block_size} sequences={len(self)}".encode())
-        edge = 32 * 1024  # tokens in 64 KiB
         for path, tokens in zip(self.shards, self.tokens):
             h.update(f"{os.path.basename(path)}:{len(tokens)}".encode())
-            h.update(np.ascontiguousarray(tokens[:edge]).tobytes())
-            h.update(np.ascontiguousarray(tokens[-edge:]).tobytes())
+            h.update(np.ascontiguousarray(tokens[:EDGE_TOKENS]).tobytes())
+            h.update(np.ascontiguousarray(tokens[-EDGE_TOKENS:]).tobytes())
         return h.hexdigest()
+
+
+def _check_vocab(where, tokens):
+    if tokens.size and int(tokens.max()) >= VOCAB_SIZE:
+        raise ValueError(f"{where}: token id {int(tokens.max())} >= vocab size {VOCAB_SIZE}")
 
 
 class BatchLoader:
@@ -397,19 +581,20 @@ def main(argv=None):
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
 
+    if args.source == "pile":
+        source = {"kind": "pile", "files": args.files, "val_fraction": args.val_fraction}
+        return tokenize_pile(args.files, args.out_dir, source, args.val_fraction, args.shard_tokens)
     if args.source == "stdlib":
         root = sysconfig.get_paths()["stdlib"]
         source = {"kind": "stdlib", "root": root, "python": sys.version.split()[0]}
-        documents = stdlib_documents(args.val_fraction, root)
-    elif args.source == "text":
-        source = {"kind": "text", "files": args.files}
-        documents = text_documents(args.files, args.val_fraction)
+        documents = stdlib_documents(args.val_fraction, root, subsets=True)
     else:
-        source = {"kind": "pile", "files": args.files}
-        documents = pile_documents(args.files, args.val_fraction)
+        source = {"kind": "text", "files": args.files}
+        documents = text_documents(args.files, args.val_fraction)  # pairs: their subset is "text"
     source["val_fraction"] = args.val_fraction
     return tokenize(documents, args.out_dir, source, args.shard_tokens)
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the workers too, as Ctrl-C does
     main()

@@ -2,25 +2,36 @@
 SALT, the method (Rawat et al. 2024, "A Little Help Goes a Long Way: Efficient LLM Training by Leveraging
 Small LMs", arXiv 2410.18779): the two-stage KD schedule, the teacher, the SALT_DS scores and the selection.
 
-Scoring the training data with the small LM, once, offline (one process, or any number under torchrun):
+Scoring the training data with the small LM, once, offline (one process, or any number under torchrun);
+the same command run again after a kill resumes where it stopped:
 
   python salt.py score --ckpt out/demo/slm/ckpt.pt --data_dir data/stdlib --block_size 128 --out out/demo/scores.npy
   torchrun --standalone --nproc_per_node=8 salt.py score --ckpt out/slm/ckpt.pt --data_dir data/pile ...
 
 The score file (.npy, one row per training sequence: median score, mean loss, learnable fraction) gets a
 .json beside it that names the teacher, the block size and the data it was made for; train.py refuses a
-score file made for anything else.
+score file made for anything else. Until every row is scored they live in OUT.tmp (NaN = not scored yet),
+with that metadata in OUT.tmp.json.
+
+What a selection keeps (score histogram, the data subsets before and after, decoded examples), printed and
+saved as OUT_DIR/selection.md and OUT_DIR/score_histogram.png:
+
+  python salt.py report --scores out/demo/scores.npy --data_dir data/stdlib --block_size 64 \
+      --select_fraction 0.5 --out_dir results/demo/selection
 """
 import argparse
+import io
 import json
 import os
+import re
+import time
 
 import numpy as np
+import tiktoken
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from data import TokenSequences
+from data import ENCODING, TokenSequences
 from model import GPT, GPTConfig
 
 SCORE_COLUMNS = ('median_score', 'mean_loss', 'learnable_fraction')
@@ -77,9 +88,14 @@ def load_model(ckpt, device):
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_teacher(ckpt, device, student_config):
-    """The SLM as KD teacher. It must share the student's tokenizer (vocabulary): KL over the next-token
-    distribution only makes sense token for token."""
+def load_teacher(ckpt, device, student_config, tokenizer=None):
+    """The SLM as KD teacher. It must share the student's tokenizer (`tokenizer`: the student data's tiktoken
+    encoding, when known) and vocabulary: KL over the next-token distribution only makes sense token for
+    token."""
+    teacher_tokenizer = ENCODING if _is_gpt2_name(ckpt) else _read_checkpoint(ckpt).get('tokenizer')
+    if tokenizer and teacher_tokenizer and teacher_tokenizer != tokenizer:
+        raise ValueError(f"teacher {ckpt!r} was trained on {teacher_tokenizer!r} tokens but the student's data is "
+                         f"{tokenizer!r}: KD needs one tokenizer for both")
     teacher = load_model(ckpt, device)
     if teacher.config.vocab_size != student_config.vocab_size:
         raise ValueError(f"teacher {ckpt!r} has vocab_size {teacher.config.vocab_size} but the student has "
@@ -95,51 +111,125 @@ def load_teacher(ckpt, device, student_config):
 
 
 @torch.no_grad()
-def sequence_scores(model, seqs, top_k=10):
+def sequence_scores(model, seqs, top_k=10, chunk_rows=None):
     """seqs (B, T+1) token windows -> (B, 3): [median score, mean loss, learnable fraction].
 
     Per token the SLM's loss -log p(y_t) counts only if the true next token is among the SLM's top-k
     predictions ("learnable"); otherwise the token scores 0. The sequence score is the median over its
     tokens: high = challenging yet learnable."""
     x, y = seqs[:, :-1], seqs[:, 1:]
-    hidden = model(x, return_hidden=True)
-    rows = []
-    for h, target in zip(hidden, y):  # one sequence at a time: (T, V) logits, never (B, T, V)
-        logits = model.logits(h).float()
-        target_logit = logits.gather(1, target[:, None])
-        loss = torch.logsumexp(logits, dim=1) - target_logit[:, 0]
-        # rank of the target = number of strictly larger logits; in the top-k iff rank < k
-        learnable = (logits > target_logit).sum(dim=1) < top_k
-        score = torch.where(learnable, loss, torch.zeros_like(loss))
-        # the true median (mean of the two middle values for an even count), as numpy.median
-        rows.append(torch.stack([score.quantile(0.5), loss.mean(), learnable.float().mean()]))
-    return torch.stack(rows)
+    hidden = model(x, return_hidden=True).flatten(0, 1)
+    loss, learnable = token_losses(model, hidden, y.flatten(), top_k, chunk_rows)
+    loss, learnable = loss.view(y.shape), learnable.view(y.shape)
+    score = torch.where(learnable, loss, 0.0)
+    # the true median (mean of the two middle values for an even count), as numpy.median
+    return torch.stack([score.quantile(0.5, dim=1), loss.mean(dim=1), learnable.float().mean(dim=1)], dim=1)
 
 
-def score_dataset(model, sequences, out_path, *, batch_size, top_k, rank=0, world_size=1, autocast=None):
-    """Score every sequence of `sequences` into a (len, 3) float32 .npy at out_path.tmp; batch b goes to
-    rank b % world_size, which writes its rows straight into the shared memmap (so memory stays flat and
-    the ranks need no gather). Rows still NaN at the end mean a rank failed."""
-    n = len(sequences)
+def token_losses(model, hidden, targets, top_k, chunk_rows=None):
+    """hidden (N, C), targets (N,) -> per token the loss -log p(target) and whether the target is learnable:
+    fewer than top_k logits strictly larger than its own (its rank is < k).
+
+    The fp32 logits are made chunk_rows rows at a time into two buffers reused chunk after chunk, so memory
+    does not grow with N. On a CPU the default 64 rows keep both buffers (26 MB at V = 50K) in the L3 cache
+    through the passes over them: 13K tokens/s on 2 cores against 5.7K with 1024 rows (the demo SLM); on a
+    GPU 2048-row GEMMs keep it busy."""
+    chunk_rows = chunk_rows or (64 if hidden.device.type == 'cpu' else 2048)
+    vocab, weight = model.config.vocab_size, model.lm_head.weight
+    logits_buffer = torch.empty(min(len(targets), chunk_rows), weight.size(0), device=hidden.device)
+    above_buffer = torch.empty_like(logits_buffer)
+    loss = torch.empty(len(targets), device=hidden.device)
+    n_above = torch.empty(len(targets), device=hidden.device)
+    for start in range(0, len(targets), chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        h = hidden[rows].float()
+        # fp32 (TF32 on CUDA), not bf16: bf16 logits would be off by up to 0.06 and tie ranks; all padded
+        # columns, as multiple-of-64 GEMMs are the fast ones
+        logits = torch.mm(h, weight.T, out=logits_buffer[:len(h)])
+        logits[:, vocab:] = float('-inf')  # padded columns are not tokens
+        target_logit = logits.gather(1, targets[rows, None])
+        # as 0./1. floats: a vectorized float sum, where summing a bool tensor is several times slower
+        n_above[rows] = torch.gt(logits, target_logit, out=above_buffer[:len(h)]).sum(dim=1)
+        # logsumexp in place: torch.logsumexp allocates a (rows, V) temporary, and log_softmax on a CPU uses a
+        # fast exp that is off by 1e-3 in the loss
+        top = logits.amax(dim=1, keepdim=True)
+        lse = logits.sub_(top).exp_().sum(dim=1, keepdim=True).log_().add_(top)
+        loss[rows] = (lse - target_logit)[:, 0]
+    return loss, n_above < top_k
+
+
+def score_dataset(model, sequences, out_path, meta, *, batch_size, top_k, rank=0, world_size=1, autocast=None):
+    """Score every sequence of `sequences` into out_path.tmp, a (len, 3) float32 .npy that all ranks write
+    straight into (memory stays flat, no gather), and that a rerun resumes.
+
+    Resuming: rows start as NaN and a score never is NaN, so a row is done iff it holds no NaN. A kill at any
+    moment leaves every row complete or with a NaN: writes into a shared mapping outlive the process, and a
+    float is never half-written. A machine crash too: the all-NaN file was on disk before it got its name,
+    so a page that did not reach the disk reverts its rows to NaN, and no float straddles two pages. A rerun
+    redoes exactly the batches with a NaN row, each with the same sequences as before: the result is that of
+    an uninterrupted run. The pending batches are dealt out to the ranks in turn, so a resumed run keeps
+    them balanced."""
     tmp_path = out_path + '.tmp'
     if rank == 0:
-        np.lib.format.open_memmap(tmp_path, mode='w+', dtype=np.float32, shape=(n, len(SCORE_COLUMNS)))[:] = np.nan
+        prepare_tmp(tmp_path, meta)
     if world_size > 1:
         dist.barrier()
-    scores = np.lib.format.open_memmap(tmp_path, mode='r+')
+    scores = np.load(tmp_path, mmap_mode='r+')
+    pending = pending_batches(scores, batch_size)
+    if world_size > 1:
+        dist.barrier()  # every rank has read the same pending list before any rank writes
+    if rank == 0 and len(pending) < -(-len(scores) // batch_size):
+        print(f"{tmp_path}: resuming, {len(pending):,} batches of {batch_size} sequences left", flush=True)
     device = next(model.parameters()).device
-    n_batches = (n + batch_size - 1) // batch_size
-    for b in range(rank, n_batches, world_size):
-        ids = np.arange(b * batch_size, min(n, (b + 1) * batch_size))
+    mine, start, last_print = pending[rank::world_size], time.time(), time.time()
+    for done, b in enumerate(mine, 1):
+        ids = np.arange(b * batch_size, min(len(scores), (b + 1) * batch_size))
         with autocast or torch.autocast(device.type, enabled=False):
-            rows = sequence_scores(model, sequences.get(ids).to(device), top_k)
-        scores[ids] = rows.float().cpu().numpy()
-        if rank == 0 and (b // world_size) % 50 == 0:
-            print(f"scored {min(n, (b + 1) * batch_size):,}/{n:,} sequences", flush=True)
+            rows = sequence_scores(model, sequences.get(ids).to(device), top_k).float().cpu().numpy()
+        if np.isnan(rows).any():  # NaN would also read as "not scored yet"
+            raise RuntimeError(f"{tmp_path}: the SLM gives NaN scores for sequences {ids[0]}..{ids[-1]}")
+        scores[ids] = rows
+        if rank == 0 and (time.time() - last_print > 30 or done == len(mine)):
+            last_print, elapsed = time.time(), time.time() - start
+            print(f"rank 0: {done:,}/{len(mine):,} batches, {done * batch_size * sequences.block_size / elapsed:,.0f} "
+                  f"tokens/s per rank, eta {(len(mine) - done) * elapsed / done / 60:.1f} min", flush=True)
     scores.flush()
     del scores
     if world_size > 1:
         dist.barrier()
+
+
+def prepare_tmp(tmp_path, meta):
+    """Keep tmp_path if an earlier run for the same teacher, data and settings left it; else make it, all NaN.
+    A .tmp for anything else is refused, not overwritten: it may hold hours of scoring."""
+    tmp_meta = tmp_path + '.json'
+    if os.path.exists(tmp_path):
+        if not os.path.exists(tmp_meta):  # always written first: this .tmp comes from elsewhere (an older salt.py)
+            raise ValueError(f"{tmp_path}: partial scores without their metadata {tmp_meta}, so they cannot be "
+                             f"resumed: delete {tmp_path} to start over")
+        with open(tmp_meta) as f:
+            made_for = json.load(f)
+        for key, want in meta.items():
+            if made_for.get(key) != want:
+                raise ValueError(f"{tmp_path}: partial scores made for {key}={made_for.get(key)!r}, but this run "
+                                 f"has {key}={want!r}: rerun with the settings they were made with to resume, or "
+                                 f"delete {tmp_path} to start over")
+        return
+    _write_json_atomic(tmp_meta, meta)
+    new_path = tmp_path + '.new'  # filled under another name: a half-made file would show zeros as scores
+    scores = np.lib.format.open_memmap(new_path, mode='w+', dtype=np.float32,
+                                       shape=(meta['n_sequences'], len(SCORE_COLUMNS)))
+    scores[:] = np.nan
+    scores.flush()  # on disk before the rename, so not even a crash can turn a NaN back into a 0
+    del scores
+    os.replace(new_path, tmp_path)
+
+
+def pending_batches(scores, batch_size):
+    """Indices of the batches with a row still NaN: not scored yet, or cut off in the middle of a write."""
+    unscored = np.isnan(scores).any(axis=1)
+    unscored = np.concatenate([unscored, np.zeros(-len(unscored) % batch_size, dtype=bool)])
+    return np.flatnonzero(unscored.reshape(-1, batch_size).any(axis=1))
 
 
 def score_meta(teacher, sequences, top_k):
@@ -148,13 +238,18 @@ def score_meta(teacher, sequences, top_k):
                 n_sequences=len(sequences), top_k=top_k, columns=list(SCORE_COLUMNS))
 
 
-def _write_json_atomic(path, obj):
+def _write_atomic(path, data):
+    """Write bytes to path through a temporary file and a rename: path never holds half a file."""
     tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
+    with open(tmp, 'wb') as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path, obj):
+    _write_atomic(path, json.dumps(obj, indent=2).encode())
 
 
 def finish_score_file(out_path, meta):
@@ -166,20 +261,26 @@ def finish_score_file(out_path, meta):
         raise RuntimeError(f"{out_path}.tmp: {missing} sequences were not scored; run the scoring again")
     _write_json_atomic(meta_path(out_path), meta)
     os.replace(out_path + '.tmp', out_path)
+    os.remove(out_path + '.tmp.json')
 
 
 def meta_path(score_file):
     return os.path.splitext(score_file)[0] + '.json'
 
 
-def load_scores(score_file, expected):
-    """The (n, 3) scores of score_file, after checking that its metadata matches `expected` (from
-    score_meta for the data, teacher and block size about to be trained on)."""
+def read_score_meta(score_file):
+    """The metadata of a score file (what it was made for), after checking the file and it exist."""
     for path in (score_file, meta_path(score_file)):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"score file {path!r} does not exist: make it with `python salt.py score`")
     with open(meta_path(score_file)) as f:
-        meta = json.load(f)
+        return json.load(f)
+
+
+def load_scores(score_file, expected):
+    """The (n, 3) scores of score_file, after checking that its metadata matches `expected` (from
+    score_meta for the data, teacher and block size about to be trained on)."""
+    meta = read_score_meta(score_file)
     for key, want in expected.items():
         if meta.get(key) != want:
             raise ValueError(f"score file {score_file!r} was made for {key}={meta.get(key)!r}, but this run "
@@ -195,15 +296,18 @@ def load_scores(score_file, expected):
 # SALT_DS selection
 
 
+def ranking(scores):
+    """Sequence ids from the highest median score to the lowest; ties go to the lower id, so the selection
+    is deterministic."""
+    return np.lexsort((np.arange(len(scores)), -scores[:, 0]))
+
+
 def select_top(scores, fraction):
-    """Ids of the round(fraction * n) highest median scores (at least one), ascending; ties go to the
-    lower id so the selection is deterministic."""
+    """Ids of the round(fraction * n) highest median scores (at least one), ascending."""
     if not 0 < fraction <= 1:
         raise ValueError(f"select_fraction={fraction}: expected 0 < fraction <= 1")
-    median = scores[:, 0]
-    k = max(1, round(fraction * len(median)))
-    order = np.lexsort((np.arange(len(median)), -median))  # by score descending, then id ascending
-    return np.sort(order[:k])
+    k = max(1, round(fraction * len(scores)))
+    return np.sort(ranking(scores)[:k])
 
 
 def selection_summary(scores, selected):
@@ -217,11 +321,76 @@ def selection_summary(scores, selected):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The selection report: what SALT_DS keeps
+
+
+def subset_table(domains, names, selected):
+    """Markdown table: each data subset's share of all sequences and of the selected ones."""
+    everywhere = np.bincount(domains, minlength=len(names))
+    kept = np.bincount(domains[selected], minlength=len(names))
+    lines = ['| subset | sequences | share | selected | share of selected | kept |', '|---|---|---|---|---|---|']
+    for i in np.argsort(-everywhere, kind='stable'):
+        if everywhere[i]:
+            name = names[i].replace('|', '\\|')  # a | would end the table cell
+            lines.append(f"| {name} | {everywhere[i]:,} | {everywhere[i] / len(domains):.1%} | {kept[i]:,} | "
+                         f"{kept[i] / len(selected):.1%} | {kept[i] / everywhere[i]:.1%} |")
+    return '\n'.join(lines)
+
+
+def example_block(text, max_chars=400, max_lines=12):
+    """A decoded sequence as a markdown code block, cut to a readable length. The fence is longer than any
+    run of backticks in the text, so nothing in it can end the block."""
+    shown = '\n'.join(text[:max_chars].split('\n')[:max_lines])
+    if len(shown) < len(text):
+        shown += f"\n[... {len(text) - len(shown):,} more characters]"
+    fence = '`' * max(3, 1 + max(map(len, re.findall('`+', shown)), default=0))
+    return f"{fence}text\n{shown}\n{fence}"
+
+
+def example_sections(scores, sequences, n_examples):
+    """Decoded examples from the top, the middle and the bottom of the ranking, as markdown."""
+    order, enc = ranking(scores), tiktoken.get_encoding(ENCODING)
+    n_examples = min(n_examples, len(order))
+    parts = []
+    for title, first in (('top', 0), ('middle', (len(order) - n_examples) // 2), ('bottom', len(order) - n_examples)):
+        parts.append(f"### {title} of the ranking\n")
+        for rank in range(first, first + n_examples):
+            i = order[rank]
+            median, loss, learnable = scores[i]
+            text = enc.decode(sequences.get([i])[0].tolist())
+            parts.append(f"sequence {i} (rank {rank + 1:,}): median score {median:.3f}, mean loss {loss:.3f}, "
+                         f"learnable {learnable:.1%}\n\n{example_block(text)}\n")
+    return '\n'.join(parts)
+
+
+def plot_score_histogram(scores, selected, threshold, path):
+    """PNG: histogram of the median scores, all sequences against the selected ones."""
+    import matplotlib  # here, not at the top: training and scoring processes never draw
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.histogram_bin_edges(scores[:, 0], bins=60)
+    ax.hist(scores[:, 0], bins=bins, label=f'all ({len(scores):,})', color='0.7')
+    ax.hist(scores[selected, 0], bins=bins, label=f'selected ({len(selected):,})', color='tab:blue', alpha=0.8)
+    ax.axvline(threshold, color='tab:red', linestyle='--', label=f'threshold {threshold:.3f}')
+    ax.set_yscale('log')  # the spike at 0 (mostly unlearnable sequences) would flatten the rest
+    ax.set_xlabel('median score (SLM loss on learnable tokens)')
+    ax.set_ylabel('sequences')
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=120)
+    plt.close(fig)
+    _write_atomic(path, buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------------
 # CLI
 
 
 def score_main(args):
-    """`python salt.py score`: one pass of the SLM over the training data (any number of ranks)."""
+    """`python salt.py score`: one pass of the SLM over the training data (any number of ranks); rerun after
+    a kill, it resumes."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else 'cpu'
@@ -229,15 +398,17 @@ def score_main(args):
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     if device.startswith('cuda'):
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 LM head GEMM of the scores
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else None
 
     model = load_model(args.ckpt, device)
     sequences = TokenSequences(args.data_dir, 'train', args.block_size, max_sequences=args.max_sequences or None)
+    meta = score_meta(teacher_id(args.ckpt), sequences, args.top_k)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    score_dataset(model, sequences, args.out, batch_size=args.batch_size, top_k=args.top_k,
+    score_dataset(model, sequences, args.out, meta, batch_size=args.batch_size, top_k=args.top_k,
                   rank=rank, world_size=world_size, autocast=autocast)
     if rank == 0:
-        finish_score_file(args.out, score_meta(teacher_id(args.ckpt), sequences, args.top_k))
+        finish_score_file(args.out, meta)
         scores = np.load(args.out)
         print(f"wrote {args.out}: {len(scores):,} sequences, median score {np.median(scores[:, 0]):.3f}, "
               f"learnable {scores[:, 2].mean():.1%}")
@@ -245,10 +416,56 @@ def score_main(args):
         dist.destroy_process_group()
 
 
+def report_main(args):
+    """`python salt.py report`: what SALT_DS keeps of the data, printed and saved as markdown and a PNG."""
+    meta = read_score_meta(args.scores)
+    sequences = TokenSequences(args.data_dir, 'train', args.block_size,
+                               max_sequences=args.max_sequences or meta['n_sequences'])
+    scores = load_scores(args.scores, dict(block_size=args.block_size, n_sequences=len(sequences),
+                                           data_fingerprint=sequences.fingerprint()))
+    selected = select_top(scores, args.select_fraction)
+    threshold = float(scores[selected, 0].min())
+    ties = int((scores[:, 0] == threshold).sum() - (scores[selected, 0] == threshold).sum())
+    try:
+        subsets = subset_table(*sequences.domains(), selected)
+    except ValueError as e:  # a data dir made before data.py recorded subsets
+        subsets = f"Subset shares unavailable: {e}"
+    stats = '\n'.join(f"| {name} | {len(rows):,} | {rows[:, 0].mean():.4f} | {rows[:, 1].mean():.4f} | "
+                      f"{rows[:, 2].mean():.1%} |" for name, rows in (('all', scores), ('selected', scores[selected])))
+    os.makedirs(args.out_dir, exist_ok=True)
+    png = os.path.join(args.out_dir, 'score_histogram.png')
+    plot_score_histogram(scores, selected, threshold, png)
+    report = f"""# SALT_DS selection
+
+Scores `{args.scores}` (teacher {meta['teacher']}, top_k {meta['top_k']}) of the first {len(scores):,} training
+sequences of `{args.data_dir}` (block size {args.block_size}); select_fraction {args.select_fraction}.
+
+Selected **{len(selected):,} of {len(scores):,}** sequences: median score >= **{threshold:.4f}**.
+{f"{ties:,} more sequences score exactly the threshold; ties go to the lower ids." if ties else ""}
+
+| sequences | count | mean median score | mean loss | learnable |
+|---|---|---|---|---|
+{stats}
+
+![median scores, all and selected]({os.path.basename(png)})
+
+## Data subsets
+
+{subsets}
+
+## Examples
+
+{example_sections(scores, sequences, args.examples)}"""
+    md = os.path.join(args.out_dir, 'selection.md')
+    _write_atomic(md, report.encode())
+    print(report)
+    print(f"wrote {md} and {png}")
+
+
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
-    score = commands.add_parser('score', help='score every training sequence with the SLM (SALT_DS)')
+    score = commands.add_parser('score', help='score every training sequence with the SLM (SALT_DS); resumes')
     score.add_argument('--ckpt', required=True, help='the SLM: a train.py checkpoint, or a GPT-2 name')
     score.add_argument('--data_dir', required=True, help='tokenized data (python data.py ...)')
     score.add_argument('--block_size', type=int, required=True, help="the student's block size")
@@ -256,5 +473,19 @@ if __name__ == '__main__':
     score.add_argument('--out', required=True, help='the score file to write (.npy, with a .json beside it)')
     score.add_argument('--top_k', type=int, default=10, help='a token is learnable if its target is in the top k')
     score.add_argument('--batch_size', type=int, default=16, help='sequences per forward pass per rank')
+    report = commands.add_parser('report', help='what a selection keeps: score histogram, subsets, examples')
+    report.add_argument('--scores', required=True, help='a score file of `python salt.py score`')
+    report.add_argument('--data_dir', required=True, help='the data it scored')
+    report.add_argument('--block_size', type=int, required=True, help='the block size it scored')
+    report.add_argument('--max_sequences', type=int, default=0, help='sequences it scored (0 = as its .json says)')
+    report.add_argument('--select_fraction', type=float, default=0.5, help='the fraction SALT_DS keeps')
+    report.add_argument('--examples', type=int, default=3, help='decoded sequences shown from each part of the ranking')
+    report.add_argument('--out_dir', required=True, help='selection.md and score_histogram.png go here')
     args = parser.parse_args()
-    score_main(args)
+    for name in ('block_size', 'top_k', 'batch_size', 'examples'):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.command == 'score':
+        score_main(args)
+    else:
+        report_main(args)

@@ -4,8 +4,12 @@ The evidence: `pytest test_salt.py` (offline, CPU, a few minutes on 2 cores).
 Sections follow the files: model, data, kernels, salt (schedule, scores, selection), train (config, two
 stages, DDP, resume) and the end-to-end experiment. Scripts are run as a user runs them, in a subprocess.
 """
+import glob
+import itertools
 import json
 import os
+import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -400,6 +404,216 @@ def test_text_sources(tmp_path):
     assert {s for s, _ in docs} == {"train", "val"}
     with pytest.raises(SystemExit):
         data.main(["text", str(one_line), "--out_dir", str(tmp_path / "x"), "--val_fraction", "1"])
+
+
+STDLIB = data.sysconfig.get_paths()['stdlib']
+VAL_FRACTION = 0.1
+
+
+# Pile-scale tokenization: parallel, resumable, with the Pile subset of every sequence
+
+
+def real_documents():
+    """Endless (text, meta) documents: Shakespeare paragraphs as two subsets, stdlib files as a third, and now
+    and then a line without meta (subset "unknown") or with a literal <|endoftext|>."""
+    paragraphs = [p for p in open(REAL_TEXT, encoding='utf-8').read().split('\n\n') if p.strip()]
+    files = data.stdlib_files()
+    for i in itertools.count():
+        yield paragraphs[i % len(paragraphs)], {'pile_set_name': 'Gutenberg (PG-19)' if i % 3 else 'Pile-CC'}
+        if i % 4 == 0:
+            yield data._read_text(os.path.join(STDLIB, files[(i // 4) % len(files)])), {'pile_set_name': 'Github'}
+        if i % 50 == 7:
+            yield f'no meta here <|endoftext|> {i}', None
+
+
+def write_pile_inputs(folder, sizes):
+    """One .jsonl.zst file per size (documents in it); returns the paths and, per file, its line numbers with
+    their (text, subset), blank lines left out (one is written, as the Pile's readers must tolerate them)."""
+    source, paths, contents = real_documents(), [], []
+    for i, size in enumerate(sizes):
+        lines, expected = [], {}
+        for text, meta in itertools.islice(source, size):
+            lines.append(json.dumps({'text': text} if meta is None else {'text': text, 'meta': meta}))
+            expected[len(lines)] = text, (meta or {}).get('pile_set_name', 'unknown')
+            if len(lines) == 3:
+                lines.append('')
+        paths.append(os.path.join(folder, f'{i:02d}.jsonl.zst'))
+        with open(paths[-1], 'wb') as f:
+            f.write(zstandard.ZstdCompressor().compress(('\n'.join(lines) + '\n').encode('utf-8')))
+        contents.append(expected)
+    return paths, contents
+
+
+def tokenize_cli(paths, out, shard_tokens, **popen):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, 'data.py'), 'pile', *paths, '--out_dir', str(out),
+                             '--val_fraction', str(VAL_FRACTION), '--shard_tokens', str(shard_tokens)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+# Input 0 is small: done long before the others. Input 1 is over one encoding batch (data.BATCH_CHARS), so that it
+# is still at work for a while after writing its first shards, where the test kills it.
+SIZES = (20, 1600, 300, 350)
+SHARD_TOKENS = 20_000  # small, so inputs have many shards and documents cross shard boundaries
+
+
+@pytest.fixture(scope='module')
+def pile(tmp_path_factory):
+    """The inputs, and their uninterrupted tokenization."""
+    folder = tmp_path_factory.mktemp('pile')
+    paths, contents = write_pile_inputs(str(folder), SIZES)
+    assert sum(len(text) for text, _ in contents[1].values()) > 1.2 * data.BATCH_CHARS
+    run = tokenize_cli(paths, folder / 'whole', SHARD_TOKENS)
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 0, output
+    return paths, contents, str(folder / 'whole')
+
+
+def files_of(folder):
+    """name -> bytes of every file in folder, hidden ones included."""
+    return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))}
+
+
+def test_killed_tokenization_resumes_to_identical_files(pile, tmp_path):
+    paths, _, whole = pile
+    out = tmp_path / 'resumed'
+    run = tokenize_cli(paths, out, SHARD_TOKENS, start_new_session=True)  # its own group: kill workers too
+    deadline = time.time() + 120
+    # stop once the first input is done and the second has written shards of its first batch
+    while not ((out / 'input_000.json').exists() and (out / 'train_001000.bin').exists()):
+        assert run.poll() is None and time.time() < deadline, run.communicate()[0]
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGKILL)  # as a lost node would: no cleanup runs
+    run.communicate(timeout=60)
+    done = sorted(glob.glob(str(out / 'input_*.json')))  # input 0, perhaps input 2 (smaller than input 1)
+    assert not (out / 'input_001.json').exists() and not (out / 'meta.json').exists(), 'nothing was left to resume'
+    kept = {name: os.stat(out / name).st_mtime_ns for manifest in done
+            for split in json.load(open(manifest))['splits'].values() for name in split['shards']}
+
+    run = tokenize_cli(paths, out, SHARD_TOKENS)
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 0, output
+    assert f'{len(done)} of 4 inputs already done' in output and f'{4 - len(done)} of 4 inputs tokenized now' in output
+    assert {name: os.stat(out / name).st_mtime_ns for name in kept} == kept  # the inputs done were not redone
+    expected, got = files_of(whole), files_of(out)
+    assert sorted(got) == sorted(expected)  # no temporary file of the killed run is left behind either
+    for name in expected:
+        assert got[name] == expected[name], name
+
+
+def expected_documents(paths, contents, split):
+    """(text, subset) of the split's documents in input order, by the documented val rule."""
+    return [doc for path, lines in zip(paths, contents) for number, doc in lines.items()
+            if ('val' if data._is_val(f'{os.path.basename(path)}:{number}', VAL_FRACTION) else 'train') == split]
+
+
+def brute_force_domains(data_dir, split, block_size, subsets_of_documents):
+    """Each window's subset from the decoded split: the document of a token is the number of EOTs up to it."""
+    shards = [data.read_bin(p) for p in sorted(glob.glob(os.path.join(data_dir, f'{split}_*.bin')))]
+    tokens = np.concatenate(shards).astype(np.int64)
+    starts = np.flatnonzero(tokens == data.EOT)
+    documents = [ENC.decode(tokens[s + 1:e].tolist()) for s, e in zip(starts, np.append(starts[1:], len(tokens)))]
+    document_of_token = np.cumsum(tokens == data.EOT) - 1
+    first_tokens = [offset + i * block_size for offset, shard in zip(np.cumsum([0] + [len(s) for s in shards]), shards)
+                    for i in range((len(shard) - 1) // block_size)]
+    return documents, [subsets_of_documents[document_of_token[t]] for t in first_tokens]
+
+
+@pytest.mark.parametrize('split, block_size', [('train', 64), ('train', 1000), ('val', 100)])
+def test_domains_are_the_subsets_of_the_documents(pile, split, block_size):
+    paths, contents, whole = pile
+    expected = expected_documents(paths, contents, split)
+    meta = json.load(open(os.path.join(whole, 'meta.json')))
+    assert meta['subsets'] == ['Github', 'Gutenberg (PG-19)', 'Pile-CC', 'unknown']
+    assert meta['splits'][split]['documents'] == len(expected)
+    documents, brute = brute_force_domains(whole, split, block_size, [subset for _, subset in expected])
+    assert documents == [text for text, _ in expected]  # so document k of the shards is document k of the inputs
+    sequences = data.TokenSequences(whole, split, block_size)
+    domains, names = sequences.domains()
+    assert names == meta['subsets'] and domains.dtype == np.int64 and domains.shape == (len(sequences),)
+    assert [names[d] for d in domains] == brute
+    pool = data.TokenSequences(whole, split, block_size, max_sequences=len(sequences) // 3)
+    assert pool.domains()[0].tolist() == domains[:len(pool)].tolist()
+
+
+def test_output_shards_follow_the_inputs(pile):
+    """Names are {split}_{input:03d}{part:03d}; some shards begin inside a document continued from the previous
+    one (the case domains() carries a subset over), and each side file points at the EOTs of its shard."""
+    _, _, whole = pile
+    meta = json.load(open(os.path.join(whole, 'meta.json')))
+    shards = meta['splits']['train']['shards']
+    assert shards == sorted(os.path.basename(p) for p in glob.glob(os.path.join(whole, 'train_*.bin')))
+    assert [m['splits']['train']['shards'][0] for m in meta['inputs']] == [f'train_{i:03d}000.bin' for i in range(4)]
+    continued = 0
+    for name in shards:
+        tokens = data.read_bin(os.path.join(whole, name))
+        docs = np.load(os.path.join(whole, name[:-4] + '.docs.npy'))
+        assert docs.dtype == np.int64 and docs.shape[1] == 2
+        assert docs[:, 0].tolist() == np.flatnonzero(tokens == data.EOT).tolist()
+        continued += tokens[0] != data.EOT
+    assert continued > 0 and len(shards) > 8
+
+
+def test_in_process_sources_have_subsets(tmp_path):
+    """stdlib and text go through tokenize() as one input: the subset is the top-level package, or "text"."""
+    docs = list(itertools.islice(data.stdlib_documents(0.2, subsets=True), 60))
+    assert len({subset for _, _, subset in docs}) > 3  # packages, perhaps "stdlib"
+    data.tokenize(docs, str(tmp_path / 'stdlib'), {'kind': 'stdlib'}, shard_tokens=30_000)
+    expected = [subset for split, _, subset in docs if split == 'train']
+    documents, brute = brute_force_domains(str(tmp_path / 'stdlib'), 'train', 50, expected)
+    assert documents == [text for split, text, _ in docs if split == 'train']
+    domains, names = data.TokenSequences(str(tmp_path / 'stdlib'), 'train', 50).domains()
+    assert [names[d] for d in domains] == brute
+    data.main(['text', REAL_TEXT, '--out_dir', str(tmp_path / 'text'), '--shard_tokens', '100000'])
+    domains, names = data.TokenSequences(str(tmp_path / 'text'), 'train', 64).domains()
+    assert names == ['text'] and not domains.any()
+
+
+def test_domains_without_side_files_says_to_retokenize(tmp_path, pile):
+    data.write_bin(str(tmp_path / 'train_000000.bin'), np.arange(1000))  # an older data.py's directory
+    with pytest.raises(ValueError, match='re-tokenize') as e:
+        data.TokenSequences(str(tmp_path), 'train', 16).domains()
+    assert str(tmp_path) in str(e.value)
+    nanogpt = tmp_path / 'nanogpt'
+    nanogpt.mkdir()
+    np.arange(3000, dtype=np.uint16).tofile(nanogpt / 'train.bin')
+    with pytest.raises(ValueError, match='re-tokenize'):
+        data.TokenSequences(str(nanogpt), 'train', 16).domains()
+    damaged = shutil.copytree(pile[2], tmp_path / 'damaged')
+    os.remove(damaged / 'train_001002.docs.npy')
+    with pytest.raises(ValueError, match='re-tokenize') as e:
+        data.TokenSequences(str(damaged), 'train', 16).domains()
+    assert 'train_001002.docs.npy' in str(e.value)
+
+
+def test_out_of_vocab_tokens_are_caught_without_reading_every_token(tmp_path):
+    n = 10 * data.EDGE_TOKENS
+    tokens = np.arange(n) % data.VOCAB_SIZE
+    tokens[n // 2] = 60_000  # far from both ends: opening does not see it
+    path = str(tmp_path / 'train_000000.bin')
+    data.write_bin(path, tokens)
+    sequences = data.TokenSequences(str(tmp_path), 'train', 100)
+    bad = (n // 2) // 100
+    assert sequences.get([0, bad - 1, bad + 1]).shape == (3, 101)
+    with pytest.raises(ValueError, match='vocab') as e:
+        sequences.get([3, bad])
+    assert path in str(e.value) and f'sequence {bad}' in str(e.value)
+    # a wrong magic makes the file read as headerless tokens: the header's ints give ids >= VOCAB_SIZE at once
+    raw = bytearray(open(path, 'rb').read())
+    raw[:4] = np.array([data.MAGIC + 1], '<i4').tobytes()
+    open(path, 'wb').write(bytes(raw))
+    with pytest.raises(ValueError, match='vocab') as e:
+        data.TokenSequences(str(tmp_path), 'train', 100)
+    assert path in str(e.value)
+
+
+def test_a_bad_input_names_its_file_and_line(tmp_path):
+    paths, _ = write_pile_inputs(str(tmp_path), (5, 5))
+    with open(paths[1], 'wb') as f:
+        f.write(zstandard.ZstdCompressor().compress(b'{"text": "ok", "meta": {"pile_set_name": 3}}\n'))
+    run = tokenize_cli(paths, tmp_path / 'out', 1000)
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode != 0 and paths[1] in output and 'line 1' in output and 'pile_set_name' in output
+    assert not (tmp_path / 'out' / 'meta.json').exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -924,19 +1138,6 @@ def test_kill_anywhere_then_the_same_command_resumes_bit_identically(tmp_path, t
     assert torch.load(killed / 'ckpt.prev.pt', weights_only=True)['step'] == 11  # the one before is kept
 
 
-def rank_pid(out_dir, rank):
-    """The process id of one rank of a torchrun job training into out_dir."""
-    for pid in filter(str.isdigit, os.listdir('/proc')):
-        try:
-            cmdline = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\0')
-            environ = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
-        except OSError:
-            continue
-        if f'--out_dir={out_dir}'.encode() in cmdline and f'RANK={rank}'.encode() in environ:
-            return int(pid)
-    return None
-
-
 def test_a_dead_rank_ends_the_job_and_the_rerun_resumes(tmp_path, text_data):
     common = ['--max_steps=30', '--ckpt_interval=2', '--eval_interval=10', '--ddp_timeout=30']
     train(text_data, tmp_path / 'whole', *common, nproc=2)
@@ -948,7 +1149,7 @@ def test_a_dead_rank_ends_the_job_and_the_rerun_resumes(tmp_path, text_data):
     deadline = time.time() + 120
     while not (killed / 'ckpt.pt').exists() and time.time() < deadline:
         time.sleep(0.01)
-    os.kill(rank_pid(killed, 1), signal.SIGKILL)
+    os.kill(rank_pids(process.pid)[1], signal.SIGKILL)
     killed_at = time.time()
     assert process.wait(timeout=90) != 0
     assert time.time() - killed_at < 60  # the job ends, no rank waits forever
@@ -986,9 +1187,240 @@ def test_bad_settings_are_clear_errors(tmp_path, text_data, slm_and_scores):
     assert result.returncode != 0 and 'holds no checkpoint' in result.stderr
 
 
-def test_teacher_with_another_vocabulary_is_refused(tmp_path):
+def test_teacher_with_another_vocabulary_or_tokenizer_is_refused(tmp_path):
     other = GPT(GPTConfig(block_size=16, vocab_size=1000, n_layer=1, n_head=2, n_embd=16))
     path = tmp_path / 'other.pt'
     torch.save(dict(model=other.state_dict(), model_args=vars(other.config), run_id='x', step=1), path)
     with pytest.raises(ValueError, match='vocab_size 1000 but the student has 50257'):
         salt.load_teacher(str(path), 'cpu', GPTConfig(block_size=16))
+    same_vocab = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    torch.save(dict(model=same_vocab.state_dict(), model_args=vars(same_vocab.config), run_id='y', step=1,
+                    tokenizer='cl100k_base'), path)
+    with pytest.raises(ValueError, match="trained on 'cl100k_base' tokens but the student's data is 'r50k_base'"):
+        salt.load_teacher(str(path), 'cpu', GPTConfig(block_size=16), tokenizer='r50k_base')
+    assert salt.load_teacher(str(path), 'cpu', GPTConfig(block_size=16)).config.vocab_size == 50257
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('')
+    result = run_script('data.py', 'text', str(empty), f'--out_dir={tmp_path / "out"}', check=False)
+    assert result.returncode != 0 and 'the train split got no text from the text input' in result.stderr
+    assert not (tmp_path / 'out' / 'meta.json').exists()  # meta.json marks a complete data directory
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the scores, batched in row chunks
+
+
+def test_chunked_scores_with_tied_logits_follow_the_definition():
+    """Row chunks that cut through sequences, and exact ties: a target is learnable iff fewer than k logits
+    are strictly larger than its own (test_salt.py's brute-force test has no ties and one chunk)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=12, vocab_size=90, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():  # tokens 1..5 share token 0's output row, so their logits tie exactly
+        model.lm_head.weight[1:6] = model.lm_head.weight[0]
+    seqs = torch.randint(0, 90, (5, 13))
+    seqs[:, 1::3] = 3  # a tied target in every third position
+    ties_decide = False
+    for top_k in (1, 3, 10, 48):
+        expected = []
+        for seq in seqs:
+            with torch.no_grad():
+                logits = model(seq[None, :-1])[0].double()
+            target_logit = logits.gather(1, seq[1:, None])
+            loss = (torch.logsumexp(logits, 1, keepdim=True) - target_logit)[:, 0]
+            learnable = (logits > target_logit).sum(1) < top_k
+            # counting the tied logits as larger would make these tokens unlearnable
+            ties_decide |= bool((learnable & ((logits >= target_logit).sum(1) - 1 >= top_k)).any())
+            score = torch.where(learnable, loss, 0.0).numpy()
+            expected.append([np.median(score), loss.mean().item(), learnable.double().mean().item()])
+        for chunk_rows in (5, 7, 64):
+            got = salt.sequence_scores(model, seqs, top_k=top_k, chunk_rows=chunk_rows)
+            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=f'{top_k=} {chunk_rows=}')
+    assert ties_decide
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a tiny SLM, and the scoring command every test below runs
+
+N_SEQUENCES, BATCH = 2048, 8  # 256 batches: long enough to be killed partway, a few seconds whole
+
+
+@pytest.fixture(scope='module')
+def slm(text_data, slm_and_scores):
+    """(checkpoint, data_dir) of the small LM that test_salt.py trains for a few steps."""
+    return slm_and_scores[0], text_data
+
+
+def score_args(slm, out):
+    ckpt, text_data = slm
+    return ['salt.py', 'score', f'--ckpt={ckpt}', f'--data_dir={text_data}', '--block_size=16',
+            f'--max_sequences={N_SEQUENCES}', f'--batch_size={BATCH}', f'--out={out}']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(slm, tmp_path_factory):
+    """Scores of uninterrupted runs: {1: one process, 2: two gloo ranks}."""
+    out = tmp_path_factory.mktemp('uninterrupted')
+    for nproc in (1, 2):
+        run_script(*score_args(slm, out / f'{nproc}.npy'), nproc=nproc)
+    return {nproc: np.load(out / f'{nproc}.npy') for nproc in (1, 2)}
+
+
+def test_two_ranks_score_like_one_process(uninterrupted):
+    one, two = uninterrupted[1], uninterrupted[2]
+    assert one.shape == (N_SEQUENCES, 3) and not np.isnan(one).any()
+    np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resuming after a kill
+
+
+def rows_done(tmp_path):
+    """Rows of a scoring run's .tmp already written (none while it does not exist: it appears complete)."""
+    if not os.path.exists(tmp_path):
+        return 0
+    return int((~np.isnan(np.load(tmp_path, mmap_mode='r')).any(axis=1)).sum())
+
+
+def rank_pids(torchrun_pid):
+    """{rank: pid} of torchrun's worker processes, from /proc."""
+    with open(f'/proc/{torchrun_pid}/task/{torchrun_pid}/children') as f:
+        children = [int(pid) for pid in f.read().split()]
+    ranks = {}
+    for pid in children:
+        with open(f'/proc/{pid}/environ', 'rb') as f:
+            env = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+        if b'RANK' in env:
+            ranks[int(env[b'RANK'])] = pid
+    return ranks
+
+
+def kill_partway(args, out, nproc):
+    """Start scoring, SIGKILL it (rank 1 under torchrun) once a quarter of the rows are written, and return
+    how many rows were written then."""
+    start = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                 f'--nproc_per_node={nproc}']
+    env = dict(os.environ, OMP_NUM_THREADS='1') if nproc > 1 else os.environ
+    process = subprocess.Popen(start + args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while rows_done(out + '.tmp') < N_SEQUENCES // 4:
+        assert process.poll() is None, f"scoring ended before it could be killed:\n{process.stdout.read()[-3000:]}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(process.pid if nproc == 1 else rank_pids(process.pid)[1], signal.SIGKILL)
+    process.communicate(timeout=120)
+    assert process.returncode != 0 and not os.path.exists(out)
+    return rows_done(out + '.tmp')
+
+
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_killed_scoring_resumes_to_the_same_scores(slm, uninterrupted, tmp_path, nproc):
+    out = str(tmp_path / 'scores.npy')
+    args = score_args(slm, out)
+    done = kill_partway(args, out, nproc)
+    assert N_SEQUENCES // 4 <= done < N_SEQUENCES
+    rerun = run_script(*args, nproc=nproc)
+    left = int(re.search(r'resuming, ([\d,]+) batches', rerun.stdout).group(1).replace(',', ''))
+    # the batches written before the kill are not redone (each rank may have been cut off inside one)
+    assert left <= N_SEQUENCES // BATCH - done // BATCH + nproc
+    assert np.array_equal(np.load(out), uninterrupted[nproc])  # exactly an uninterrupted run's scores
+    assert sorted(os.listdir(tmp_path)) == ['scores.json', 'scores.npy']  # nothing temporary left
+
+
+def test_partial_scores_for_another_teacher_are_refused(slm, uninterrupted, tmp_path):
+    out = str(tmp_path / 'scores.npy')
+    sequences = data.TokenSequences(slm[1], 'train', 16, max_sequences=N_SEQUENCES)
+    partial = uninterrupted[1].copy()
+    partial[100:] = np.nan
+    with open(out + '.tmp', 'wb') as f:  # as a killed run leaves it, but made for another teacher
+        np.save(f, partial)
+    with open(out + '.tmp.json', 'w') as f:
+        json.dump(salt.score_meta('another-slm@step9', sequences, top_k=10), f)
+    result = run_script(*score_args(slm, out), check=False)
+    assert result.returncode != 0
+    assert f"{out}.tmp: partial scores made for teacher='another-slm@step9'" in result.stderr
+    assert 'delete' in result.stderr and np.array_equal(np.load(out + '.tmp'), partial, equal_nan=True)
+    os.remove(out + '.tmp.json')  # a .tmp without its metadata cannot be trusted either
+    with pytest.raises(ValueError, match='without their metadata'):
+        salt.prepare_tmp(out + '.tmp', salt.score_meta('x@step1', sequences, top_k=10))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the selection report on Pile-format data with subsets
+
+
+def test_example_text_cannot_break_the_markdown():
+    line = 'a ```` b | <c>'
+    block = salt.example_block((line + '\n') * 100)
+    lines = block.split('\n')
+    assert lines[0] == '`````text' and lines[-1] == '`````'  # a longer fence than any backtick run inside
+    shown = '\n'.join([line] * 12)  # cut to 12 lines
+    assert lines[1:-2] == [line] * 12 and lines[-2] == f"[... {len(line * 100) + 100 - len(shown):,} more characters]"
+
+
+def write_pile_shards(folder):
+    """Two .jsonl.zst shards of real text: Shakespeare paragraphs and stdlib source files, with their subsets."""
+    paragraphs = [p for p in open(REAL_TEXT, encoding='utf-8').read().split('\n\n') if p.strip()][:240]
+    code = [os.path.join(data.sysconfig.get_paths()['stdlib'], name) for name in
+            ('this.py', 'bisect.py', 'colorsys.py', 'keyword.py', 'fnmatch.py', 'glob.py')]
+    shards = [[{'text': p, 'meta': {'pile_set_name': 'Gutenberg (PG-19)'}} for p in paragraphs[:200]],
+              [{'text': data._read_text(f), 'meta': {'pile_set_name': 'Github'}} for f in code] +
+              [{'text': p, 'meta': {'pile_set_name': 'Books|3'}} for p in paragraphs[200:]]]
+    paths = []
+    for i, docs in enumerate(shards):
+        paths.append(str(folder / f'{i:02d}.jsonl.zst'))
+        lines = ''.join(json.dumps(d) + '\n' for d in docs)
+        with open(paths[-1], 'wb') as f:
+            f.write(zstandard.ZstdCompressor().compress(lines.encode()))
+    return paths
+
+
+def report_numbers(md):
+    """From selection.md: the selected count, the threshold and {subset: (count, selected)}."""
+    selected, total, threshold = re.search(r'Selected \*\*([\d,]+) of ([\d,]+)\*\* sequences: median score '
+                                           r'>= \*\*([\d.]+)\*\*', md).groups()
+    rows = re.findall(r'^\| ((?:[^|\\]|\\\|)+) \| ([\d,]+) \| [\d.]+% \| ([\d,]+) \|', md, re.M)
+    subsets = {name.replace('\\|', '|'): (int(n.replace(',', '')), int(k.replace(',', ''))) for name, n, k in rows}
+    return int(selected.replace(',', '')), int(total.replace(',', '')), threshold, subsets
+
+
+def test_report_on_pile_data_with_subsets(slm, tmp_path):
+    pile = str(tmp_path / 'pile')
+    run_script('data.py', 'pile', *write_pile_shards(tmp_path), f'--out_dir={pile}')
+    scores_file = str(tmp_path / 'scores.npy')
+    run_script('salt.py', 'score', f'--ckpt={slm[0]}', f'--data_dir={pile}', '--block_size=16', f'--out={scores_file}')
+    out_dir = tmp_path / 'selection'
+    result = run_script('salt.py', 'report', f'--scores={scores_file}', f'--data_dir={pile}', '--block_size=16',
+                        '--select_fraction=0.3', f'--out_dir={out_dir}')
+
+    sequences = data.TokenSequences(pile, 'train', 16)
+    scores = np.load(scores_file)
+    picked = salt.select_top(scores, 0.3)
+    domains, names = sequences.domains()
+    md = (out_dir / 'selection.md').read_text()
+    assert md in result.stdout  # printed and saved
+    selected, total, threshold, subsets = report_numbers(md)
+    assert (selected, total) == (len(picked), len(sequences)) and threshold == f"{scores[picked, 0].min():.4f}"
+    assert subsets == {names[i]: (int((domains == i).sum()), int((domains[picked] == i).sum()))
+                       for i in np.unique(domains)}
+    assert set(subsets) == {'Gutenberg (PG-19)', 'Github', 'Books|3'}
+    # examples: the top, middle and bottom of the ranking, decoded, three each
+    order = salt.ranking(scores)
+    shown = [int(i) for i in re.findall(r'^sequence (\d+) \(rank', md, re.M)]
+    middle = (len(order) - 3) // 2
+    assert shown == [*order[:3], *order[middle:middle + 3], *order[-3:]]
+    assert tiktoken.get_encoding(data.ENCODING).decode(sequences.get([order[0]])[0].tolist())[:40] in md
+    assert (out_dir / 'score_histogram.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert (out_dir / 'score_histogram.png').stat().st_size > 10_000
+
+    # data tokenized before data.py recorded subsets: the report still works and says why there are no shares
+    meta = json.loads((tmp_path / 'pile' / 'meta.json').read_text())
+    del meta['subsets']
+    (tmp_path / 'pile' / 'meta.json').write_text(json.dumps(meta))
+    result = run_script('salt.py', 'report', f'--scores={scores_file}', f'--data_dir={pile}', '--block_size=16',
+                        '--select_fraction=0.3', f'--out_dir={out_dir}')
+    assert 'Subset shares unavailable' in result.stdout and 're-tokenize' in result.stdout
+    assert report_numbers(result.stdout)[:3] == (selected, total, threshold)

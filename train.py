@@ -153,6 +153,8 @@ if master:
 # ----------------------------------------------------------------------------------------------------------
 # data
 train_data = TokenSequences(data_dir, 'train', block_size, max_sequences=train_sequences or None)
+meta_file = os.path.join(data_dir, 'meta.json')  # names the tokenizer; nanoGPT-style data has none
+tokenizer = json.load(open(meta_file))['encoding'] if os.path.isfile(meta_file) else None
 val_data = TokenSequences(data_dir, 'val', block_size)
 selected_ids = None
 if score_file:
@@ -226,7 +228,7 @@ nonfinite_skipped = checkpoint['nonfinite_skipped'] if checkpoint else 0
 
 teacher = None
 if teacher_ckpt and step < kd_steps:
-    teacher = salt.load_teacher(teacher_ckpt, device, model_config)
+    teacher = salt.load_teacher(teacher_ckpt, device, model_config, tokenizer)
 
 # ----------------------------------------------------------------------------------------------------------
 # optimizer: weight decay on matrices only (not on biases and LayerNorm gains)
@@ -334,7 +336,7 @@ def save_checkpoint():
     and plain values, so torch.load(weights_only=True) reads it."""
     state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args(model_config),
                  step=step, run_id=run_id, loader=loader.state_dict(), config=config, rng_cpu=torch.get_rng_state(),
-                 nonfinite_skipped=nonfinite_skipped)
+                 nonfinite_skipped=nonfinite_skipped, tokenizer=tokenizer)
     if device_type == 'cuda':
         state['rng_cuda'] = torch.cuda.get_rng_state()
     newest, previous = CHECKPOINTS
@@ -428,4 +430,5 @@ while step < max_steps:
 if master:
     metrics_file.close()
 if ddp:
+    dist.barrier()  # rank 0 may still be writing the last checkpoint: leave together, or gloo may abort
     dist.destroy_process_group()

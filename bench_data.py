@@ -1,0 +1,84 @@
+"""
+Benchmarks of the data path, on whatever machine runs them (prints the numbers, asserts nothing):
+
+    python bench_data.py tokenize     # `python data.py pile` tokens/s on Pile-format shards of real text
+    python bench_data.py loader       # BatchLoader.next_batch against a training step of the demo SLM
+
+The shards are made from this Python's standard library source (real text on every machine), one document a
+file, with the top-level package as pile_set_name.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import zstandard
+
+import data
+from kernels import salt_loss
+from model import GPT, GPTConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_pile_shards(folder, n_shards):
+    """The stdlib's files dealt round-robin into n_shards .jsonl.zst files; returns their paths and MB."""
+    root, files = data.sysconfig.get_paths()['stdlib'], data.stdlib_files()
+    paths, megabytes = [], 0.0
+    for shard in range(n_shards):
+        lines = [json.dumps({'text': data._read_text(os.path.join(root, f)),
+                             'meta': {'pile_set_name': f.split('/')[0]}}) for f in files[shard::n_shards]]
+        raw = ('\n'.join(lines) + '\n').encode('utf-8')
+        megabytes += len(raw) / 1e6
+        paths.append(os.path.join(folder, f'{shard:02d}.jsonl.zst'))
+        with open(paths[-1], 'wb') as f:
+            f.write(zstandard.ZstdCompressor().compress(raw))
+    return paths, megabytes
+
+
+def bench_tokenize(folder, n_shards=8):
+    paths, megabytes = write_pile_shards(folder, n_shards)
+    print(f"{n_shards} Pile-format shards, {megabytes:.1f} MB of jsonl, {os.cpu_count()} CPU cores")
+    result = subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), 'pile', *paths,
+                             '--out_dir', os.path.join(folder, 'out')], capture_output=True, text=True, check=True)
+    print(result.stdout.strip().splitlines()[-1])
+
+
+def bench_loader(folder, steps=20, batches=2000):
+    """next_batch over a SALT_DS-like random half of the ids vs a forward + backward of demo-slm (block 64,
+    batch 8) through kernels.salt_loss."""
+    paths, _ = write_pile_shards(folder, 2)
+    subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), 'pile', *paths, '--out_dir', folder],
+                   capture_output=True, check=True)
+    sequences = data.TokenSequences(folder, 'train', 64)
+    selected = np.random.default_rng(0).permutation(len(sequences))[:len(sequences) // 2]
+    loader = data.BatchLoader(sequences, 8, ids=selected)
+    start = time.perf_counter()
+    for _ in range(batches):
+        x, y = loader.next_batch()
+    batch_seconds = (time.perf_counter() - start) / batches
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset('demo-slm', block_size=64))
+    for step in range(steps + 3):  # 3 warm-up steps
+        if step == 3:
+            start = time.perf_counter()
+        salt_loss(model(x, return_hidden=True), model.lm_head.weight, y, vocab_size=data.VOCAB_SIZE).backward()
+        model.zero_grad(set_to_none=True)
+    step_seconds = (time.perf_counter() - start) / steps
+    print(f"next_batch {batch_seconds * 1e6:.0f} us, training step {step_seconds * 1e3:.1f} ms "
+          f"({torch.get_num_threads()} threads): loader / step = {batch_seconds / step_seconds:.3%}")
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('what', choices=['tokenize', 'loader'], nargs='+')
+    args = parser.parse_args()
+    for what in args.what:
+        with tempfile.TemporaryDirectory() as folder:
+            {'tokenize': bench_tokenize, 'loader': bench_loader}[what](folder)
