@@ -3,6 +3,7 @@ Benchmarks of the data path, on whatever machine runs them (prints the numbers, 
 
     python bench_data.py tokenize     # `python data.py pile` tokens/s on Pile-format shards of real text
     python bench_data.py loader       # BatchLoader.next_batch against a training step of the demo SLM
+    python bench_data.py score        # SALT_DS scoring tokens/s against training tokens/s of the demo SLM
 
 The shards are made from this Python's standard library source (real text on every machine), one document a
 file, with the top-level package as pile_set_name.
@@ -20,6 +21,7 @@ import torch
 import zstandard
 
 import data
+import salt
 from kernels import salt_loss
 from model import GPT, GPTConfig
 
@@ -75,10 +77,40 @@ def bench_loader(folder, steps=20, batches=2000):
           f"({torch.get_num_threads()} threads): loader / step = {batch_seconds / step_seconds:.3%}")
 
 
+def bench_score(folder, steps=20):
+    """Tokens/s of the demo SLM: a training step (forward, backward, AdamW; batch 8 x 64, as
+    config/demo_slm.py) against scoring (forward and the SALT_DS score; batches of 16 x 64, as salt.py score)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset('demo-slm', block_size=64))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    seqs = torch.randint(0, data.VOCAB_SIZE, (16, 65))
+    x, y = seqs[:8, :-1], seqs[:8, 1:]
+
+    def train_step():
+        salt_loss(model(x, return_hidden=True), model.lm_head.weight, y, vocab_size=data.VOCAB_SIZE).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def score_batch():
+        with torch.no_grad():
+            salt.sequence_scores(model, seqs)
+
+    rates = {}
+    for name, step, tokens in (('training', train_step, x.numel()), ('scoring', score_batch, seqs[:, 1:].numel())):
+        for _ in range(3):  # warm-up
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rates[name] = steps * tokens / (time.perf_counter() - start)
+    print(f"demo SLM on {torch.get_num_threads()} threads: training {rates['training']:,.0f} tokens/s, scoring "
+          f"{rates['scoring']:,.0f} tokens/s: scoring is {rates['scoring'] / rates['training']:.2f}x faster per token")
+
+
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('what', choices=['tokenize', 'loader'], nargs='+')
+    parser.add_argument('what', choices=['tokenize', 'loader', 'score'], nargs='+')
     args = parser.parse_args()
     for what in args.what:
         with tempfile.TemporaryDirectory() as folder:
-            {'tokenize': bench_tokenize, 'loader': bench_loader}[what](folder)
+            {'tokenize': bench_tokenize, 'loader': bench_loader, 'score': bench_score}[what](folder)
