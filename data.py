@@ -65,7 +65,7 @@ BATCH_CHARS = 1 << 22  # characters per encode_ordinary_batch call: big enough t
 # shard files
 
 
-def _atomic_write(path, chunks):
+def atomic_write(path, chunks):
     """Write byte chunks to path so that no half-written file ever exists under that name."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # same folder: replace is atomic
@@ -91,17 +91,17 @@ def write_bin(path, tokens):
         raise ValueError(f"{path}: {tokens.size} tokens do not fit the int32 header count")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, VERSION, tokens.size
-    _atomic_write(path, [header.tobytes(), tokens.astype("<u2").tobytes()])
+    atomic_write(path, [header.tobytes(), tokens.astype("<u2").tobytes()])
 
 
 def _write_npy(path, array):
     buffer = io.BytesIO()
     np.save(buffer, array)
-    _atomic_write(path, [buffer.getvalue()])
+    atomic_write(path, [buffer.getvalue()])
 
 
-def _write_json(path, obj):
-    _atomic_write(path, [json.dumps(obj, indent=2).encode("utf-8")])
+def write_json(path, obj):
+    atomic_write(path, [json.dumps(obj, indent=2).encode("utf-8")])
 
 
 def read_bin(path):
@@ -307,7 +307,7 @@ def _tokenize_input(index, documents, out_dir, shard_tokens, job, threads):
     manifest = {"job": job, "subsets": list(subsets),
                 "splits": {s: {"shards": w.shards, "tokens": w.tokens, "documents": w.documents}
                            for s, w in writers.items()}}
-    _write_json(_manifest_path(out_dir, index), manifest)
+    write_json(_manifest_path(out_dir, index), manifest)
     return manifest
 
 
@@ -359,7 +359,7 @@ def _finish(out_dir, source, n_inputs, tokenized, start):
     meta = {"encoding": ENCODING, "vocab_size": VOCAB_SIZE, "eot": EOT, "source": source,
             "subsets": sorted({name for m in manifests for name in m["subsets"]}), "splits": splits,
             "inputs": manifests}
-    _write_json(os.path.join(out_dir, "meta.json"), meta)
+    write_json(os.path.join(out_dir, "meta.json"), meta)
     new_tokens = sum(manifests[i]["splits"][s]["tokens"] for i in tokenized for s in SPLITS)
     seconds = time.time() - start
     print(f"{out_dir}: done, {len(tokenized)} of {n_inputs} inputs tokenized now, {new_tokens:,} tokens in "

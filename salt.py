@@ -31,7 +31,7 @@ import tiktoken
 import torch
 import torch.distributed as dist
 
-from data import ENCODING, TokenSequences
+from data import ENCODING, TokenSequences, atomic_write, write_json
 from model import GPT, GPTConfig
 
 SCORE_COLUMNS = ('median_score', 'mean_loss', 'learnable_fraction')
@@ -215,7 +215,7 @@ def prepare_tmp(tmp_path, meta):
                                  f"has {key}={want!r}: rerun with the settings they were made with to resume, or "
                                  f"delete {tmp_path} to start over")
         return
-    _write_json_atomic(tmp_meta, meta)
+    write_json(tmp_meta, meta)
     new_path = tmp_path + '.new'  # filled under another name: a half-made file would show zeros as scores
     scores = np.lib.format.open_memmap(new_path, mode='w+', dtype=np.float32,
                                        shape=(meta['n_sequences'], len(SCORE_COLUMNS)))
@@ -238,20 +238,6 @@ def score_meta(teacher, sequences, top_k):
                 n_sequences=len(sequences), top_k=top_k, columns=list(SCORE_COLUMNS))
 
 
-def _write_atomic(path, data):
-    """Write bytes to path through a temporary file and a rename: path never holds half a file."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path, obj):
-    _write_atomic(path, json.dumps(obj, indent=2).encode())
-
-
 def finish_score_file(out_path, meta):
     """Publish the scores: check every row was written, then the .json, then the .npy by atomic rename
     (a reader never sees scores without their metadata, nor a half-written file)."""
@@ -259,7 +245,7 @@ def finish_score_file(out_path, meta):
     missing = int(np.isnan(scores).any(axis=1).sum())
     if missing:
         raise RuntimeError(f"{out_path}.tmp: {missing} sequences were not scored; run the scoring again")
-    _write_json_atomic(meta_path(out_path), meta)
+    write_json(meta_path(out_path), meta)
     os.replace(out_path + '.tmp', out_path)
     os.remove(out_path + '.tmp.json')
 
@@ -381,7 +367,7 @@ def plot_score_histogram(scores, selected, threshold, path):
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=120)
     plt.close(fig)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write(path, [buffer.getvalue()])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -457,7 +443,7 @@ Selected **{len(selected):,} of {len(scores):,}** sequences: median score >= **{
 
 {example_sections(scores, sequences, args.examples)}"""
     md = os.path.join(args.out_dir, 'selection.md')
-    _write_atomic(md, report.encode())
+    atomic_write(md, [report.encode()])
     print(report)
     print(f"wrote {md} and {png}")
 
