@@ -254,7 +254,7 @@ def main():
     parser.add_argument('--name', default='demo', help='out/<name>/ for runs, results/<name>/ for the report')
     parser.add_argument('--slm_config', default='config/demo_slm.py')
     parser.add_argument('--student_config', default='config/demo_student.py')
-    parser.add_argument('--seeds', type=int, nargs='+', default=[1337])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[1337, 1338])
     parser.add_argument('--nproc', type=int, default=1, help='processes per run (torchrun when > 1)')
     parser.add_argument('--top_k', type=int, default=10, help='SALT_DS: learnable = target in the SLM top-k')
     parser.add_argument('--ablate', type=parse_ablation, action='append', default=[], metavar='KEY=V1,V2,...')

@@ -1054,7 +1054,7 @@ def test_experiment_writes_table_and_plot(tmp_path, text_data):
     (tmp_path / 'student.py').write_text(common + "model_size = 'demo-student'\nmax_steps = 10\nkd_steps = 4\n"
                                          "eval_interval = 1\nlog_interval = 1\nwarmup_steps = 2\nlearning_rate = 3e-3\n")
     command = [os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py', '--student_config=student.py',
-               '--tokenize=', '--ablate', 'kd_weight=0.5,0.9', '--ablate', 'top_k=1']
+               '--tokenize=', '--seeds', '1337', '--ablate', 'kd_weight=0.5,0.9', '--ablate', 'top_k=1']
     run_script(*command, cwd=tmp_path)
     report = (tmp_path / 'results' / 'toy' / 'table.md').read_text()
     table = report.split('## Val loss\n\n')[1].split('\n\n')[0].splitlines()

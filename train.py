@@ -225,6 +225,7 @@ step = checkpoint['step'] if checkpoint else 0
 run_id = checkpoint['run_id'] if checkpoint else uuid.uuid4().hex[:12]
 last_good = f"{ckpt_path} (step {step})" if checkpoint else None  # for the message if the loss goes non-finite
 nonfinite_skipped = checkpoint['nonfinite_skipped'] if checkpoint else 0
+elapsed_before = checkpoint.get('elapsed_s', 0.0) if checkpoint else 0.0  # a resumed run's wall-clock goes on
 
 teacher = None
 if teacher_ckpt and step < kd_steps:
@@ -336,7 +337,7 @@ def save_checkpoint():
     and plain values, so torch.load(weights_only=True) reads it."""
     state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args(model_config),
                  step=step, run_id=run_id, loader=loader.state_dict(), config=config, rng_cpu=torch.get_rng_state(),
-                 nonfinite_skipped=nonfinite_skipped, tokenizer=tokenizer)
+                 nonfinite_skipped=nonfinite_skipped, tokenizer=tokenizer, elapsed_s=elapsed_before + time.time() - t_start)
     if device_type == 'cuda':
         state['rng_cuda'] = torch.cuda.get_rng_state()
     newest, previous = CHECKPOINTS
@@ -369,6 +370,7 @@ if step == 0 and master:
 elif step == 0:
     estimate_val_loss()  # every rank takes part in the all_reduce
 t_start, t_last, step_at_start, step_at_last = time.time(), time.time(), step, step
+not_training_s = 0.0  # evaluation and checkpoint time since the last log: tokens_per_s leaves it out
 while step < max_steps:
     w = salt.kd_weight_at(step, kd_steps, kd_weight, kd_schedule) if teacher is not None else 0.0
     lr = lr_at(step)
@@ -407,14 +409,16 @@ while step < max_steps:
             torch.cuda.empty_cache()
         loader = make_loader(step)
     do_eval = step % eval_interval == 0 or step == max_steps
+    t_eval = time.time()
     val_loss = estimate_val_loss() if do_eval else None
+    not_training_s += time.time() - t_eval
     if master and (step % log_interval == 0 or do_eval):
         now = time.time()
-        tokens_per_s = (step - step_at_last) * tokens_per_step / (now - t_last)
-        t_last, step_at_last = now, step
+        tokens_per_s = (step - step_at_last) * tokens_per_step / (now - t_last - not_training_s)
+        t_last, step_at_last, not_training_s = now, step, 0.0
         loss_v, ce_v, kl_v = parts.tolist()
         record = dict(step=step, loss=loss_v, ce=ce_v, kl=kl_v, kd_weight=w, lr=lr, tokens_per_s=tokens_per_s,
-                      elapsed_s=now - t_start)
+                      elapsed_s=elapsed_before + now - t_start)
         if device_type == 'cuda':
             record['mfu'] = raw_model.flops_per_token() * tokens_per_s / (peak_flops * world_size)
         if val_loss is not None:
@@ -425,7 +429,9 @@ while step < max_steps:
               f"{tokens_per_s:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if 'mfu' in record else '') +
               (f" | val {val_loss:.4f}" if val_loss is not None else '') + f" | eta {eta / 60:.1f} min", flush=True)
     if master and (step % ckpt_interval == 0 or step == max_steps):
+        t_save = time.time()
         last_good = save_checkpoint()
+        not_training_s += time.time() - t_save
 
 if master:
     metrics_file.close()
