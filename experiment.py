@@ -1,18 +1,20 @@
 """
 The whole SALT experiment, end to end: tokenize -> train the small LM -> score the data with it -> train
-the student three ways (baseline, SALT, SALT_DS) with the same seed, data order and step budget -> a
-results table and val-loss curves in results/<name>/.
+the student three ways (baseline, SALT, SALT_DS) with the same seed, data order and step budget, and SALT
+and SALT_DS again on 70% of the steps (--short) -> a results table and val-loss curves in results/<name>/.
 
-  python experiment.py                     # the embedded demo: Python's standard library, CPU, ~11 min
+  python experiment.py                     # the embedded demo: Python's standard library, 2 seeds, CPU
   python experiment.py --name pile --slm_config config/pile_slm.py --student_config config/pile_student.py \\
-      --nproc 8 --seeds 1337 1338          # data tokenized beforehand with `python data.py pile ...`
-  python experiment.py --seeds 1337 1338 --ablate kd_weight=0.5,0.667,0.9 --ablate top_k=1,10,100
+      --nproc 8 --tokenize=                # data tokenized beforehand with `python data.py pile ...`
+  python experiment.py --ablate kd_weight=0.5,0.667,0.9 --ablate top_k=1,10,100
 
-An ablation `--ablate KEY=V1,V2,...` trains one more student per value and seed: SALT with --KEY=V, or
-SALT_DS for the selection's keys (top_k, select_fraction), and adds a table per KEY to the report.
+Every seed (--seeds, two by default) trains every run; the tables give each seed and the mean. An ablation
+`--ablate KEY=V1,V2,...` trains one more student per value and seed: SALT with --KEY=V, or SALT_DS for the
+selection's keys (top_k, select_fraction), and adds a table per KEY to the report.
 
 Each step is an ordinary command (printed before it runs), so any of them can be rerun by hand. A step
-whose output already exists is skipped: rerunning after an interruption continues where it stopped.
+whose output already exists is skipped: rerunning after an interruption continues where it stopped, and
+rerunning with more seeds, ablations or --short trains only what is new.
 """
 import argparse
 import json
@@ -112,11 +114,18 @@ def score(args, student, data_dir, slm_ckpt, top_k, out):
 
 
 def planned_runs(args, slm_ckpt, score_files, student):
-    """{label: (kind, train.py overrides)} for one seed: the three main runs, then one run per ablated value
-    (the value the main run already has is that run: same label, no second training)."""
+    """{label: (kind, train.py overrides)} for one seed: the three main runs; with --short, SALT and SALT_DS
+    again on that fraction of the steps, with their own LR schedule (the paper's claim: SALT at < 70% of the
+    steps matches the baseline; a cosine run's mid-way checkpoint, not yet annealed, would understate it);
+    then one run per ablated value (the value the main run already has is that run: same label, no second
+    training)."""
     teacher = [f'--teacher_ckpt={slm_ckpt}']
     runs = {'baseline': ('baseline', []), 'salt': ('salt', teacher),
             'salt_ds': ('salt_ds', teacher + [f'--score_file={score_files[args.top_k]}'])}
+    if args.short:
+        steps = round(student['max_steps'] * args.short)
+        for kind in ('salt', 'salt_ds'):
+            runs[short_label(kind, steps)] = (kind, runs[kind][1] + [f'--max_steps={steps}'])
     for key, values in args.ablate:
         kind = 'salt_ds' if key in SELECTION_KEYS else 'salt'
         current = str(args.top_k if key == 'top_k' else student.get(key))
@@ -129,6 +138,15 @@ def planned_runs(args, slm_ckpt, score_files, student):
                 overrides = runs[kind][1] + [f'--{key}={value}']
             runs[ablation_label(kind, key, value, current)] = (kind, overrides)
     return runs
+
+
+def short_label(kind, steps):
+    return f'{kind} {steps} steps'
+
+
+def main_labels(runs):
+    """The main runs and their shorter-budget repeats: every run but the ablations (labelled KEY=VALUE)."""
+    return [label for label in runs if '=' not in label]
 
 
 def ablation_label(kind, key, value, current):
@@ -145,15 +163,25 @@ def teacher_minutes(kind, slm_minutes, score_minutes):
 
 
 def summary_row(curves, baselines, max_step):
-    """Over seeds: mean val loss at 50/70/100% of the steps, and steps to reach each seed's baseline final."""
+    """Over seeds: mean val loss at 50/70/100% of the steps; the final val loss minus the same seed's
+    baseline's (paired: same init and data order, so much of the seed-to-seed noise cancels), mean and per
+    seed; and the steps to reach each seed's baseline final."""
     marks = [round(max_step * f) for f in (0.5, 0.7, 1.0)]
     vals = [np.mean([val_at(c, m) for c in curves]) for m in marks]
+    deltas = [c[-1]['val_loss'] - b[-1]['val_loss'] for c, b in zip(curves, baselines)]
+    delta = f"{np.mean(deltas):+.4f}" + (f" ({', '.join(f'{d:+.4f}' for d in deltas)})" if len(deltas) > 1 else "")
     reached = [steps_to_reach(c, b[-1]['val_loss']) for c, b in zip(curves, baselines)]
     if all(reached):
         reach = f"{np.mean(reached):.0f} ({np.mean(reached) / max_step:.0%})"
     else:
         reach = f"not reached ({sum(r is None for r in reached)} of {len(reached)} seeds)"
-    return [f"{v:.4f}" for v in vals] + [reach]
+    return [f"{v:.4f}" for v in vals] + [delta, reach]
+
+
+def summary_header(max_step):
+    marks = [round(max_step * f) for f in (0.5, 0.7, 1.0)]
+    return [f"val loss @ {m} ({m / max_step:.0%})" for m in marks] + [
+        "final - baseline's final", "steps to baseline's final val loss"]
 
 
 def markdown_table(header, rows):
@@ -161,20 +189,36 @@ def markdown_table(header, rows):
                       ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
 
 
-def main_table(curves, runs, seeds, max_step, costs):
-    """Per run and seed (and their mean): val loss at 50/70/100% of the steps, the steps the run needed to
-    reach the baseline's final val loss (at evaluation granularity), and the wall-clock with the teacher."""
-    marks = [round(max_step * f) for f in (0.5, 0.7, 1.0)]
-    header = ['run', 'seed'] + [f"val loss @ {m} ({m / max_step:.0%})" for m in marks] + [
-        "steps to baseline's final val loss", 'student wall-clock (min)', 'with the SLM and scoring (min)']
+def main_table(curves, labels, seeds, max_step):
+    """Per run and seed (and their mean): val loss at 50/70/100% of the steps, the final val loss against the
+    baseline's, and the steps the run needed to reach the baseline's final val loss (at evaluation granularity)."""
     rows = []
-    for label in RUNS:
+    for label in labels:
         for seed in seeds + (['mean'] if len(seeds) > 1 else []):
             chosen = seeds if seed == 'mean' else [seed]
-            student = np.mean([curves[(s, label)][-1]['elapsed_s'] / 60 for s in chosen])
             rows.append([label, seed] + summary_row([curves[(s, label)] for s in chosen],
-                                                    [curves[(s, 'baseline')] for s in chosen], max_step) +
-                        [f"{student:.1f}", f"{student + costs[runs[label][0]]:.1f}"])
+                                                    [curves[(s, 'baseline')] for s in chosen], max_step))
+    return markdown_table(['run', 'seed'] + summary_header(max_step), rows)
+
+
+def wallclock_table(curves, runs, seeds, costs):
+    """Wall-clock per run: the student's training, plus the SLM's training for SALT and the scoring too for
+    SALT_DS; and when each run reached its seed's baseline final val loss: the saving at equal loss."""
+    header = ['run', 'seed', 'student (min)', 'SLM and scoring (min)', 'total (min)',
+              "to the baseline's final val loss: student (min)", 'all included (min)', "vs the baseline's total"]
+    rows = []
+    for label in main_labels(runs):
+        teacher = costs[runs[label][0]]
+        for seed in seeds:
+            curve, baseline = curves[(seed, label)], curves[(seed, 'baseline')]
+            student = curve[-1]['elapsed_s'] / 60
+            step = steps_to_reach(curve, baseline[-1]['val_loss'])
+            reach = ['not reached', '-', '-']
+            if step is not None:
+                minutes = next(r['elapsed_s'] for r in curve if r['step'] == step) / 60
+                reach = [f"{minutes:.1f}", f"{minutes + teacher:.1f}",
+                         f"{(minutes + teacher) / (baseline[-1]['elapsed_s'] / 60):.2f}x"]
+            rows.append([label, seed, f"{student:.1f}", f"{teacher:.1f}", f"{student + teacher:.1f}"] + reach)
     return markdown_table(header, rows)
 
 
@@ -182,14 +226,13 @@ def ablation_tables(curves, args, student, max_step):
     tables = []
     for key, values in args.ablate:
         kind = 'salt_ds' if key in SELECTION_KEYS else 'salt'
-        marks = [round(max_step * f) for f in (0.5, 0.7, 1.0)]
-        header = [key] + [f"val loss @ {m / max_step:.0%}" for m in marks] + ["steps to baseline's final val loss"]
         current = str(args.top_k if key == 'top_k' else student.get(key))
         labels = [ablation_label(kind, key, value, current) for value in values]
         rows = [[value + (' (main run)' if label == kind else '')] +
                 summary_row([curves[(s, label)] for s in args.seeds], [curves[(s, 'baseline')] for s in args.seeds],
                             max_step) for value, label in zip(values, labels)]
-        tables.append(f"### {key} ({kind.upper()}, mean over {len(args.seeds)} seed(s))\n\n" + markdown_table(header, rows))
+        tables.append(f"### {key} ({kind.upper()}, mean over {len(args.seeds)} seed(s))\n\n" +
+                      markdown_table([key] + summary_header(max_step), rows))
     return "\n".join(tables)
 
 
@@ -221,23 +264,28 @@ def cost_table(out, seeds):
 
 
 def plot_curves(curves, costs, runs, path):
-    """Val loss vs step, and vs wall-clock where SALT runs start after the SLM (and SALT_DS after scoring)."""
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    """Val loss vs step, and vs wall-clock where SALT runs start after the SLM (and SALT_DS after scoring).
+    Main runs only (ablations are in the tables); shorter-budget runs dashed."""
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(13, 5))
     colors = dict(baseline='tab:gray', salt='tab:blue', salt_ds='tab:orange')
+    shown = []
     for (seed, label), curve in sorted(curves.items()):
-        if label not in RUNS:
-            continue  # ablations are in the tables
+        if label not in main_labels(runs):
+            continue
+        kind = runs[label][0]
         evals = [r for r in curve if r['step'] > 0]
-        offset = costs[runs[label][0]]
-        name = f"{label} (seed {seed})"
-        by_step.plot([r['step'] for r in evals], [r['val_loss'] for r in evals], color=colors[label], label=name)
-        by_time.plot([offset + r['elapsed_s'] / 60 for r in evals], [r['val_loss'] for r in evals],
-                     color=colors[label], label=name)
+        losses = [r['val_loss'] for r in evals]
+        style = dict(color=colors[kind], linestyle='-' if label in RUNS else '--', label=f"{label} (seed {seed})")
+        by_step.plot([r['step'] for r in evals], losses, **style)
+        by_time.plot([costs[kind] + r['elapsed_s'] / 60 for r in evals], losses, **style)
+        shown += losses
     by_step.set(xlabel='step', ylabel='val loss', title='val loss vs step')
     by_time.set(xlabel='wall-clock (min), the SLM and scoring included', ylabel='val loss', title='val loss vs time')
+    low, high = min(shown), np.quantile(shown, 0.9)  # the first evaluations would squeeze the end together
     for ax in (by_step, by_time):
+        ax.set_ylim(low - 0.05 * (high - low), high)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -257,6 +305,8 @@ def main():
     parser.add_argument('--seeds', type=int, nargs='+', default=[1337, 1338])
     parser.add_argument('--nproc', type=int, default=1, help='processes per run (torchrun when > 1)')
     parser.add_argument('--top_k', type=int, default=10, help='SALT_DS: learnable = target in the SLM top-k')
+    parser.add_argument('--short', type=float, default=0.7,
+                        help='also train SALT and SALT_DS on this fraction of the steps (0 = not)')
     parser.add_argument('--ablate', type=parse_ablation, action='append', default=[], metavar='KEY=V1,V2,...')
     parser.add_argument('--tokenize', default='stdlib',
                         help="data.py arguments that make the student config's data_dir when it has no meta.json "
@@ -265,9 +315,10 @@ def main():
     args = parser.parse_args()
 
     student = read_config(args.student_config)
-    for key in ('data_dir', 'block_size'):
+    for key in ('data_dir', 'block_size', 'max_steps'):
         if key not in student:
-            sys.exit(f"{args.student_config} must set {key} (experiment.py scores the data the students train on)")
+            sys.exit(f"{args.student_config} must set {key}: experiment.py scores the data the students train on "
+                     f"and sizes the shorter runs by it")
     data_dir = student['data_dir']
     if args.tokenize:
         run([sys.executable, os.path.join(HERE, 'data.py'), *shlex.split(args.tokenize), f'--out_dir={data_dir}'],
@@ -293,7 +344,8 @@ def main():
     max_step = curves[(args.seeds[0], 'baseline')][-1]['step']
     report = (f"# SALT experiment `{args.name}`\n\n{args.slm_config} (SLM), {args.student_config} (students), "
               f"seeds {args.seeds}; SLM {costs['salt']:.1f} min, scoring {scored[args.top_k][1] / 60:.1f} min\n\n"
-              f"## Val loss\n\n" + main_table(curves, runs, args.seeds, max_step, costs) +
+              f"## Val loss\n\n" + main_table(curves, main_labels(runs), args.seeds, max_step) +
+              f"\n## Wall-clock\n\n" + wallclock_table(curves, runs, args.seeds, costs) +
               (f"\n## Ablations\n\n{ablation_tables(curves, args, student, max_step)}" if args.ablate else "") +
               f"\n## Cost per step\n\n" + cost_table(out, args.seeds))
     with open(os.path.join(results, 'table.md'), 'w') as f:

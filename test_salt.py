@@ -1059,19 +1059,31 @@ def test_experiment_writes_table_and_plot(tmp_path, text_data):
     report = (tmp_path / 'results' / 'toy' / 'table.md').read_text()
     table = report.split('## Val loss\n\n')[1].split('\n\n')[0].splitlines()
     assert table[0].startswith('| run | seed | val loss @ 5 (50%) | val loss @ 7 (70%) | val loss @ 10 (100%)')
-    assert [row.split('|')[1].strip() for row in table[2:]] == ['baseline', 'salt', 'salt_ds']
+    assert [row.split('|')[1].strip() for row in table[2:]] == ['baseline', 'salt', 'salt_ds', 'salt 7 steps',
+                                                             'salt_ds 7 steps']
     baseline_final = float(table[2].split('|')[5])
     runs = tmp_path / 'out' / 'toy' / 'seed1337'
     assert baseline_final == pytest.approx(step_records(runs / 'baseline')[10]['val_loss'], abs=1e-4)
     kd_weight_table = report.split('### kd_weight (SALT, mean over 1 seed(s))\n\n')[1].split('\n\n')[0].splitlines()
     assert [row.split('|')[1].strip() for row in kd_weight_table[2:]] == ['0.5', '0.9']
     assert step_records(runs / 'salt_kd_weight=0.9')[1]['kd_weight'] == 0.9
+    # --short (0.7 by default): SALT again on 7 of the 10 steps, with the cosine schedule ending there
+    short = step_records(runs / 'salt_7_steps')
+    assert max(short) == 7 and short[7]['lr'] < step_records(runs / 'baseline')[7]['lr']
     assert '### top_k (SALT_DS' in report and (tmp_path / 'out' / 'toy' / 'scores_top1.npy').exists()
+    # the salt run against its seed's baseline, the paired difference of the final val losses
+    salt_final = step_records(runs / 'salt')[10]['val_loss']
+    assert float(table[3].split('|')[6]) == pytest.approx(salt_final - baseline_final, abs=2e-4)
+    # wall-clock: the baseline reaches its own final val loss at its last step, in its own total time
+    wallclock = report.split('## Wall-clock\n\n')[1].split('\n\n')[0].splitlines()
+    baseline_row = [cell.strip() for cell in wallclock[2].split('|')[1:-1]]
+    assert baseline_row[0] == 'baseline' and baseline_row[3] == '0.0' and baseline_row[-1] == '1.00x'
+    assert baseline_row[2] == baseline_row[5] == baseline_row[6]
     assert '## Cost per step' in report
     assert (tmp_path / 'results' / 'toy' / 'val_loss.png').stat().st_size > 10_000
     # a rerun finds every step done and only rewrites the report
     rerun = run_script(*command, cwd=tmp_path)
-    assert '[run]' not in rerun.stdout and rerun.stdout.count('[skip]') == 9
+    assert '[run]' not in rerun.stdout and rerun.stdout.count('[skip]') == 11
 
 
 def test_score_file_made_for_other_data_or_teacher_is_refused(slm_and_scores, text_data):
