@@ -17,6 +17,7 @@ whose output already exists is skipped: rerunning after an interruption continue
 rerunning with more seeds, ablations or --short trains only what is new.
 """
 import argparse
+import ast
 import json
 import os
 import shlex
@@ -278,16 +279,27 @@ def plot_curves(curves, costs, runs, path):
         style = dict(color=colors[kind], linestyle='-' if label in RUNS else '--', label=f"{label} (seed {seed})")
         by_step.plot([r['step'] for r in evals], losses, **style)
         by_time.plot([costs[kind] + r['elapsed_s'] / 60 for r in evals], losses, **style)
-        shown += losses
+        shown += [r['val_loss'] for r in evals if r['step'] >= 0.15 * evals[-1]['step']]
     by_step.set(xlabel='step', ylabel='val loss', title='val loss vs step')
     by_time.set(xlabel='wall-clock (min), the SLM and scoring included', ylabel='val loss', title='val loss vs time')
-    low, high = min(shown), np.quantile(shown, 0.9)  # the first evaluations would squeeze the end together
+    low, high = min(shown), max(shown)  # from 15% of the steps on: the first evaluations would flatten the rest
     for ax in (by_step, by_time):
         ax.set_ylim(low - 0.05 * (high - low), high)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def parse_setting(text):
+    """--set KEY=VALUE, the value a Python literal where it parses as one (as train.py reads it)."""
+    key, sep, value = text.partition('=')
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected KEY=VALUE")
+    try:
+        return key, ast.literal_eval(value)
+    except (SyntaxError, ValueError):
+        return key, value
 
 
 def parse_ablation(text):
@@ -311,10 +323,11 @@ def main():
     parser.add_argument('--tokenize', default='stdlib',
                         help="data.py arguments that make the student config's data_dir when it has no meta.json "
                              "('' = it must exist already)")
-    parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='overrides for every student run')
+    parser.add_argument('--set', type=parse_setting, nargs='*', default=[], metavar='KEY=VALUE',
+                        help="overrides of the student config for every student run")
     args = parser.parse_args()
 
-    student = read_config(args.student_config)
+    student = read_config(args.student_config) | dict(args.set)  # what the main runs train with
     for key in ('data_dir', 'block_size', 'max_steps'):
         if key not in student:
             sys.exit(f"{args.student_config} must set {key}: experiment.py scores the data the students train on "
@@ -339,7 +352,7 @@ def main():
     for seed in args.seeds:
         for label, (_, overrides) in runs.items():
             run_dir = os.path.join(out, f'seed{seed}', label.replace(' ', '_'))
-            train(args.nproc, args.student_config, run_dir, [f'--seed={seed}'] + overrides + [f'--{s}' for s in args.set])
+            train(args.nproc, args.student_config, run_dir, [f'--seed={seed}'] + [f'--{k}={v}' for k, v in args.set] + overrides)
             curves[(seed, label)] = read_metrics(run_dir)
     max_step = curves[(args.seeds[0], 'baseline')][-1]['step']
     report = (f"# SALT experiment `{args.name}`\n\n{args.slm_config} (SLM), {args.student_config} (students), "

@@ -16,8 +16,8 @@ with that metadata in OUT.tmp.json.
 What a selection keeps (score histogram, the data subsets before and after, decoded examples), printed and
 saved as OUT_DIR/selection.md and OUT_DIR/score_histogram.png:
 
-  python salt.py report --scores out/demo/scores.npy --data_dir data/stdlib --block_size 64 \
-      --select_fraction 0.5 --out_dir results/demo/selection
+  python salt.py report --scores out/demo/scores_top10.npy --data_dir data/stdlib --block_size 64 \
+      --select_fraction 0.25 --out_dir results/demo/selection
 """
 import argparse
 import io
@@ -464,7 +464,7 @@ if __name__ == '__main__':
     report.add_argument('--data_dir', required=True, help='the data it scored')
     report.add_argument('--block_size', type=int, required=True, help='the block size it scored')
     report.add_argument('--max_sequences', type=int, default=0, help='sequences it scored (0 = as its .json says)')
-    report.add_argument('--select_fraction', type=float, default=0.5, help='the fraction SALT_DS keeps')
+    report.add_argument('--select_fraction', type=float, default=0.25, help='the fraction SALT_DS keeps')
     report.add_argument('--examples', type=int, default=3, help='decoded sequences shown from each part of the ranking')
     report.add_argument('--out_dir', required=True, help='selection.md and score_histogram.png go here')
     args = parser.parse_args()

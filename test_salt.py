@@ -1054,7 +1054,8 @@ def test_experiment_writes_table_and_plot(tmp_path, text_data):
     (tmp_path / 'student.py').write_text(common + "model_size = 'demo-student'\nmax_steps = 10\nkd_steps = 4\n"
                                          "eval_interval = 1\nlog_interval = 1\nwarmup_steps = 2\nlearning_rate = 3e-3\n")
     command = [os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py', '--student_config=student.py',
-               '--tokenize=', '--seeds', '1337', '--ablate', 'kd_weight=0.5,0.9', '--ablate', 'top_k=1']
+               '--tokenize=', '--seeds', '1337', '--set', 'kd_weight=0.5', '--ablate', 'kd_weight=0.5,0.9', '--ablate',
+               'top_k=1']
     run_script(*command, cwd=tmp_path)
     report = (tmp_path / 'results' / 'toy' / 'table.md').read_text()
     table = report.split('## Val loss\n\n')[1].split('\n\n')[0].splitlines()
@@ -1065,7 +1066,9 @@ def test_experiment_writes_table_and_plot(tmp_path, text_data):
     runs = tmp_path / 'out' / 'toy' / 'seed1337'
     assert baseline_final == pytest.approx(step_records(runs / 'baseline')[10]['val_loss'], abs=1e-4)
     kd_weight_table = report.split('### kd_weight (SALT, mean over 1 seed(s))\n\n')[1].split('\n\n')[0].splitlines()
-    assert [row.split('|')[1].strip() for row in kd_weight_table[2:]] == ['0.5', '0.9']
+    # --set kd_weight=0.5 makes 0.5 the main runs' value: the ablation trains 0.9 alone, and its own value wins
+    assert [row.split('|')[1].strip() for row in kd_weight_table[2:]] == ['0.5 (main run)', '0.9']
+    assert step_records(runs / 'salt')[1]['kd_weight'] == 0.5
     assert step_records(runs / 'salt_kd_weight=0.9')[1]['kd_weight'] == 0.9
     # --short (0.7 by default): SALT again on 7 of the 10 steps, with the cosine schedule ending there
     short = step_records(runs / 'salt_7_steps')
@@ -1083,7 +1086,7 @@ def test_experiment_writes_table_and_plot(tmp_path, text_data):
     assert (tmp_path / 'results' / 'toy' / 'val_loss.png').stat().st_size > 10_000
     # a rerun finds every step done and only rewrites the report
     rerun = run_script(*command, cwd=tmp_path)
-    assert '[run]' not in rerun.stdout and rerun.stdout.count('[skip]') == 11
+    assert '[run]' not in rerun.stdout and rerun.stdout.count('[skip]') == 10
 
 
 def test_score_file_made_for_other_data_or_teacher_is_refused(slm_and_scores, text_data):
