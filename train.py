@@ -58,11 +58,11 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0              # clip the global gradient norm (0 = off)
 skip_nonfinite = 0           # skip up to this many steps whose loss or gradient is inf/NaN (0 = stop at the first)
-# SALT (w, tau and select_fraction as our CPU ablation study chose them: README, "Choosing the defaults")
+# SALT (the paper's w and tau; select_fraction from our CPU studies: README, "Choosing the defaults")
 teacher_ckpt = ''            # the SLM (a checkpoint of this script, or a GPT-2 name); '' = baseline
-kd_steps = 0                 # stage 1 length in steps (paper: 36K of ~208K, 17%; our study: 30% of the steps)
-kd_weight = 0.9              # w: loss = (1-w) CE + w KL during stage 1
-teacher_temperature = 0.25   # tau: the teacher's soft labels are softmax(z_teacher / tau)
+kd_steps = 0                 # stage 1 length in steps (paper: 36K of ~208K, 17%)
+kd_weight = 0.667            # w: loss = (1-w) CE + w KL during stage 1
+teacher_temperature = 1.0    # tau: the teacher's soft labels are softmax(z_teacher / tau)
 kd_schedule = 'constant'     # w over stage 1: 'constant' (the paper's hard switch) or 'linear' decay to 0
 score_file = ''              # SALT_DS: the SLM's scores (python salt.py score); '' = no selection
 select_fraction = 0.25       # SALT_DS: stage 1 trains on this fraction of sequences, the highest scores

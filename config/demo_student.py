@@ -10,12 +10,12 @@ max_steps = 600
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_steps = 20
-# SALT: the values our CPU ablation study chose (README, "Choosing the defaults"; the paper's suggestions,
-# w = 0.667, tau = 1, 17% of the steps, half the data, were its centre point)
-kd_steps = 180               # stage 1: the first 30% of the steps (the paper: 36K of ~208K, 17%)
-kd_weight = 0.9
-teacher_temperature = 0.25
-select_fraction = 0.25       # SALT_DS: stage 1 on the SLM's top quarter of the pool
+# SALT: the paper's w and tau, KD for the first 20% of the steps (the paper: 36K of ~208K, 17%); SALT_DS on
+# the SLM's top quarter of the pool, which our CPU studies chose (README, "Choosing the defaults")
+kd_steps = 120
+kd_weight = 0.667
+teacher_temperature = 1.0
+select_fraction = 0.25
 eval_interval = 30         # 20 evaluations: enough to read off "steps to reach the baseline's loss"
 eval_batches = 16
 ckpt_interval = 600
