@@ -352,7 +352,8 @@ def main():
     for seed in args.seeds:
         for label, (_, overrides) in runs.items():
             run_dir = os.path.join(out, f'seed{seed}', label.replace(' ', '_'))
-            train(args.nproc, args.student_config, run_dir, [f'--seed={seed}'] + [f'--{k}={v}' for k, v in args.set] + overrides)
+            settings = [f'--seed={seed}'] + [f'--{k}={v}' for k, v in args.set] + overrides  # the run's own win
+            train(args.nproc, args.student_config, run_dir, settings)
             curves[(seed, label)] = read_metrics(run_dir)
     max_step = curves[(args.seeds[0], 'baseline')][-1]['step']
     report = (f"# SALT experiment `{args.name}`\n\n{args.slm_config} (SLM), {args.student_config} (students), "

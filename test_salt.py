@@ -1025,6 +1025,9 @@ def test_resume_reproduces_uninterrupted_salt_ds_run(tmp_path, text_data, slm_an
         for key in ('loss', 'ce', 'kl', 'kd_weight'):
             assert whole[step][key] == pieces[step][key], (step, key)
     assert whole[4]['val_loss'] == pieces[4]['val_loss'] and whole[8]['val_loss'] == pieces[8]['val_loss']
+    # the wall-clock goes on across a resume instead of starting again from zero
+    elapsed = [pieces[step]['elapsed_s'] for step in sorted(pieces)]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
     # the schedule: KD (w > 0, a KL is measured) for steps 1..4, plain CE afterwards
     assert [whole[s]['kd_weight'] for s in range(1, 9)] == [0.667] * 4 + [0.0] * 4
     assert all(whole[s]['kl'] > 0 for s in range(1, 5)) and all(whole[s]['kl'] == 0 for s in range(5, 9))
