@@ -126,7 +126,7 @@ def planned_runs(args, slm_ckpt, score_files, student):
     if args.short:
         steps = round(student['max_steps'] * args.short)
         for kind in ('salt', 'salt_ds'):
-            runs[short_label(kind, steps)] = (kind, runs[kind][1] + [f'--max_steps={steps}'])
+            runs[f'{kind} {steps} steps'] = (kind, runs[kind][1] + [f'--max_steps={steps}'])
     for key, values in args.ablate:
         kind = 'salt_ds' if key in SELECTION_KEYS else 'salt'
         current = str(args.top_k if key == 'top_k' else student.get(key))
@@ -139,10 +139,6 @@ def planned_runs(args, slm_ckpt, score_files, student):
                 overrides = runs[kind][1] + [f'--{key}={value}']
             runs[ablation_label(kind, key, value, current)] = (kind, overrides)
     return runs
-
-
-def short_label(kind, steps):
-    return f'{kind} {steps} steps'
 
 
 def main_labels(runs):
@@ -163,12 +159,16 @@ def teacher_minutes(kind, slm_minutes, score_minutes):
     return {'baseline': 0.0, 'salt': slm_minutes, 'salt_ds': slm_minutes + score_minutes}[kind]
 
 
+def marks(max_step):
+    """The steps the tables read the val loss at: 50%, 70% and 100% of the run."""
+    return [round(max_step * f) for f in (0.5, 0.7, 1.0)]
+
+
 def summary_row(curves, baselines, max_step):
     """Over seeds: mean val loss at 50/70/100% of the steps; the final val loss minus the same seed's
     baseline's (paired: same init and data order, so much of the seed-to-seed noise cancels), mean and per
     seed; and the steps to reach each seed's baseline final."""
-    marks = [round(max_step * f) for f in (0.5, 0.7, 1.0)]
-    vals = [np.mean([val_at(c, m) for c in curves]) for m in marks]
+    vals = [np.mean([val_at(c, m) for c in curves]) for m in marks(max_step)]
     deltas = [c[-1]['val_loss'] - b[-1]['val_loss'] for c, b in zip(curves, baselines)]
     delta = f"{np.mean(deltas):+.4f}" + (f" ({', '.join(f'{d:+.4f}' for d in deltas)})" if len(deltas) > 1 else "")
     reached = [steps_to_reach(c, b[-1]['val_loss']) for c, b in zip(curves, baselines)]
@@ -180,8 +180,7 @@ def summary_row(curves, baselines, max_step):
 
 
 def summary_header(max_step):
-    marks = [round(max_step * f) for f in (0.5, 0.7, 1.0)]
-    return [f"val loss @ {m} ({m / max_step:.0%})" for m in marks] + [
+    return [f"val loss @ {m} ({m / max_step:.0%})" for m in marks(max_step)] + [
         "final - baseline's final", "steps to baseline's final val loss"]
 
 
