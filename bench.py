@@ -1,19 +1,31 @@
 """
 Benchmark the fused SALT loss (LM head GEMM + CE + KL from a teacher), forward + backward.
 
-    python bench.py                          # CUDA grid (bf16) if a GPU is present, else a small CPU grid (fp32)
+    python bench.py                          # CUDA grid if a GPU is present, else a small CPU grid
     python bench.py --n 1024 4096 --h 256    # pick the grid
+    python bench.py --out bench.jsonl        # also write every row as a JSON line, after a header record
 
-Implementations: eager PyTorch with full logits, torch.compile of the same, our salt_loss,
-Liger-Kernel's LigerFusedLinearJSD with beta=0 (forward KL only, no CE; CUDA and only when
-liger_kernel imports), and the bare GEMMs (student logits, teacher logits, the two backward
-GEMMs): the time floor. Reports the median time and the peak memory beyond the inputs. On CUDA
-memory is torch.cuda.max_memory_allocated; on CPU every measurement runs in a fresh subprocess
-and reports peak RSS (ru_maxrss) minus the RSS once the inputs exist.
+On CUDA every implementation runs the way train.py trains: fp32 master weights and fp32 hidden states
+(LayerNorm's output under autocast), the loss inside torch.autocast('cuda', dtype=torch.bfloat16), backward
+outside it. On CPU everything is fp32.
+
+Implementations: eager PyTorch with full logits, torch.compile of the same (compiled for each size, the
+compilation left out of the time), our salt_loss, Liger-Kernel's LigerFusedLinearJSD (CUDA only, when
+liger_kernel imports) and the bare GEMMs (student logits, teacher logits, the two backward GEMMs): the time
+floor. Liger runs with jsd_beta=0, i.e. the forward KL alone, no CE, and divides the student's logits by the
+temperature too; it gets bf16 copies of the inputs (made inside its timed step), as autocast would hand them
+to its matmuls.
+
+Reports the median time and the peak memory beyond the inputs. On CUDA memory is
+torch.cuda.max_memory_allocated; on CPU every measurement runs in a fresh subprocess and reports peak RSS
+(ru_maxrss) minus the RSS once the inputs exist. On CUDA the fused loss and its gradients are first
+checked against the eager ones.
 """
 
 import argparse
+import contextlib
 import ctypes
+import importlib.metadata
 import importlib.util
 import json
 import resource
@@ -25,31 +37,37 @@ import time
 import torch
 import torch.nn.functional as F
 
+from data import InputError, git_commit, report_input_errors
 from kernels import salt_loss
 
 IMPLS = ["eager", "compiled", "fused", "liger", "gemm"]
 
 
-def eager_salt_loss(student_hidden, student_weight, targets, teacher_hidden, teacher_weight, *,
-                    kd_weight, temperature, vocab_size, ignore_index=-1):
+def eager_salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None, *,
+                    kd_weight=0.0, temperature=1.0, vocab_size=None, ignore_index=-1):
     """What salt_loss computes, written the obvious way: full (N, V) logits and autograd."""
+    student_hidden, targets = student_hidden.reshape(-1, student_hidden.shape[-1]), targets.reshape(-1)
+    vocab_size = vocab_size or student_weight.shape[0]
     log_p = F.log_softmax((student_hidden @ student_weight.T)[:, :vocab_size].float(), dim=-1)
-    with torch.no_grad():
-        log_q = F.log_softmax((teacher_hidden @ teacher_weight.T)[:, :vocab_size].float() / temperature, dim=-1)
     valid = targets != ignore_index
     n_counted = valid.sum().clamp(min=1)
-    ce = F.nll_loss(log_p, targets, ignore_index=ignore_index, reduction="sum") / n_counted
-    kl = ((log_q.exp() * (log_q - log_p)).sum(-1) * valid).sum() / n_counted
-    return (1 - kd_weight) * ce + kd_weight * kl
+    loss = (1 - kd_weight) * F.nll_loss(log_p, targets, ignore_index=ignore_index, reduction="sum") / n_counted
+    if teacher_hidden is not None:
+        with torch.no_grad():
+            teacher_logits = teacher_hidden.reshape(len(targets), -1) @ teacher_weight.T
+            log_q = F.log_softmax(teacher_logits[:, :vocab_size].float() / temperature, dim=-1)
+        loss = loss + kd_weight * ((log_q.exp() * (log_q - log_p)).sum(-1) * valid).sum() / n_counted
+    return loss
 
 
-def make_inputs(args, n, h, device, dtype):
+def make_inputs(args, n, h, device):
+    """fp32 inputs, as train.py has them: the hidden states are LayerNorm's output, which autocast keeps in fp32."""
     generator = torch.Generator(device=device).manual_seed(0)
     padded_vocab = -(-args.v // 64) * 64
-    teacher_h = args.teacher_h or h // 2
+    teacher_h = args.teacher_h or max(1, h // 2)
 
     def randn(*shape, scale=1.0):
-        return torch.randn(*shape, device=device, dtype=dtype, generator=generator) * scale
+        return torch.randn(*shape, device=device, generator=generator) * scale
 
     return dict(
         student_hidden=randn(n, h).requires_grad_(),
@@ -60,40 +78,64 @@ def make_inputs(args, n, h, device, dtype):
     )
 
 
-def make_step(impl, x, args):
-    """A closure running one forward + backward of `impl` on inputs x, or None if unavailable here."""
+def precision(device):
+    """The region every loss runs in: bf16 autocast on CUDA (as train.py), plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def loss_fn_of(impl, x, args):
+    """A closure computing `impl`'s loss on inputs x, or None if `impl` is not available here."""
     loss_args = dict(kd_weight=args.kd_weight, temperature=args.temperature, vocab_size=args.v)
     if impl == "eager":
-        loss_fn = lambda: eager_salt_loss(**x, **loss_args)
-    elif impl == "compiled":
-        compiled = torch.compile(eager_salt_loss)
-        loss_fn = lambda: compiled(**x, **loss_args)
-    elif impl == "fused":
-        loss_fn = lambda: salt_loss(**x, **loss_args)
-    elif impl == "liger":
-        if x["student_hidden"].device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
-            return None
-        from liger_kernel.transformers import LigerFusedLinearJSD
-        try:
-            jsd = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=-1, temperature=args.temperature)
-        except (AssertionError, TypeError) as error:  # older releases: 0 < beta < 1, no ignore_index
-            print(f"skipping liger: {error}", file=sys.stderr)
-            return None
-        vocab = args.v  # Liger has no notion of padded vocab rows: give it the real ones
-        loss_fn = lambda: jsd(x["student_hidden"], x["student_weight"][:vocab], x["teacher_hidden"], x["teacher_weight"][:vocab], x["targets"])
-    elif impl == "gemm":
+        return lambda: eager_salt_loss(**x, **loss_args)
+    if impl == "compiled":
+        # one compilation per size: after a reset and with static shapes, no recompiling for dynamic shapes
+        torch._dynamo.reset()
+        compiled = torch.compile(eager_salt_loss, dynamic=False)
+        return lambda: compiled(**x, **loss_args)
+    if impl == "fused":
+        return lambda: salt_loss(**x, **loss_args)
+    if impl == "liger":
+        return liger_loss_fn(x, args)
+    raise ValueError(f"unknown impl {impl}")
+
+
+def liger_loss_fn(x, args):
+    if x["student_hidden"].device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from liger_kernel.transformers import LigerFusedLinearJSD
+    try:
+        jsd = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=-1, temperature=args.temperature)
+    except (AssertionError, TypeError) as error:  # older releases: 0 < beta < 1, no ignore_index
+        print(f"skipping liger: {error}", file=sys.stderr)
+        return None
+    vocab = args.v  # Liger has no notion of padded vocabulary rows: give it the real ones
+
+    def loss_fn():
+        # bf16 copies, as autocast would hand a matmul; the casts are part of the step, as they are in eager's
+        return jsd(x["student_hidden"].bfloat16(), x["student_weight"][:vocab].bfloat16(),
+                   x["teacher_hidden"].bfloat16(), x["teacher_weight"][:vocab].bfloat16(), x["targets"])
+    return loss_fn
+
+
+def make_step(impl, x, args):
+    """A closure running one forward + backward of `impl` on inputs x, or None if unavailable here."""
+    if impl == "gemm":
         return lambda: gemm_floor(**x)
-    else:
-        raise ValueError(f"unknown impl {impl}")
+    loss_fn = loss_fn_of(impl, x, args)
+    if loss_fn is None:
+        return None
 
     def step():
-        loss_fn().backward()
+        with precision(x["student_hidden"].device):
+            loss = loss_fn()
+        loss.backward()
     return step
 
 
 def gemm_floor(student_hidden, student_weight, targets, teacher_hidden, teacher_weight):
     """Only the matrix multiplies any implementation must do, with the logits standing in for dlogits."""
-    with torch.no_grad():
+    with torch.no_grad(), precision(student_hidden.device):
         logits = student_hidden @ student_weight.T
         teacher_hidden @ teacher_weight.T
         logits @ student_weight
@@ -106,7 +148,8 @@ def fused_vs_eager_error(inputs, args):
     loss_args = dict(kd_weight=args.kd_weight, temperature=args.temperature, vocab_size=args.v)
     results = []
     for loss_fn in (eager_salt_loss, salt_loss):
-        loss = loss_fn(**inputs, **loss_args)
+        with precision(inputs["student_hidden"].device):
+            loss = loss_fn(**inputs, **loss_args)
         loss.backward()
         results.append([loss.detach().float(), inputs["student_hidden"].grad.float(), inputs["student_weight"].grad.float()])
         clear_grads(inputs)
@@ -118,12 +161,17 @@ def clear_grads(inputs):
         tensor.grad = None
 
 
+def warmup_runs(impl, args):
+    """Untimed runs first: at least one where the first call compiles (torch.compile; Triton on CUDA)."""
+    return max(args.warmup, 1) if impl in ("compiled", "fused") else args.warmup
+
+
 def measure_cuda(impl, inputs, args):
     """(median ms, peak extra MiB) in this process; memory stats are exact and resettable on CUDA."""
     step = make_step(impl, inputs, args)
     if step is None:
         return None
-    for _ in range(args.warmup):
+    for _ in range(warmup_runs(impl, args)):
         step()
         clear_grads(inputs)
     torch.cuda.synchronize()
@@ -162,12 +210,12 @@ def reset_peak_rss():
 def worker(args):
     """One CPU measurement in a fresh process; prints (ms, MiB) as JSON."""
     torch.manual_seed(0)
-    inputs = make_inputs(args, args.n[0], args.h[0], "cpu", torch.float32)
+    inputs = make_inputs(args, args.n[0], args.h[0], torch.device("cpu"))
     step = make_step(args.worker, inputs, args)
     if step is None:
         print(json.dumps(None))
         return
-    for _ in range(args.warmup):
+    for _ in range(warmup_runs(args.worker, args)):
         step()
         clear_grads(inputs)
     reset_peak_rss()
@@ -182,6 +230,8 @@ def worker(args):
 
 
 def measure_cpu_subprocess(impl, n, h, args):
+    if impl == "liger":
+        return None  # CUDA only: not worth a process
     command = [sys.executable, __file__, "--worker", impl, "--n", str(n), "--h", str(h), "--v", str(args.v),
                "--kd-weight", str(args.kd_weight), "--temperature", str(args.temperature),
                "--warmup", str(args.warmup), "--reps", str(args.reps)]
@@ -191,7 +241,75 @@ def measure_cpu_subprocess(impl, n, h, args):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main():
+# ----------------------------------------------------------------------------------------------------------
+# the grid, the table and the --out file
+
+
+def bench_size(n, h, args, on_cuda, out):
+    """Every implementation at one (N, H). A failure (out of memory, a crashed worker) is a row, not the end
+    of the grid; CUDA memory is released after the except block, once no traceback holds the frames."""
+    inputs = make_inputs(args, n, h, torch.device("cuda")) if on_cuda else None
+    if on_cuda:
+        try:
+            emit(dict(type="check", n=n, h=h, max_relative_error=fused_vs_eager_error(inputs, args)), out)
+        except torch.OutOfMemoryError:
+            emit(dict(type="check", n=n, h=h, error="OutOfMemoryError"), out)
+        clear_grads(inputs)
+        torch.cuda.empty_cache()
+    eager = None
+    for impl in args.impls:
+        try:
+            result = measure_cuda(impl, inputs, args) if on_cuda else measure_cpu_subprocess(impl, n, h, args)
+        except (torch.OutOfMemoryError, subprocess.CalledProcessError) as error:
+            result = type(error).__name__
+        if on_cuda:
+            clear_grads(inputs)
+            torch.cuda.empty_cache()
+        if isinstance(result, str):
+            emit(dict(type="failed", n=n, h=h, impl=impl, error=result), out)
+        elif result is not None:  # None: not available on this machine
+            ms, mib = result
+            eager = result if impl == "eager" else eager
+            emit(dict(type="result", n=n, h=h, impl=impl, ms=ms, peak_extra_mib=mib,
+                      time_vs_eager=ms / eager[0] if eager else None,
+                      memory_vs_eager=mib / eager[1] if eager and eager[1] > 0 else None), out)
+
+
+def emit(row, out):
+    """One row: to the markdown table on stdout and, with --out, as a JSON line."""
+    n, h = row["n"], row["h"]
+    if row["type"] == "check":
+        what = f"failed: {row['error']}" if "error" in row else f"max relative error {row['max_relative_error']:.1e}"
+        print(f"| {n} | {h} | fused vs eager: {what} | | | | |", flush=True)
+    elif row["type"] == "failed":
+        print(f"| {n} | {h} | {row['impl']} | failed: {row['error']} | | | |", flush=True)
+    else:
+        vs_time = "" if row["time_vs_eager"] is None else f"{row['time_vs_eager']:.2f}x"
+        vs_mem = "" if row["memory_vs_eager"] is None else f"{row['memory_vs_eager']:.3f}x"
+        impl = "liger (KL only, no CE)" if row["impl"] == "liger" else row["impl"]
+        print(f"| {n} | {h} | {impl} | {row['ms']:.1f} | {vs_time} | {row['peak_extra_mib']:.0f} | {vs_mem} |", flush=True)
+    if out is not None:
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+
+
+def header(args, on_cuda):
+    """What the numbers were measured on and with: the first line of --out."""
+    config = {key: value for key, value in vars(args).items() if key not in ("worker", "out")}
+    return dict(type="header", config=config, git_commit=git_commit(), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                device=torch.cuda.get_device_name() if on_cuda else "cpu",
+                precision="fp32 weights and hidden states, bf16 autocast" if on_cuda else "fp32",
+                torch=torch.__version__, triton=package_version("triton"), liger_kernel=package_version("liger-kernel"))
+
+
+def package_version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", help="tokens per step (default: 1K 4K 16K 32K on CUDA, 1K 4K on CPU)")
     parser.add_argument("--h", type=int, nargs="+", help="student hidden size (default: 768 2048 on CUDA, 256 on CPU)")
@@ -200,52 +318,60 @@ def main():
     parser.add_argument("--kd-weight", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs (default: 3 on CUDA, 1 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed runs (default: 3 on CUDA, 1 on CPU; compiled and fused get at least 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs (default: 10 on CUDA, 3 on CPU)")
+    parser.add_argument("--out", help="also write the results to this file as JSON lines, a header record first")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)  # internal: one CPU measurement
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_args(args)
     on_cuda = torch.cuda.is_available()
     args.n = args.n or ([1024, 4096, 16384, 32768] if on_cuda else [1024, 4096])
     args.h = args.h or ([768, 2048] if on_cuda else [256])
     args.warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)
-    args.reps = args.reps or (10 if on_cuda else 3)
+    args.reps = args.reps if args.reps is not None else (10 if on_cuda else 3)
+    return args
+
+
+def check_args(args):
+    """Values nothing can be measured with: one-line errors naming the flag."""
+    for flag, value, minimum in [("--n", args.n, 1), ("--h", args.h, 1), ("--teacher-h", args.teacher_h, 1),
+                                 ("--v", args.v, 2), ("--warmup", args.warmup, 0), ("--reps", args.reps, 1)]:
+        for number in value if isinstance(value, list) else [] if value is None else [value]:
+            if number < minimum:
+                raise InputError(f"{flag} must be at least {minimum}, got {number}")
+    if not 0.0 <= args.kd_weight <= 1.0:
+        raise InputError(f"--kd-weight must be in [0, 1], got {args.kd_weight}")
+    if not 0 < args.temperature < float("inf"):
+        raise InputError(f"--temperature must be positive and finite, got {args.temperature}")
+
+
+def main():
+    args = parse_args()
     if args.worker:
         worker(args)
         return
-
-    device_name = torch.cuda.get_device_name() if on_cuda else "CPU"
-    dtype_name = "bf16" if on_cuda else "fp32"
-    print(f"SALT loss fwd+bwd on {device_name}, {dtype_name}, V={args.v}, kd_weight={args.kd_weight}, "
-          f"temperature={args.temperature}, teacher H={args.teacher_h or 'H/2'}; median of {args.reps}\n")
-    print("| N | H | impl | time (ms) | vs eager | peak extra (MiB) | vs eager |")
+    on_cuda = torch.cuda.is_available()
+    try:
+        out = open(args.out, "w") if args.out else None
+    except OSError as error:
+        raise InputError(f"--out {args.out}: {error.strerror}") from error
+    run = header(args, on_cuda)
+    if out is not None:
+        out.write(json.dumps(run) + "\n")
+    print(f"SALT loss fwd+bwd on {run['device']}, {run['precision']}, V={args.v}, kd_weight={args.kd_weight}, "
+          f"temperature={args.temperature}, teacher H={args.teacher_h or 'H/2'}; median of {args.reps}")
+    if on_cuda and "liger" in args.impls:
+        print("liger: LigerFusedLinearJSD, jsd_beta=0: the forward KL alone (no CE), on bf16 copies of the inputs")
+    print("\n| N | H | impl | time (ms) | vs eager | peak extra (MiB) | vs eager |")
     print("|---|---|---|---|---|---|---|")
     for h in args.h:
         for n in args.n:
-            inputs = make_inputs(args, n, h, "cuda", torch.bfloat16) if on_cuda else None
-            if on_cuda:
-                print(f"| {n} | {h} | fused vs eager: max relative error {fused_vs_eager_error(inputs, args):.1e} | | | | |")
-            eager = None
-            for impl in args.impls:
-                try:
-                    result = measure_cuda(impl, inputs, args) if on_cuda else measure_cpu_subprocess(impl, n, h, args)
-                except (torch.OutOfMemoryError, subprocess.CalledProcessError) as error:
-                    print(f"| {n} | {h} | {impl} | failed: {type(error).__name__} | | | |", flush=True)
-                    if on_cuda:
-                        clear_grads(inputs)
-                        torch.cuda.empty_cache()
-                    continue
-                if result is None:
-                    continue  # not available on this machine
-                ms, mib = result
-                if impl == "eager":
-                    eager = result
-                vs_time = f"{ms / eager[0]:.2f}x" if eager else ""
-                vs_mem = f"{mib / eager[1]:.3f}x" if eager else ""
-                print(f"| {n} | {h} | {impl} | {ms:.1f} | {vs_time} | {mib:.0f} | {vs_mem} |", flush=True)
-            del inputs
-            if on_cuda:
-                torch.cuda.empty_cache()
+            bench_size(n, h, args, on_cuda, out)
+    if out is not None:
+        out.close()
 
 
 if __name__ == "__main__":
+    report_input_errors()
     main()

@@ -40,6 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts; out/ and resul
 
 def read_config(path):
     """The assignments of a config file (config files are plain Python, as train.py executes them)."""
+    if not os.path.isfile(path):
+        sys.exit(f"config file {path!r} does not exist")
     scope = {}
     exec(open(path).read(), scope)
     return {k: v for k, v in scope.items() if not k.startswith('__')}
@@ -50,7 +52,10 @@ def run(cmd, done_file=None):
         print(f"[skip] {shlex.join(cmd)}  ({done_file} exists)")
         return
     print(f"[run] {shlex.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
+    status = subprocess.run(cmd).returncode
+    if status:  # the step has said why (one line for a bad input); what is done so far is kept
+        sys.exit(f"the step above failed (exit status {status}); fix what it says and rerun this command: it "
+                 f"continues where it stopped")
 
 
 def python(nproc):
@@ -325,6 +330,10 @@ def main():
     parser.add_argument('--set', type=parse_setting, nargs='*', default=[], metavar='KEY=VALUE',
                         help="overrides of the student config for every student run")
     args = parser.parse_args()
+    if args.nproc < 1 or args.top_k < 1:
+        parser.error(f"--nproc and --top_k must be at least 1, got {args.nproc} and {args.top_k}")
+    if not 0 <= args.short < 1:
+        parser.error(f"--short must be in [0, 1), got {args.short}")
 
     student = read_config(args.student_config) | dict(args.set)  # what the main runs train with
     for key in ('data_dir', 'block_size', 'max_steps'):
@@ -340,7 +349,7 @@ def main():
 
     slm_dir = os.path.join(out, 'slm')
     train(args.nproc, args.slm_config, slm_dir, [])
-    slm_ckpt = os.path.join(slm_dir, 'ckpt.pt')
+    slm_ckpt = os.path.join(slm_dir, 'ckpt')
     top_ks = {args.top_k} | {int(v) for key, values in args.ablate if key == 'top_k' for v in values}
     scored = {k: score(args, student, data_dir, slm_ckpt, k, out) for k in sorted(top_ks)}
     runs = planned_runs(args, slm_ckpt, {k: path for k, (path, _) in scored.items()}, student)
@@ -358,9 +367,9 @@ def main():
     report = (f"# SALT experiment `{args.name}`\n\n{args.slm_config} (SLM), {args.student_config} (students), "
               f"seeds {args.seeds}; SLM {costs['salt']:.1f} min, scoring {scored[args.top_k][1] / 60:.1f} min\n\n"
               f"## Val loss\n\n" + main_table(curves, main_labels(runs), args.seeds, max_step) +
-              f"\n## Wall-clock\n\n" + wallclock_table(curves, runs, args.seeds, costs) +
+              "\n## Wall-clock\n\n" + wallclock_table(curves, runs, args.seeds, costs) +
               (f"\n## Ablations\n\n{ablation_tables(curves, args, student, max_step)}" if args.ablate else "") +
-              f"\n## Cost per step\n\n" + cost_table(out, args.seeds))
+              "\n## Cost per step\n\n" + cost_table(out, args.seeds))
     with open(os.path.join(results, 'table.md'), 'w') as f:
         f.write(report)
     print(report)

@@ -13,6 +13,7 @@ The per-row math exists twice: in PyTorch (default on CPU) and as a Triton kerne
 online softmax (default on CUDA). Force one with salt_loss(..., impl='torch' | 'triton').
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ try:
 except ImportError:  # the PyTorch path works without triton
     triton = None
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
 # Vocabulary block walked by one Triton program step. A module attribute so tests can shrink it
 # and exercise the online softmax over many blocks with a tiny vocabulary.
 TRITON_BLOCK_V = 4096
@@ -30,7 +33,7 @@ TRITON_BLOCK_V = 4096
 
 def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None, *,
               kd_weight=0.0, temperature=1.0, vocab_size=None, ignore_index=-1, chunk_size=None,
-              return_parts=False, impl=None):
+              return_parts=False, impl=None, reduction='mean'):
     """
     Mean over non-ignored positions of (1-w) * CE + w * KL(teacher || student), w = kd_weight.
 
@@ -39,7 +42,9 @@ def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teac
     when given, the KL is computed (and reported by return_parts) even if kd_weight is 0.
     Only the first vocab_size rows of each weight are real tokens; the rest are excluded from
     both softmaxes. impl: None (Triton on CUDA when available, else PyTorch), 'torch', 'triton'.
-    Returns loss, or (loss, ce_mean, kl_mean) with the parts detached if return_parts.
+    Returns loss, or (loss, ce_mean, kl_mean) with the parts detached if return_parts; with
+    reduction='none' (evaluation: no gradients), per position (ce, kl), shaped like targets, 0 where
+    ignored.
     """
     has_teacher = teacher_hidden is not None or teacher_weight is not None
     if has_teacher and (teacher_hidden is None or teacher_weight is None):
@@ -50,8 +55,11 @@ def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teac
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    positions = targets.shape
     targets = targets.reshape(-1).long()
     if targets.shape[0] != hidden.shape[0]:
         raise ValueError(f"targets has {targets.shape[0]} positions, student_hidden has {hidden.shape[0]}")
@@ -74,6 +82,12 @@ def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teac
         impl=_pick_impl(impl, device),
         autocast_dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None,
     )
+    if reduction == "none":
+        per_row = [torch.zeros(hidden.shape[0], dtype=torch.float32, device=device) for _ in range(2)]
+        with torch.no_grad():
+            _fused_forward(hidden, student_weight, targets, teacher_hidden, teacher_weight, config,
+                           need_grad_hidden=False, need_grad_weight=False, per_row=per_row)
+        return tuple(rows.view(positions) for rows in per_row)
     if torch.is_grad_enabled() and (hidden.requires_grad or student_weight.requires_grad):
         loss, ce_mean, kl_mean = _SaltLossFunction.apply(hidden, student_weight, targets, teacher_hidden, teacher_weight, config)
     else:  # evaluation: skip the backward GEMMs (autograd.Function would not tell us)
@@ -143,8 +157,10 @@ class _SaltLossFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, config, need_grad_hidden, need_grad_weight):
-    """Loop over token chunks; returns the loss, its parts and the (not yet grad_output-scaled) grads."""
+def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, config, need_grad_hidden, need_grad_weight,
+                   per_row=None):
+    """Loop over token chunks; returns the loss, its parts and the (not yet grad_output-scaled) grads, and
+    writes each row's CE and KL into per_row = [ce, kl] when given."""
     # Dtypes are chosen explicitly below; autocast would also turn the KL's fp32 bmm into bf16.
     with torch.autocast(hidden.device.type, enabled=False):
         student_dtype = _gemm_dtype(hidden, weight, config)
@@ -174,16 +190,18 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, conf
             ce, kl = chunk_rows(logits, teacher_logits, targets[rows], grad_scale, config)  # logits := dloss/dlogits
             ce_sum += ce.sum()
             kl_sum += kl.sum()
+            if per_row is not None:
+                per_row[0][rows], per_row[1][rows] = ce, kl
             del teacher_logits  # free before the backward GEMMs allocate
 
             grad_logits = logits.to(student_dtype)
             if need_grad_hidden:
                 grad_hidden[rows] = grad_logits @ weight_c
             if need_grad_weight:
-                if grad_logits.dtype == grad_weight.dtype:
-                    grad_weight.addmm_(grad_logits.T, hidden_c[rows])
-                else:  # 16-bit GEMM, but the sum over chunks is kept in fp32
-                    grad_weight += _matmul(grad_logits.T, hidden_c[rows], grad_weight.dtype)
+                _accumulate_matmul(grad_weight, grad_logits.T, hidden_c[rows])
+            # free this chunk's (chunk, V) buffers before the next chunk allocates its own: the
+            # names would otherwise hold them until reassigned, 1.5 logits buffers more at the peak
+            del logits, grad_logits
 
         w = config.kd_weight
         loss = ((1.0 - w) * ce_sum + w * kl_sum) * grad_scale
@@ -193,9 +211,27 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, conf
 def _matmul(a, b, out_dtype):
     """a @ b with the result in out_dtype. On CUDA a 16-bit GEMM hands over its fp32
     accumulator directly, rather than rounding the logits to 16 bits and converting back."""
-    if a.dtype != out_dtype and a.is_cuda:
+    if a.is_cuda and a.dtype in _HALF_DTYPES and out_dtype == torch.float32:
         return torch.mm(a, b, out_dtype=out_dtype)
     return (a @ b).to(out_dtype)
+
+
+def _accumulate_matmul(out, a, b):
+    """out += a @ b, out being grad_weight (fp32, or fp64) and a, b the chunk's GEMM operands.
+
+    The sum happens inside the GEMM (cuBLAS beta = 1), so no (V, H) product is allocated: at
+    V = 50304, H = 2048 that would be 393 MiB more memory and ~1.2 GB more traffic per chunk.
+    16-bit operands on CUDA take addmm's out_dtype overload (16-bit product, fp32 accumulator
+    and result, written over `out`); its fp32 `self` needs PyTorch 2.10 or later (the CUDA builds
+    of 2.10, 2.11 and 2.13 check "self dtype must match either out_dtype or mat1 dtype"; earlier
+    ones wanted a 16-bit `self`). CPUs have no out_dtype GEMMs, and 16-bit training on a CPU is
+    not what this is for: there the product stays a temporary."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    elif a.is_cuda and a.dtype in _HALF_DTYPES and out.dtype == torch.float32:
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out += _matmul(a, b, out.dtype)
 
 
 def _gemm_dtype(hidden, weight, config):
@@ -204,7 +240,7 @@ def _gemm_dtype(hidden, weight, config):
     if config.autocast_dtype is not None:
         return config.autocast_dtype
     for dtype in (hidden.dtype, weight.dtype):
-        if dtype in (torch.bfloat16, torch.float16):
+        if dtype in _HALF_DTYPES:
             return dtype
     return torch.promote_types(hidden.dtype, weight.dtype)
 
@@ -251,11 +287,13 @@ def _rows_triton(logits, teacher_logits, targets, grad_scale, config):
     has_teacher = teacher_logits is not None
     teacher = teacher_logits if has_teacher else logits  # never read without a teacher
     block_v = min(TRITON_BLOCK_V, triton.next_power_of_2(config.vocab_size))
-    _salt_rows_kernel[(n_rows,)](
-        logits, logits.stride(0), teacher, teacher.stride(0), targets, ce, kl, grad_scale,
-        config.vocab_size, padded_width, config.ignore_index, config.kd_weight, 1.0 / config.temperature,
-        HAS_TEACHER=has_teacher, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
-    )
+    # Triton launches on the current CUDA device, which need not be the tensors' (a run on cuda:1)
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        _salt_rows_kernel[(n_rows,)](
+            logits, logits.stride(0), teacher, teacher.stride(0), targets, ce, kl, grad_scale,
+            config.vocab_size, padded_width, config.ignore_index, config.kd_weight, 1.0 / config.temperature,
+            HAS_TEACHER=has_teacher, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        )
     return ce, kl
 
 

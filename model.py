@@ -3,8 +3,9 @@ The network: a GPT in the GPT-2 architecture (pre-LayerNorm blocks, learned posi
 input/output embeddings), written to be read in one sitting.
 
 Two things differ from a textbook GPT because of SALT:
-- forward() can return the final hidden states instead of logits, so the training loss (kernels.salt_loss)
-  computes the LM head chunk by chunk and never holds (tokens x vocab) logits;
+- forward(idx, targets) returns the loss with the teacher's KL term (kernels.salt_loss), which computes the LM
+  head chunk by chunk and never holds (tokens x vocab) logits; forward can also return the final hidden states
+  (what a teacher hands over) instead of logits;
 - the vocabulary is padded to a multiple of 64 for fast GEMMs, and the padded columns never take part in a
   loss or a sample (logits() slices them off; salt_loss masks them).
 """
@@ -14,6 +15,9 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels import salt_loss
 
 # Presets by name, from a CPU demo to the paper's pair (a ~1.5B teacher and a ~2.8B student).
 # (n_layer, n_head, n_embd); the paper does not publish its exact shapes, these are GPT-2/Pythia-like.
@@ -41,6 +45,33 @@ class GPTConfig:
     @property
     def padded_vocab_size(self):
         return 64 * math.ceil(self.vocab_size / 64)
+
+    def n_params(self, non_embedding=True):
+        """Parameters of the GPT, counted from the shapes (no need to build a 2.8B model to know): the tied
+        embedding / LM head, per block 12 n_embd^2 weights and 13 n_embd biases and gains, the final LayerNorm;
+        the position embeddings unless non_embedding (they cost no FLOPs per token)."""
+        H = self.n_embd
+        per_block = 12 * H * H + (13 * H if self.bias else 2 * H)
+        n = self.padded_vocab_size * H + self.n_layer * per_block + (2 if self.bias else 1) * H
+        return n if non_embedding else n + self.block_size * H
+
+    def flops_per_token(self, seq_len, backward=True):
+        """FLOPs per token of a forward + backward pass (a forward alone with backward=False), the PaLM appendix
+        B count: 6 (2) per parameter, plus the attention scores and values over seq_len positions, 12 (4) *
+        n_layer * n_embd * seq_len."""
+        passes = 3 if backward else 1
+        return passes * (2 * self.n_params() + 4 * self.n_layer * self.n_embd * seq_len)
+
+    def activation_bytes(self, tokens, compute_bytes, checkpointing=False):
+        """Bytes the backward keeps from the forward of a micro-batch of `tokens` tokens, an estimate: per block
+        and token, the residual stream at its two LayerNorms in fp32 (8 n_embd bytes) and 14 n_embd values in
+        the compute dtype (the LayerNorm outputs, q, k, v, the attention output, the MLP's 4x wide input and
+        output of its GELU); flash attention keeps no scores. With activation checkpointing: each block's input
+        only, plus one block's worth while it is recomputed. Plus the embeddings' and the final LayerNorm's."""
+        per_block = tokens * self.n_embd * (8 + 14 * compute_bytes)
+        if checkpointing:
+            return self.n_layer * tokens * self.n_embd * 4 + per_block + tokens * self.n_embd * 8
+        return self.n_layer * per_block + tokens * self.n_embd * 8
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -109,6 +140,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        self.activation_checkpointing = False  # set by train.py: trade a second forward per block for memory
         # weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -128,30 +160,34 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return self.config.n_params(non_embedding)
 
-    def forward(self, idx, return_hidden=False):
-        """idx (B, T) token ids -> logits (B, T, vocab_size), or the final hidden states (B, T, n_embd)
-        with return_hidden=True (then the loss applies lm_head itself, see kernels.salt_loss)."""
+    def forward(self, idx, targets=None, *, return_hidden=False, teacher=None, kd_weight=0.0, temperature=1.0,
+                reduction='mean'):
+        """idx (B, T) token ids -> logits (B, T, vocab_size); or the final hidden states (B, T, n_embd) with
+        return_hidden=True; or, given targets (B, T), the loss as nanoGPT's forward(idx, targets) returns it:
+        (loss, ce, kl) of kernels.salt_loss, (1-w) CE + w KL(teacher || student) with w = kd_weight, where
+        teacher = (hidden states, LM head weight) of the teacher on the same idx (SALT's stage 1) or None.
+        The loss is computed here, not by the caller, because under FSDP the LM head's weight is whole only
+        inside this forward. reduction='none': per-token (ce, kl) instead, for evaluation (no gradients)."""
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
+            # activation checkpointing: keep each block's input only, recompute its inside in the backward
+            x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing and self.training else block(x)
         x = self.transformer.ln_f(x)
-        return x if return_hidden else self.logits(x)
+        if targets is None:
+            return x if return_hidden else self.logits(x)
+        teacher_hidden, teacher_weight = teacher if teacher is not None else (None, None)
+        return salt_loss(x, self.lm_head.weight, targets, teacher_hidden, teacher_weight, kd_weight=kd_weight,
+                         temperature=temperature, vocab_size=self.config.vocab_size, return_parts=True,
+                         reduction=reduction)
 
     def logits(self, hidden):
         return self.lm_head(hidden)[..., :self.config.vocab_size]  # padded columns are not tokens
-
-    def flops_per_token(self):
-        """Training FLOPs per token (forward + backward), the PaLM appendix B count: 6 per parameter
-        per token plus the attention scores and values, 12 * n_layer * n_embd * T."""
-        c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -202,3 +238,74 @@ class GPT(nn.Module):
 def model_args(config):
     """The config as a plain dict (stored in checkpoints, loadable with torch.load(weights_only=True))."""
     return asdict(config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory per device of a training run, before it starts: what train.py prints, and what chooses ddp or fsdp
+
+GiB = 2 ** 30
+
+
+def memory_plan(student, teacher, *, tokens, world_size, compute_bytes, checkpointing=False, shard_teacher=False,
+                chunk_rows=2048):
+    """{what: (bytes under ddp, bytes under fsdp)} per device for training `student` (a GPTConfig) with AdamW on
+    micro-batches of `tokens` tokens, and, in SALT's stage 1, a frozen `teacher` (a GPTConfig, or None) kept in
+    the compute dtype; compute_bytes: 2 for bf16 autocast, 4 for fp32. An estimate from the shapes: fp32
+    weights, gradients and AdamW's two moments are 16 bytes per parameter, whole on every ddp rank, 1/world_size
+    of them on an fsdp rank, which also holds the blocks it is gathering (two at a time: one at work, one
+    prefetched) and the root's embeddings, whole from the forward to the backward."""
+    n, vocab, hidden = student.n_params(non_embedding=False), student.padded_vocab_size, student.n_embd
+    block = 12 * hidden * hidden + 13 * hidden
+    plan = {
+        'weights (fp32)': (4 * n, 4 * n / world_size),
+        'gradients (fp32)': (4 * n, 4 * n / world_size),
+        'AdamW moments (fp32)': (8 * n, 8 * n / world_size),
+        # ddp: autocast caches a 16-bit copy of each weight it casts; fsdp gathers 16-bit weights instead
+        'weights gathered or cast for compute': (n * compute_bytes if compute_bytes < 4 else 0,
+                                                 (2 * block + vocab * hidden) * compute_bytes + 2 * block * 4),
+        f'activations ({tokens:,} tokens per micro-batch)': (student.activation_bytes(tokens, compute_bytes,
+                                                                                     checkpointing),) * 2,
+        # the fused loss: fp32 gradient of the LM head, and a chunk's logits, teacher logits and soft labels
+        'loss (LM head)': (vocab * hidden * 4 + 3 * chunk_rows * vocab * 4,) * 2,
+    }
+    if teacher is not None:
+        whole = teacher.n_params(non_embedding=False) * compute_bytes
+        root = (teacher.padded_vocab_size + teacher.block_size + 2) * teacher.n_embd * compute_bytes
+        sharded = root + (whole - root) / world_size + 2 * 12 * teacher.n_embd ** 2 * compute_bytes
+        plan['teacher (frozen, stage 1)'] = (whole, sharded if shard_teacher else whole)
+    plan['total'] = tuple(sum(column) for column in zip(*plan.values()))
+    return plan
+
+
+def memory_table(plan, world_size, device_bytes=None):
+    """The plan as a markdown table in GiB, with the device's memory when known."""
+    lines = [f"| per device (estimate) | ddp | fsdp over {world_size} |", "|---|---|---|"]
+    lines += [f"| {what} | {ddp / GiB:.1f} GiB | {fsdp / GiB:.1f} GiB |" for what, (ddp, fsdp) in plan.items()]
+    if device_bytes:
+        lines.append(f"| device memory | {device_bytes / GiB:.1f} GiB | {device_bytes / GiB:.1f} GiB |")
+    return "\n".join(lines)
+
+
+if __name__ == '__main__':
+    import argparse
+    parser = argparse.ArgumentParser(description="The memory plan of a training run, per device (as train.py "
+                                                 "prints it at start), e.g. the paper's sizes: --student salt-2.8b "
+                                                 "--teacher gpt2-xl --batch_size 4 --block_size 2048 --world_size 8")
+    parser.add_argument('--student', required=True, choices=PRESETS)
+    parser.add_argument('--teacher', choices=PRESETS, help="SALT's stage 1: a frozen teacher of this preset")
+    parser.add_argument('--batch_size', type=int, required=True, help='sequences per micro-batch per device')
+    parser.add_argument('--block_size', type=int, required=True)
+    parser.add_argument('--world_size', type=int, default=8)
+    parser.add_argument('--dtype', choices=['bfloat16', 'float32'], default='bfloat16')
+    parser.add_argument('--activation_checkpointing', action='store_true')
+    parser.add_argument('--shard_teacher', action='store_true')
+    args = parser.parse_args()
+    for name in ('batch_size', 'block_size', 'world_size'):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    student = GPTConfig.from_preset(args.student, block_size=args.block_size)
+    teacher = GPTConfig.from_preset(args.teacher, block_size=args.block_size) if args.teacher else None
+    plan = memory_plan(student, teacher, tokens=args.batch_size * args.block_size, world_size=args.world_size,
+                       compute_bytes=2 if args.dtype == 'bfloat16' else 4, checkpointing=args.activation_checkpointing,
+                       shard_teacher=args.shard_teacher)
+    print(memory_table(plan, args.world_size))

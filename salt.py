@@ -5,13 +5,13 @@ Small LMs", arXiv 2410.18779): the two-stage KD schedule, the teacher, the SALT_
 Scoring the training data with the small LM, once, offline (one process, or any number under torchrun);
 the same command run again after a kill resumes where it stopped:
 
-  python salt.py score --ckpt out/demo/slm/ckpt.pt --data_dir data/stdlib --block_size 128 --out out/demo/scores.npy
-  torchrun --standalone --nproc_per_node=8 salt.py score --ckpt out/slm/ckpt.pt --data_dir data/pile ...
+  python salt.py score --ckpt out/demo/slm/ckpt --data_dir data/stdlib --block_size 128 --out out/demo/scores.npy
+  torchrun --standalone --nproc_per_node=8 salt.py score --ckpt out/slm/ckpt --data_dir data/pile ...
 
 The score file (.npy, one row per training sequence: median score, mean loss, learnable fraction) gets a
 .json beside it that names the teacher, the block size and the data it was made for; train.py refuses a
-score file made for anything else. Until every row is scored they live in OUT.tmp (NaN = not scored yet),
-with that metadata in OUT.tmp.json.
+score file made for anything else. Until every row is scored they live in the folder OUT.parts, one file per
+rank (safe on a network filesystem shared by the nodes), with that metadata in OUT.parts/meta.json.
 
 What a selection keeps (score histogram, the data subsets before and after, decoded examples), printed and
 saved as OUT_DIR/selection.md and OUT_DIR/score_histogram.png:
@@ -24,17 +24,24 @@ import io
 import json
 import os
 import re
+import shutil
 import time
+import warnings
+import zlib
 
 import numpy as np
 import tiktoken
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from data import ENCODING, TokenSequences, atomic_write, write_json
+from data import ENCODING, InputError, TokenSequences, atomic_write, report_input_errors, write_json
 from model import GPT, GPTConfig
 
 SCORE_COLUMNS = ('median_score', 'mean_loss', 'learnable_fraction')
+# DCP says so whenever it reads or writes a checkpoint without collectives, which is what one process means
+warnings.filterwarnings('ignore', message='torch.distributed is .*assuming the intent is to (load|save) in a single')
 
 # ----------------------------------------------------------------------------------------------------------
 # Stage 1 -> stage 2: the KD weight over training
@@ -49,7 +56,7 @@ def kd_weight_at(step, kd_steps, kd_weight, schedule='constant'):
         return kd_weight
     if schedule == 'linear':
         return kd_weight * (1.0 - step / kd_steps)
-    raise ValueError(f"kd_schedule={schedule!r}: expected 'constant' or 'linear'")
+    raise InputError(f"kd_schedule={schedule!r}: expected 'constant' or 'linear'")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,31 +67,40 @@ def _is_gpt2_name(ckpt):
     return ckpt.startswith('gpt2') and not os.path.exists(ckpt)
 
 
-def _read_checkpoint(ckpt):
-    if not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"teacher checkpoint {ckpt!r} does not exist: train the SLM first "
-                                f"(python train.py config/<slm config>.py) or fix teacher_ckpt")
-    # mmap: tensors are read from disk only when used, so asking for the id of a 1.5B teacher is cheap
-    return torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
+def read_checkpoint_meta(ckpt):
+    """The meta.pt of a train.py checkpoint directory (model_args, step, run_id, tokenizer, config, ...), after
+    checking that the directory is one."""
+    if not os.path.exists(ckpt):
+        raise InputError(f"checkpoint {ckpt!r} does not exist: train the SLM first "
+                         f"(python train.py config/<slm config>.py) or fix the path")
+    meta_file = os.path.join(ckpt, 'meta.pt')
+    if not (os.path.isfile(meta_file) and os.path.isfile(os.path.join(ckpt, '.metadata'))):
+        raise InputError(f"{ckpt!r} is not a checkpoint of train.py (a directory with meta.pt and .metadata)")
+    try:
+        return torch.load(meta_file, map_location='cpu', weights_only=True)
+    except Exception as error:  # whatever is wrong with the file, the remedy is the same
+        raise InputError(f"{meta_file!r} does not load ({type(error).__name__}): the checkpoint is damaged") from error
 
 
 def teacher_id(ckpt):
     """What identifies the teacher's weights in score files: its training run and step (or a GPT-2 name)."""
     if _is_gpt2_name(ckpt):
         return ckpt
-    state = _read_checkpoint(ckpt)
-    return f"{state['run_id']}@step{state['step']}"
+    meta = read_checkpoint_meta(ckpt)
+    return f"{meta['run_id']}@step{meta['step']}"
 
 
 def load_model(ckpt, device):
-    """A trained GPT from a train.py checkpoint (or a GPT-2 name: 'gpt2', ..., through transformers),
-    frozen: eval mode, no gradients."""
+    """A trained GPT from a train.py checkpoint (or a GPT-2 name: 'gpt2', ..., through transformers), frozen:
+    eval mode, no gradients. A checkpoint written by any number of ranks, under ddp or fsdp, loads whole here;
+    under torchrun every rank reads it on its own."""
     if _is_gpt2_name(ckpt):
         model = GPT.from_pretrained(ckpt)
     else:
-        state = _read_checkpoint(ckpt)
-        model = GPT(GPTConfig(**state['model_args']))
-        model.load_state_dict(state['model'])
+        model = GPT(GPTConfig(**read_checkpoint_meta(ckpt)['model_args']))
+        state = {'model': get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+        set_model_state_dict(model, state['model'])
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -92,16 +108,16 @@ def load_teacher(ckpt, device, student_config, tokenizer=None):
     """The SLM as KD teacher. It must share the student's tokenizer (`tokenizer`: the student data's tiktoken
     encoding, when known) and vocabulary: KL over the next-token distribution only makes sense token for
     token."""
-    teacher_tokenizer = ENCODING if _is_gpt2_name(ckpt) else _read_checkpoint(ckpt).get('tokenizer')
+    teacher_tokenizer = ENCODING if _is_gpt2_name(ckpt) else read_checkpoint_meta(ckpt).get('tokenizer')
     if tokenizer and teacher_tokenizer and teacher_tokenizer != tokenizer:
-        raise ValueError(f"teacher {ckpt!r} was trained on {teacher_tokenizer!r} tokens but the student's data is "
+        raise InputError(f"teacher {ckpt!r} was trained on {teacher_tokenizer!r} tokens but the student's data is "
                          f"{tokenizer!r}: KD needs one tokenizer for both")
     teacher = load_model(ckpt, device)
     if teacher.config.vocab_size != student_config.vocab_size:
-        raise ValueError(f"teacher {ckpt!r} has vocab_size {teacher.config.vocab_size} but the student has "
+        raise InputError(f"teacher {ckpt!r} has vocab_size {teacher.config.vocab_size} but the student has "
                          f"{student_config.vocab_size}: KD needs one tokenizer for both")
     if teacher.config.block_size < student_config.block_size:
-        raise ValueError(f"teacher {ckpt!r} has block_size {teacher.config.block_size}, shorter than the "
+        raise InputError(f"teacher {ckpt!r} has block_size {teacher.config.block_size}, shorter than the "
                          f"student's {student_config.block_size}")
     return teacher
 
@@ -158,78 +174,118 @@ def token_losses(model, hidden, targets, top_k, chunk_rows=None):
     return loss, n_above < top_k
 
 
-def score_dataset(model, sequences, out_path, meta, *, batch_size, top_k, rank=0, world_size=1, autocast=None):
-    """Score every sequence of `sequences` into out_path.tmp, a (len, 3) float32 .npy that all ranks write
-    straight into (memory stays flat, no gather), and that a rerun resumes.
+# Scores in progress live in OUT.parts/: meta.json (what they are for) and one file per rank, to which the rank
+# appends a record per finished batch. One writer per file is what a network filesystem (NFS, Lustre) makes safe,
+# where several nodes writing into one shared file are not. A record is [batch index, the batch's rows padded
+# with NaN, crc32 of both], so a record cut short by a kill, or left zero-filled by a crash, fails its check: a
+# file is read up to its first bad record, and that batch is scored again. At the end rank 0 gathers the records
+# of every file into OUT.
 
-    Resuming: rows start as NaN and a score never is NaN, so a row is done iff it holds no NaN. A kill at any
-    moment leaves every row complete or with a NaN: writes into a shared mapping outlive the process, and a
-    float is never half-written. A machine crash too: the all-NaN file was on disk before it got its name,
-    so a page that did not reach the disk reverts its rows to NaN, and no float straddles two pages. A rerun
-    redoes exactly the batches with a NaN row, each with the same sequences as before: the result is that of
-    an uninterrupted run. The pending batches are dealt out to the ranks in turn, so a resumed run keeps
-    them balanced."""
-    tmp_path = out_path + '.tmp'
+
+def record_dtype(batch_size):
+    return np.dtype([('batch', '<i8'), ('rows', '<f4', (batch_size, len(SCORE_COLUMNS))), ('crc', '<u4')])
+
+
+def read_records(path, batch_size):
+    """The valid records at the start of one rank's file: up to its first incomplete or corrupt record."""
+    dtype = record_dtype(batch_size)
+    records = np.fromfile(path, dtype=dtype, count=os.path.getsize(path) // dtype.itemsize)
+    raw = records.view(np.uint8).reshape(len(records), dtype.itemsize)
+    for i, record in enumerate(raw):
+        if zlib.crc32(record[:-4]) != records['crc'][i]:
+            return records[:i]
+    return records
+
+
+def scored_batches(parts, batch_size):
+    """{batch index: rows} of every valid record in the parts folder, whichever run and rank wrote it."""
+    done = {}
+    for name in sorted(os.listdir(parts)):
+        if name.startswith('rank'):
+            for record in read_records(os.path.join(parts, name), batch_size):
+                done[int(record['batch'])] = record['rows']
+    return done
+
+
+def score_dataset(model, sequences, out_path, meta, *, batch_size, top_k, rank=0, world_size=1, autocast=None):
+    """Score every sequence of `sequences` into out_path: each rank appends its batches' records to its own file
+    in out_path.parts/, then rank 0 gathers them. Killed anywhere, the same command again redoes only the batches
+    without a valid record, each with the same sequences as before: the result is that of an uninterrupted run,
+    whatever the number of ranks of either run. The pending batches are dealt out to the ranks in turn, so a
+    resumed run keeps them balanced."""
+    parts = out_path + '.parts'
     if rank == 0:
-        prepare_tmp(tmp_path, meta)
+        prepare_parts(parts, dict(meta, batch_size=batch_size))
     if world_size > 1:
         dist.barrier()
-    scores = np.load(tmp_path, mmap_mode='r+')
-    pending = pending_batches(scores, batch_size)
+    done = [np.array(sorted(scored_batches(parts, batch_size)), dtype=np.int64) if rank == 0 else None]
     if world_size > 1:
-        dist.barrier()  # every rank has read the same pending list before any rank writes
-    if rank == 0 and len(pending) < -(-len(scores) // batch_size):
-        print(f"{tmp_path}: resuming, {len(pending):,} batches of {batch_size} sequences left", flush=True)
+        dist.broadcast_object_list(done)  # one reader of every file, not one per rank
+    n_batches = -(-len(sequences) // batch_size)
+    pending = np.setdiff1d(np.arange(n_batches), done[0])
+    if rank == 0 and len(done[0]):
+        print(f"{parts}: resuming, {len(pending):,} batches of {batch_size} sequences left", flush=True)
+    with open(own_file(parts, rank, batch_size), 'ab') as out:
+        score_batches(model, sequences, pending[rank::world_size], out, batch_size, top_k, rank, autocast)
+    if world_size > 1:
+        dist.barrier()  # every file is closed (and so visible to rank 0 on a network filesystem)
+    if rank == 0:
+        finish_score_file(out_path, meta, scored_batches(parts, batch_size), batch_size, len(sequences))
+
+
+def own_file(parts, rank, batch_size):
+    """This rank's file of records, cut back to its valid records: a kill may have left half a record at its
+    end, which would shift every record appended after it."""
+    path = os.path.join(parts, f'rank{rank:05d}.bin')
+    if os.path.exists(path):
+        with open(path, 'r+b') as f:
+            f.truncate(len(read_records(path, batch_size)) * record_dtype(batch_size).itemsize)
+    return path
+
+
+def score_batches(model, sequences, batches, out, batch_size, top_k, rank, autocast):
+    """Score each batch and append its record to `out`; fsync every 30 s, when rank 0 reports progress."""
     device = next(model.parameters()).device
-    mine, start, last_print = pending[rank::world_size], time.time(), time.time()
-    for done, b in enumerate(mine, 1):
-        ids = np.arange(b * batch_size, min(len(scores), (b + 1) * batch_size))
+    dtype, start, last_sync = record_dtype(batch_size), time.time(), time.time()
+    for done, b in enumerate(batches, 1):
+        ids = np.arange(b * batch_size, min(len(sequences), (b + 1) * batch_size))
         with autocast or torch.autocast(device.type, enabled=False):
             rows = sequence_scores(model, sequences.get(ids).to(device), top_k).float().cpu().numpy()
-        if np.isnan(rows).any():  # NaN would also read as "not scored yet"
-            raise RuntimeError(f"{tmp_path}: the SLM gives NaN scores for sequences {ids[0]}..{ids[-1]}")
-        scores[ids] = rows
-        if rank == 0 and (time.time() - last_print > 30 or done == len(mine)):
-            last_print, elapsed = time.time(), time.time() - start
-            print(f"rank 0: {done:,}/{len(mine):,} batches, {done * batch_size * sequences.block_size / elapsed:,.0f} "
-                  f"tokens/s per rank, eta {(len(mine) - done) * elapsed / done / 60:.1f} min", flush=True)
-    scores.flush()
-    del scores
-    if world_size > 1:
-        dist.barrier()
+        if np.isnan(rows).any():  # a diverged SLM: its ranking would mean nothing
+            raise RuntimeError(f"the SLM gives NaN scores for sequences {ids[0]}..{ids[-1]}")
+        record = np.zeros(1, dtype)
+        record['batch'], record['rows'] = b, np.nan
+        record['rows'][0, :len(ids)] = rows
+        record['crc'] = zlib.crc32(record.view(np.uint8)[:-4])
+        out.write(record.tobytes())
+        if time.time() - last_sync > 30 or done == len(batches):
+            out.flush()
+            os.fsync(out.fileno())
+            last_sync, elapsed = time.time(), time.time() - start
+            if rank == 0:
+                print(f"rank 0: {done:,}/{len(batches):,} batches, {done * batch_size * sequences.block_size / elapsed:,.0f} "
+                      f"tokens/s per rank, eta {(len(batches) - done) * elapsed / done / 60:.1f} min", flush=True)
 
 
-def prepare_tmp(tmp_path, meta):
-    """Keep tmp_path if an earlier run for the same teacher, data and settings left it; else make it, all NaN.
-    A .tmp for anything else is refused, not overwritten: it may hold hours of scoring."""
-    tmp_meta = tmp_path + '.json'
-    if os.path.exists(tmp_path):
-        if not os.path.exists(tmp_meta):  # always written first: this .tmp comes from elsewhere (an older salt.py)
-            raise ValueError(f"{tmp_path}: partial scores without their metadata {tmp_meta}, so they cannot be "
-                             f"resumed: delete {tmp_path} to start over")
-        with open(tmp_meta) as f:
+def prepare_parts(parts, meta):
+    """Keep the parts folder if an earlier run for the same teacher, data and settings left it; else make it.
+    One made for anything else is refused, not overwritten: it may hold hours of scoring."""
+    meta_file = os.path.join(parts, 'meta.json')
+    if os.path.isdir(parts):
+        if not os.path.isfile(meta_file):  # written first: this folder was made by something else
+            raise InputError(f"{parts}: partial scores without their metadata {meta_file}, so they cannot be "
+                             f"resumed: delete {parts} to start over")
+        with open(meta_file) as f:
             made_for = json.load(f)
         for key, want in meta.items():
             if made_for.get(key) != want:
-                raise ValueError(f"{tmp_path}: partial scores made for {key}={made_for.get(key)!r}, but this run "
+                raise InputError(f"{parts}: partial scores made for {key}={made_for.get(key)!r}, but this run "
                                  f"has {key}={want!r}: rerun with the settings they were made with to resume, or "
-                                 f"delete {tmp_path} to start over")
+                                 f"delete {parts} to start over")
         return
-    write_json(tmp_meta, meta)
-    new_path = tmp_path + '.new'  # filled under another name: a half-made file would show zeros as scores
-    scores = np.lib.format.open_memmap(new_path, mode='w+', dtype=np.float32,
-                                       shape=(meta['n_sequences'], len(SCORE_COLUMNS)))
-    scores[:] = np.nan
-    scores.flush()  # on disk before the rename, so not even a crash can turn a NaN back into a 0
-    del scores
-    os.replace(new_path, tmp_path)
-
-
-def pending_batches(scores, batch_size):
-    """Indices of the batches with a row still NaN: not scored yet, or cut off in the middle of a write."""
-    unscored = np.isnan(scores).any(axis=1)
-    unscored = np.concatenate([unscored, np.zeros(-len(unscored) % batch_size, dtype=bool)])
-    return np.flatnonzero(unscored.reshape(-1, batch_size).any(axis=1))
+    os.makedirs(parts + '.new', exist_ok=True)  # complete (with its meta.json) before it gets its name
+    write_json(os.path.join(parts + '.new', 'meta.json'), meta)
+    os.replace(parts + '.new', parts)
 
 
 def score_meta(teacher, sequences, top_k):
@@ -238,16 +294,19 @@ def score_meta(teacher, sequences, top_k):
                 n_sequences=len(sequences), top_k=top_k, columns=list(SCORE_COLUMNS))
 
 
-def finish_score_file(out_path, meta):
-    """Publish the scores: check every row was written, then the .json, then the .npy by atomic rename
-    (a reader never sees scores without their metadata, nor a half-written file)."""
-    scores = np.load(out_path + '.tmp', mmap_mode='r')
-    missing = int(np.isnan(scores).any(axis=1).sum())
+def finish_score_file(out_path, meta, batches, batch_size, n_sequences):
+    """Publish the scores: check every batch was scored, then write the .json, then the .npy by atomic rename
+    (a reader never sees scores without their metadata, nor a half-written file), then delete the parts."""
+    n_batches = -(-n_sequences // batch_size)
+    missing = n_batches - len(batches)
     if missing:
-        raise RuntimeError(f"{out_path}.tmp: {missing} sequences were not scored; run the scoring again")
+        raise RuntimeError(f"{out_path}.parts: {missing} batches were not scored; run the scoring again")
+    scores = np.concatenate([batches[b] for b in range(n_batches)])[:n_sequences]
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(scores))
     write_json(meta_path(out_path), meta)
-    os.replace(out_path + '.tmp', out_path)
-    os.remove(out_path + '.tmp.json')
+    atomic_write(out_path, [header.getvalue(), memoryview(np.ascontiguousarray(scores))])
+    shutil.rmtree(out_path + '.parts')
 
 
 def meta_path(score_file):
@@ -258,7 +317,7 @@ def read_score_meta(score_file):
     """The metadata of a score file (what it was made for), after checking the file and it exist."""
     for path in (score_file, meta_path(score_file)):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"score file {path!r} does not exist: make it with `python salt.py score`")
+            raise InputError(f"score file {path!r} does not exist: make it with `python salt.py score`")
     with open(meta_path(score_file)) as f:
         return json.load(f)
 
@@ -269,11 +328,11 @@ def load_scores(score_file, expected):
     meta = read_score_meta(score_file)
     for key, want in expected.items():
         if meta.get(key) != want:
-            raise ValueError(f"score file {score_file!r} was made for {key}={meta.get(key)!r}, but this run "
+            raise InputError(f"score file {score_file!r} was made for {key}={meta.get(key)!r}, but this run "
                              f"has {key}={want!r}: score this data with this teacher again (python salt.py score)")
     scores = np.load(score_file, mmap_mode='r')
     if scores.shape != (meta['n_sequences'], len(SCORE_COLUMNS)):
-        raise ValueError(f"score file {score_file!r} has shape {scores.shape}, its metadata says "
+        raise InputError(f"score file {score_file!r} has shape {scores.shape}, its metadata says "
                          f"({meta['n_sequences']}, {len(SCORE_COLUMNS)}): the file is damaged, score again")
     return np.asarray(scores)
 
@@ -291,7 +350,7 @@ def ranking(scores):
 def select_top(scores, fraction):
     """Ids of the round(fraction * n) highest median scores (at least one), ascending."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"select_fraction={fraction}: expected 0 < fraction <= 1")
+        raise InputError(f"select_fraction={fraction}: expected 0 < fraction <= 1")
     k = max(1, round(fraction * len(scores)))
     return np.sort(ranking(scores)[:k])
 
@@ -394,7 +453,6 @@ def score_main(args):
     score_dataset(model, sequences, args.out, meta, batch_size=args.batch_size, top_k=args.top_k,
                   rank=rank, world_size=world_size, autocast=autocast)
     if rank == 0:
-        finish_score_file(args.out, meta)
         scores = np.load(args.out)
         print(f"wrote {args.out}: {len(scores):,} sequences, median score {np.median(scores[:, 0]):.3f}, "
               f"learnable {scores[:, 2].mean():.1%}")
@@ -449,6 +507,7 @@ Selected **{len(selected):,} of {len(scores):,}** sequences: median score >= **{
 
 
 if __name__ == '__main__':
+    report_input_errors()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     score = commands.add_parser('score', help='score every training sequence with the SLM (SALT_DS); resumes')

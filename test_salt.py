@@ -1,12 +1,18 @@
 """
-The evidence: `pytest test_salt.py` (offline, CPU, a few minutes on 2 cores).
+The evidence: `pytest test_salt.py` (offline, CPU, a few minutes on 2 cores); on a GPU machine,
+`pytest -m cuda test_salt.py` runs the tests that need one (skipped elsewhere).
 
 Sections follow the files: model, data, kernels, salt (schedule, scores, selection), train (config, two
-stages, DDP, resume) and the end-to-end experiment. Scripts are run as a user runs them, in a subprocess.
+stages, DDP, FSDP, resume), the end-to-end experiment, evaluation and sampling, and the GPU checks. Scripts
+are run as a user runs them, in a subprocess.
 """
+import argparse
+import copy
+import fnmatch
 import glob
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -15,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 
 import torch
 
@@ -29,14 +36,20 @@ if not torch.cuda.is_available():
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # noqa: E402
+from torch.distributed.checkpoint.state_dict import get_model_state_dict  # noqa: E402
 import tiktoken  # noqa: E402
 import zstandard  # noqa: E402
 
+import bench  # noqa: E402
 import data  # noqa: E402
+import evaluate  # noqa: E402
 import kernels  # noqa: E402
 import salt  # noqa: E402
+import sample  # noqa: E402
 from kernels import salt_loss  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, memory_plan, model_args  # noqa: E402
 
 # Real text: Tiny Shakespeare where it is at hand, else the standard library's own documentation text
 # (pydoc_data/topics.py, in every CPython), so the tests need nothing beyond a Python install.
@@ -299,7 +312,7 @@ def test_fingerprint(small_dir):
 
 
 def test_missing_split_says_how_to_prepare(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(data.InputError) as e:
         data.TokenSequences(str(tmp_path), "val", 16)
     assert str(tmp_path) in str(e.value) and "val" in str(e.value) and "python data.py" in str(e.value)
 
@@ -473,17 +486,49 @@ def files_of(folder):
     return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))}
 
 
+def child_pids(pid):
+    """Pids of a process's children (of all its threads), from /proc."""
+    pids = []
+    for task in os.listdir(f'/proc/{pid}/task'):
+        with open(f'/proc/{pid}/task/{task}/children') as f:
+            pids += [int(child) for child in f.read().split()]
+    return pids
+
+
+def is_running(pid):
+    """Whether pid is a live process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+def kill_the_parent_alone(run):
+    """SIGKILL a tokenization command but not its workers, as the OOM killer or a lost login may, and check that
+    the workers end with it within seconds."""
+    workers = child_pids(run.pid)
+    assert workers, 'the workers were expected to be at work'
+    run.kill()  # no cleanup runs in it
+    run.communicate(timeout=60)
+    deadline = time.time() + 5
+    while any(map(is_running, workers)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(is_running, workers)), 'a worker outlived its parent'
+
+
 def test_killed_tokenization_resumes_to_identical_files(pile, tmp_path):
+    """SIGKILL the parent alone, as the OOM killer or a lost login may: its workers end with it, and the same
+    command again resumes to the files of an uninterrupted run."""
     paths, _, whole = pile
     out = tmp_path / 'resumed'
-    run = tokenize_cli(paths, out, SHARD_TOKENS, start_new_session=True)  # its own group: kill workers too
+    run = tokenize_cli(paths, out, SHARD_TOKENS)
     deadline = time.time() + 120
     # stop once the first input is done and the second has written shards of its first batch
     while not ((out / 'input_000.json').exists() and (out / 'train_001000.bin').exists()):
         assert run.poll() is None and time.time() < deadline, run.communicate()[0]
         time.sleep(0.01)
-    os.killpg(run.pid, signal.SIGKILL)  # as a lost node would: no cleanup runs
-    run.communicate(timeout=60)
+    kill_the_parent_alone(run)
     done = sorted(glob.glob(str(out / 'input_*.json')))  # input 0, perhaps input 2 (smaller than input 1)
     assert not (out / 'input_001.json').exists() and not (out / 'meta.json').exists(), 'nothing was left to resume'
     kept = {name: os.stat(out / name).st_mtime_ns for manifest in done
@@ -607,6 +652,258 @@ def test_a_bad_input_names_its_file_and_line(tmp_path):
     output = run.communicate(timeout=120)[0]
     assert run.returncode != 0 and paths[1] in output and 'line 1' in output and 'pile_set_name' in output
     assert not (tmp_path / 'out' / 'meta.json').exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data.py tree: a corpus from directory trees, on copies of real packages
+
+PURELIB = data.sysconfig.get_paths()['purelib']
+TREE_INCLUDE = ['*.py', '*.md', '*.rst', '*.txt']
+TREE_EXCLUDE = ['email/mime/*']  # a path under its root
+TREE_INPUT_BYTES = 40_000  # small: over ten inputs, for the workers to share and for a kill to interrupt
+
+
+def make_tree(folder):
+    """Two roots, the second inside the first as site-packages is inside the stdlib: copies of real packages and
+    docs, and a file of every kind to skip. Returns the roots, the documents expected ((root index, path under
+    the root) -> the file's bytes) and the files expected to be skipped (reason -> paths)."""
+    lib, outside = folder / 'lib', folder / 'outside'
+    for package in ('json', 'email', 'logging'):  # email has a .rst file too
+        shutil.copytree(os.path.join(STDLIB, package), lib / package, ignore=shutil.ignore_patterns('__pycache__'))
+    shutil.copy(os.path.join(STDLIB, '__future__.py'), lib)  # a top-level module: subset "lib"
+    site = lib / 'site-packages'
+    for dist in ('numpy', 'tiktoken'):  # their .md and .txt files
+        for path in glob.glob(os.path.join(PURELIB, f'{dist}-*.dist-info')):
+            shutil.copytree(path, site / os.path.basename(path))
+    shutil.copy(os.path.join(STDLIB, 'fractions.py'), site)  # subset "site-packages"
+    os.makedirs(outside)
+    shutil.copy(os.path.join(STDLIB, 'textwrap.py'), outside)
+    (lib / 'json' / 'notes.cfg').write_text('not matched by the patterns\n')
+
+    expected = {}
+    for index, root in enumerate((lib, site)):
+        for folder_, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if d != 'site-packages']  # the second root is read as itself
+            for name in names:
+                rel = os.path.relpath(os.path.join(folder_, name), root)
+                if any(fnmatch.fnmatchcase(name, p) for p in TREE_INCLUDE) and not rel.startswith('email/mime/'):
+                    expected[index, rel] = open(os.path.join(folder_, name), 'rb').read()
+    expected[0, 'linked/textwrap.py'] = open(outside / 'textwrap.py', 'rb').read()
+
+    (lib / 'binary.txt').write_bytes(open(sys.executable, 'rb').read(4096))  # a real binary (NUL bytes)
+    (lib / 'latin1.txt').write_bytes('caf\u00e9 cr\u00e8me\n'.encode('latin-1'))
+    os.symlink('..', lib / 'email' / 'loop')
+    os.symlink('json/__init__.py', lib / 'again.py')  # a second path to a file read already
+    os.symlink('../json', site / 'json_again')  # and to a directory walked already
+    os.symlink('missing.md', lib / 'broken.md')
+    os.mkfifo(lib / 'fifo.txt')
+    os.symlink('../outside', lib / 'linked')  # followed: outside is not reached otherwise
+    skipped = {'not text (NUL byte)': ['binary.txt'], 'not text (not UTF-8)': ['latin1.txt'],
+               'symlink loop': ['email/loop'], 'reached twice': ['again.py', 'site-packages/json_again'],
+               'broken symlink': ['broken.md'], 'not a regular file': ['fifo.txt']}
+    return [str(lib), str(site)], expected, {k: sorted(str(lib / p) for p in v) for k, v in skipped.items()}
+
+
+def tree_cli(roots, out, *flags, **popen):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, 'data.py'), 'tree', *roots, '--include', *TREE_INCLUDE,
+                             '--exclude', *TREE_EXCLUDE, '--out_dir', str(out), '--val_fraction', str(VAL_FRACTION),
+                             '--shard_tokens', str(SHARD_TOKENS), '--input_bytes', str(TREE_INPUT_BYTES), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.fixture(scope='module')
+def tree(tmp_path_factory):
+    """The tree, and its uninterrupted tokenization."""
+    folder = tmp_path_factory.mktemp('tree')
+    roots, expected, skipped = make_tree(folder)
+    run = tree_cli(roots, folder / 'whole')
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 0, output
+    return roots, expected, skipped, str(folder / 'whole')
+
+
+def ordered(expected):
+    """The documented order: crc32 of the path under the root, then that path, then the root's position."""
+    return sorted(expected, key=lambda key: (zlib.crc32(key[1].encode()), key[1], key[0]))
+
+
+def subset(roots, key):
+    index, rel = key
+    return rel.split('/')[0] if '/' in rel else os.path.basename(roots[index])
+
+
+def test_tree_decodes_to_the_files_in_order_split_by_file(tree):
+    roots, expected, _, whole = tree
+    assert len(expected) > 40 and {os.path.splitext(rel)[1] for _, rel in expected} == {'.py', '.md', '.rst', '.txt'}
+    meta = json.load(open(os.path.join(whole, 'meta.json')))
+    val = {key for key in expected if data._is_val(key[1], VAL_FRACTION)}
+    assert 0 < len(val) < len(expected) / 4
+    for split in ('train', 'val'):
+        keys = [key for key in ordered(expected) if (key in val) == (split == 'val')]
+        assert split_documents(whole, split) == [expected[key].decode('utf-8') for key in keys]  # each file once
+        assert meta['splits'][split]['documents'] == len(keys)
+    candidates = sum(map(len, expected.values())) + 4096 + len('caf\u00e9 cr\u00e8me\n'.encode('latin-1'))
+    assert sum(m['job']['bytes'] for m in meta['inputs']) == candidates  # the files found, text or not
+    assert 10 < len(meta['inputs']) <= -(-candidates // TREE_INPUT_BYTES) < len(meta['splits']['train']['shards'])
+
+
+def test_tree_meta_says_what_was_read_and_skipped(tree):
+    roots, expected, skipped, whole = tree
+    meta = json.load(open(os.path.join(whole, 'meta.json')))
+    source = meta['source']
+    tokens = sum(len(ENC.encode_ordinary(text.decode('utf-8'))) + 1 for text in expected.values())
+    assert {k: v for k, v in source.items() if k != 'skipped'} == {
+        'kind': 'tree', 'roots': roots, 'include': TREE_INCLUDE, 'exclude': TREE_EXCLUDE, 'val_fraction': VAL_FRACTION,
+        'input_bytes': TREE_INPUT_BYTES, 'files': len(expected), 'bytes': sum(map(len, expected.values())),
+        'tokens': tokens}
+    assert tokens == sum(split['tokens'] for split in meta['splits'].values())
+    assert {k: (v['count'], sorted(v['paths'])) for k, v in source['skipped'].items()} == {
+        k: (len(v), v) for k, v in skipped.items()}
+
+
+@pytest.mark.parametrize('split, block_size', [('train', 64), ('train', 1000), ('val', 50)])
+def test_tree_domains_are_the_top_level_packages(tree, split, block_size):
+    roots, expected, _, whole = tree
+    keys = [key for key in ordered(expected) if data._is_val(key[1], VAL_FRACTION) == (split == 'val')]
+    documents, brute = brute_force_domains(whole, split, block_size, [subset(roots, key) for key in keys])
+    assert documents == [expected[key].decode('utf-8') for key in keys]
+    domains, names = data.TokenSequences(whole, split, block_size).domains()
+    assert [names[d] for d in domains] == brute
+    assert {'json', 'email', 'logging', 'lib', 'linked', 'site-packages'} <= set(names)
+    assert {subset(roots, key) for key in expected} == set(json.load(open(os.path.join(whole, 'meta.json')))['subsets'])
+
+
+def test_tree_does_not_depend_on_listing_order_or_workers(tree, tmp_path, monkeypatch):
+    roots, _, _, whole = tree
+    walked, listing = data.tree_files(roots, TREE_INCLUDE, TREE_EXCLUDE), next(os.walk(roots[0]))[2]
+    scandir = os.scandir
+
+    class ReversedScandir:  # what os.walk needs of os.scandir: a context manager that iterates
+        def __init__(self, path='.'):
+            with scandir(path) as entries:
+                self.entries = iter(list(entries)[::-1])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *error):
+            pass
+
+        def __next__(self):
+            return next(self.entries)
+    monkeypatch.setattr(os, 'scandir', ReversedScandir)
+    assert next(os.walk(roots[0]))[2] == listing[::-1]
+    assert data.tree_files(roots, TREE_INCLUDE, TREE_EXCLUDE) == walked
+    monkeypatch.undo()
+    run = tree_cli(roots, tmp_path / 'one_cpu', preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 0, output
+    assert files_of(tmp_path / 'one_cpu') == files_of(whole)
+
+
+def test_patterns_match_the_name_and_the_path_under_the_root(tmp_path):
+    for rel in ('pkg/x.py', 'pkg/X.PY', 'pkg/tests/a.py', 'pkg/sub/tests/b.py', 'tests/c.py', 'pkg/d.pyc'):
+        os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    files, skipped = data.tree_files([str(tmp_path)], ['*.py'], ['*/tests/*'])
+    assert sorted(rel for _, rel, _, _, _ in files) == ['pkg/x.py', 'tests/c.py'] and not skipped
+    files, _ = data.tree_files([str(tmp_path)], ['*.py'], ['tests/*'])
+    assert sorted(rel for _, rel, _, _, _ in files) == ['pkg/sub/tests/b.py', 'pkg/tests/a.py', 'pkg/x.py']
+
+
+def test_tree_inputs_are_bounded_and_contiguous():
+    files = [(f'/r/{i}.py', f'{i}.py', 'r', 1000 + i % 7, 0) for i in range(5000)]
+    for input_bytes, count in ((1, data.PARTS), (10 ** 9, 1), (100_000, 51)):
+        inputs = data._tree_inputs(files, input_bytes)
+        assert len(inputs) == count and sum(inputs, []) == files  # in order, each once
+        sizes = [sum(f[3] for f in group) for group in inputs]
+        assert max(sizes) - min(sizes) <= 2 * 1006  # about equal: within a file or two
+    huge = [files[0], ('/r/big.py', 'big.py', 'r', 10 ** 6, 0), files[1], ('/r/empty.py', 'empty.py', 'r', 0, 0)]
+    assert data._tree_inputs(huge, 1000) == [huge[:2], huge[2:]]  # by their first bytes; no empty input
+
+
+def test_killed_tree_tokenization_resumes_to_identical_files(tree, tmp_path):
+    """SIGKILL the parent alone: its workers end with it, and the same command again resumes to the files of an
+    uninterrupted run."""
+    roots, _, _, whole = tree
+    n_inputs = len(json.load(open(os.path.join(whole, 'meta.json')))['inputs'])
+    out = tmp_path / 'resumed'
+    run = tree_cli(roots, out)
+    deadline = time.time() + 120
+    while not glob.glob(str(out / 'input_*.json')):
+        assert run.poll() is None and time.time() < deadline, run.communicate()[0]
+        time.sleep(0.01)
+    kill_the_parent_alone(run)
+    done = sorted(glob.glob(str(out / 'input_*.json')))
+    assert 0 < len(done) < n_inputs and not (out / 'meta.json').exists(), 'nothing was left to resume'
+    kept = {name: os.stat(out / name).st_mtime_ns for manifest in done
+            for split in json.load(open(manifest))['splits'].values() for name in split['shards']}
+
+    run = tree_cli(roots, out)
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 0, output
+    assert f'{len(done)} of {n_inputs} inputs already done' in output
+    assert {name: os.stat(out / name).st_mtime_ns for name in kept} == kept  # the inputs done were not redone
+    assert files_of(out) == files_of(whole)  # no temporary file of the killed run is left behind either
+
+
+def test_a_changed_tree_is_tokenized_again_not_resumed(tmp_path, capsys):
+    root, out = tmp_path / 'root', str(tmp_path / 'out')
+    os.makedirs(root / 'pkg')
+    for name in ('a.py', 'b.py'):
+        shutil.copy(os.path.join(STDLIB, 'json', 'decoder.py'), root / 'pkg' / name)
+    for change, done in (('', 0), ('', 1), ('# one more line\n', 0)):
+        with open(root / 'pkg' / 'b.py', 'a') as f:
+            f.write(change)
+        data.tokenize_tree([str(root)], ['*.py'], out, val_fraction=0)
+        assert f'{done} of 1 inputs already done' in capsys.readouterr().out
+    texts = [open(root / 'pkg' / name).read() for name in ('a.py', 'b.py')]
+    assert sorted(split_documents(out, 'train')) == sorted(texts)
+
+
+def test_python_roots_are_the_stdlib_and_site_packages():
+    paths = data.sysconfig.get_paths()
+    assert data.python_roots() == list(dict.fromkeys(paths[k] for k in ('stdlib', 'purelib', 'platlib')))
+
+
+def test_unreadable_files_are_skipped(tmp_path):
+    root = tmp_path / 'root'
+    shutil.copytree(os.path.join(STDLIB, 'json'), root / 'json', ignore=shutil.ignore_patterns('__pycache__'))
+    os.symlink('/proc/self/mem', root / 'json' / 'mem.txt')  # reading offset 0 is an I/O error, for root too
+    unreadable = [str(root / 'json' / 'mem.txt')]
+    if os.geteuid() != 0:  # root reads it all the same
+        (root / 'secret.txt').write_text('no access\n')
+        os.chmod(root / 'secret.txt', 0)
+        unreadable.append(str(root / 'secret.txt'))
+    meta = data.tokenize_tree([str(root)], ['*.py', '*.txt'], str(tmp_path / 'out'), val_fraction=0)
+    assert meta['source']['skipped'] == {'unreadable': {'count': len(unreadable), 'paths': unreadable}}
+    assert meta['source']['files'] == len(glob.glob(str(root / 'json' / '*.py')))
+
+
+def test_bad_tree_commands_are_one_line_errors(tmp_path):
+    (tmp_path / 'pkg').mkdir()
+    (tmp_path / 'pkg' / 'a.py').write_text('x = 1\n')
+    (tmp_path / 'file.py').write_text('x = 1\n')
+    out = ['--out_dir', str(tmp_path / 'out')]
+    cases = [('no such directory', [str(tmp_path / 'missing'), '--include', '*.py']),
+             ('not a directory', [str(tmp_path / 'file.py'), '--include', '*.py']),
+             ('no file to read', [str(tmp_path / 'pkg'), '--include', '*.md']),
+             ('no --include pattern', [str(tmp_path / 'pkg'), '--include']),
+             ('no --include pattern', [str(tmp_path / 'pkg')]),
+             ('--exclude without a pattern', [str(tmp_path / 'pkg'), '--include', '*.py', '--exclude']),
+             ('name the directories', ['--include', '*.py'])]
+    for message, args in cases:
+        with pytest.raises(data.InputError, match=message) as e:
+            data.main(['tree', *args, *out])
+        assert '\n' not in str(e.value)
+    # on the command line, an InputError is one line on stderr: two of them, at once (each run imports torch)
+    runs = [(message, subprocess.Popen([sys.executable, os.path.join(REPO, 'data.py'), 'tree', *args, *out],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for message, args in (cases[0], cases[3])]
+    for message, run in runs:
+        stderr = run.communicate(timeout=120)[1]
+        assert run.returncode == 1 and stderr.startswith('error: ') and stderr.count('\n') == 1, stderr
+        assert message in stderr and 'Traceback' not in stderr
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -983,9 +1280,9 @@ def slm_and_scores(text_data, tmp_path_factory):
     out = tmp_path_factory.mktemp('slm')
     run_script('train.py', f'--data_dir={text_data}', f'--out_dir={out}', '--model_size=demo-slm', '--max_steps=6', *TINY)
     score_file = str(out / 'scores.npy')
-    run_script('salt.py', 'score', f'--ckpt={out}/ckpt.pt', f'--data_dir={text_data}', '--block_size=16',
+    run_script('salt.py', 'score', f'--ckpt={out}/ckpt', f'--data_dir={text_data}', '--block_size=16',
                '--max_sequences=256', f'--out={score_file}', '--batch_size=32')
-    return str(out / 'ckpt.pt'), score_file
+    return str(out / 'ckpt'), score_file
 
 
 def train(text_data, out_dir, *overrides, nproc=1, check=True):
@@ -1033,27 +1330,174 @@ def test_resume_reproduces_uninterrupted_salt_ds_run(tmp_path, text_data, slm_an
     assert all(whole[s]['kl'] > 0 for s in range(1, 5)) and all(whole[s]['kl'] == 0 for s in range(5, 9))
 
 
-def test_two_ddp_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_data):
-    train(text_data, tmp_path / 'one', '--max_steps=3', '--grad_accum_steps=2')
-    train(text_data, tmp_path / 'two', '--max_steps=3', '--grad_accum_steps=1', nproc=2)
-    one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)
-    two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)
-    assert one['step'] == two['step'] == 3
-    # atol: the key bias gets a gradient that is rounding noise (softmax ignores it), which Adam scales up to
-    # ~1e-6 differences; a wrong batch or a missing sync would differ by ~learning_rate = 3e-3
-    for name, tensor in one['model'].items():
-        torch.testing.assert_close(two['model'][name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+# float32's machine epsilon: the unit of the tolerances below
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def read_checkpoint(ckpt):
+    """A train.py checkpoint whole, in this process: {'model', 'optimizer'} (optimizer state by parameter
+    name), and its meta.pt's keys."""
+    whole = os.path.join(ckpt, 'whole.pt')
+    dcp_to_torch_save(ckpt, whole)
+    state = torch.load(whole, weights_only=True)
+    os.remove(whole)
+    return {**state, **torch.load(os.path.join(ckpt, 'meta.pt'), weights_only=True)}
+
+
+def save_gpt(model, ckpt, **meta):
+    """A GPT as train.py saves it, for the tests that need a checkpoint of some shape or tokenizer."""
+    dcp.save({'model': get_model_state_dict(model)}, checkpoint_id=ckpt, no_dist=True)
+    torch.save(dict(model_args=model_args(model.config), **meta), os.path.join(ckpt, 'meta.pt'))
+
+
+def first_step_gradients(out_dir):
+    """The gradient (all-reduced, clipped) of a run's first step, by parameter, read back from its checkpoint
+    after that step: AdamW's first moment starts at 0, so after one step it is exactly (1 - beta1) * gradient."""
+    optimizer = read_checkpoint(os.path.join(out_dir, 'ckpt'))['optimizer']
+    beta1 = optimizer['param_groups'][0]['betas'][0]
+    return {name: state['exp_avg'] / (1 - beta1) for name, state in optimizer['state'].items()}
+
+
+@pytest.mark.parametrize('parallelism', ['ddp', 'fsdp'])
+def test_two_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_data, slm_and_scores, parallelism):
+    """2 ranks x 1 micro-batch make the same steps as 1 process x 2 micro-batches, in both stages of SALT: the
+    same global batches, the gradients averaged over all of them. Compared where the summation order (the
+    thread count, the CPU's BLAS) cannot matter: the first step's gradients, and the losses. Not the weights
+    after AdamW steps: Adam turns rounding noise in a near-zero gradient into a step of about the learning
+    rate, in either direction."""
+    salt_run = [f'--teacher_ckpt={slm_and_scores[0]}', '--kd_steps=2', '--lr_decay_steps=4']
+    runs = {'one': (1, ['--grad_accum_steps=2']), 'two': (2, ['--grad_accum_steps=1', f'--parallelism={parallelism}'])}
+    for name, (nproc, settings) in runs.items():
+        train(text_data, tmp_path / name, '--max_steps=1', *salt_run, *settings, nproc=nproc)
+    # each gradient element is a sum over the batch's 64 tokens, in an order that depends on the thread count and
+    # the BLAS: float32 reassociation moves it by a few eps of the terms' size. 1000 eps of the tensor's largest
+    # gradient is ~100x that; another batch, or gradients not averaged over the ranks, differ by ~its size.
+    one, two = first_step_gradients(tmp_path / 'one'), first_step_gradients(tmp_path / 'two')
+    assert sorted(one) == sorted(two) and len(one) > 10
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1000 * EPS32 * one[name].abs().max().item(),
+                                   msg=name)
+    for name, (nproc, settings) in runs.items():  # three more steps each, resumed: the batches go on alike
+        train(text_data, tmp_path / name, '--max_steps=4', *salt_run, *settings, nproc=nproc)
     records_one, records_two = step_records(tmp_path / 'one'), step_records(tmp_path / 'two')
+    assert sorted(records_one) == sorted(records_two) == [1, 2, 3, 4]
+    assert [records_two[s]['kd_weight'] > 0 for s in range(1, 5)] == [True, True, False, False]
     for step in records_one:
-        for key in ('loss', 'val_loss'):
-            assert records_one[step].get(key) == pytest.approx(records_two[step].get(key), rel=1e-5)
+        for key in ('loss', 'ce', 'kl', 'val_loss'):  # eps-sized reassociation, and Adam's noise: second order
+            assert records_two[step].get(key) == pytest.approx(records_one[step].get(key), rel=1e-5), (step, key)
+
+
+def test_fsdp_killed_anywhere_resumes_to_the_uninterrupted_losses(tmp_path, text_data, slm_and_scores):
+    """SIGKILL a 2-rank fsdp SALT run (the whole job, as a lost node would) and run the same command again: its
+    losses are those of an uninterrupted run; its checkpoint then teaches and scores in one process."""
+    common = [f'--teacher_ckpt={slm_and_scores[0]}', '--kd_steps=4', '--max_steps=10', '--ckpt_interval=2',
+              '--eval_interval=5', '--parallelism=fsdp']
+    train(text_data, tmp_path / 'whole', *common, nproc=2)
+    killed = tmp_path / 'killed'
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    process = subprocess.Popen(launcher + train_command(text_data, killed, *common)[1:], cwd=REPO,
+                               env=dict(os.environ, OMP_NUM_THREADS='1'), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (os.path.isdir(killed / 'ckpt') and salt.read_checkpoint_meta(str(killed / 'ckpt'))['step'] >= 4):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    train(text_data, killed, *common, nproc=2)  # the same command again
+    whole, stitched = step_records(tmp_path / 'whole'), step_records(killed)
+    assert sorted(stitched) == list(range(1, 11))
+    assert [whole[s]['loss'] for s in whole] == pytest.approx([stitched[s]['loss'] for s in whole], rel=1e-6)
+    # the sharded checkpoint, whole in one process: its val loss is the run's, and it teaches and scores
+    model = salt.load_model(str(killed / 'ckpt'), 'cpu')
+    val_split = data.TokenSequences(text_data, 'val', 16)
+    val = val_split.get(np.linspace(0, len(val_split) - 1, 4).round())  # the run's eval set: eval_batches=2 of 2
+    _, ce, _ = model(val[:, :-1], val[:, 1:])
+    assert ce.item() == pytest.approx(stitched[10]['val_loss'], rel=1e-5)
+    train(text_data, tmp_path / 'taught', f'--teacher_ckpt={killed / "ckpt"}', '--kd_steps=2', '--max_steps=2')
+    run_script('salt.py', 'score', f'--ckpt={killed / "ckpt"}', f'--data_dir={text_data}', '--block_size=16',
+               '--max_sequences=64', f'--out={tmp_path / "scores.npy"}')
+    assert np.load(tmp_path / 'scores.npy').shape == (64, 3)
+
+
+def test_activation_checkpointing_leaves_the_gradients_unchanged():
+    """Recomputing each block in the backward gives the gradients of keeping its activations, KD term included."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=100, n_layer=3, n_head=2, n_embd=32, dropout=0.0)
+    teacher = GPT(GPTConfig(**{**vars(config), 'n_embd': 16})).requires_grad_(False)
+    x, y = torch.randint(0, 100, (4, 16)), torch.randint(0, 100, (4, 16))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)
+        model = GPT(config)
+        model.activation_checkpointing = checkpointing
+        soft_labels = teacher(x, return_hidden=True), teacher.lm_head.weight
+        loss, _, kl = model(x, y, teacher=soft_labels, kd_weight=0.5, temperature=2.0)
+        loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert kl > 0
+    for name, grad in grads[0].items():  # the same operations on the same numbers: equal up to float32 rounding
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_loss_runs_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the model's loss multiplies 16-bit operands (the LM head GEMMs are a large part of a
+    small student's step), though the LayerNorm hands it fp32 hidden states and the weights are fp32."""
+    gemm_dtypes = []
+    real_matmul = kernels._matmul
+    monkeypatch.setattr(kernels, '_matmul', lambda a, b, out_dtype: gemm_dtypes.append(a.dtype) or real_matmul(a, b, out_dtype))
+    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=32))
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss, _, _ = model(x, y)
+    loss.backward()
+    assert gemm_dtypes and set(gemm_dtypes) == {torch.bfloat16}
+    assert model.lm_head.weight.grad.dtype == torch.float32
+
+
+def test_memory_plan_is_printed_and_adds_up(tmp_path, text_data):
+    result = train(text_data, tmp_path, '--max_steps=2')
+    assert '| per device (estimate) | ddp | fsdp over 1 |' in result.stdout and '| total |' in result.stdout
+    student, teacher = GPTConfig.from_preset('salt-2.8b', block_size=2048), GPTConfig.from_preset('gpt2-xl', block_size=2048)
+    plan = memory_plan(student, teacher, tokens=8192, world_size=8, compute_bytes=2)
+    n = student.n_params(non_embedding=False)
+    assert plan['weights (fp32)'] == (4 * n, 4 * n / 8) and plan['AdamW moments (fp32)'] == (8 * n, n)
+    assert plan['total'] == tuple(map(sum, zip(*[v for k, v in plan.items() if k != 'total'])))
+    assert plan['total'][1] < plan['total'][0] - 12 * n * 7 / 8  # fsdp saves 7/8 of 16 bytes a parameter, less what it gathers
+    assert plan['teacher (frozen, stage 1)'][0] == 2 * teacher.n_params(non_embedding=False)
+
+
+def test_val_loss_per_subset_and_few_shot_tasks_are_logged(tmp_path, pile, files):
+    """Each evaluation logs the val loss of each data subset (their token-weighted mean is the val loss) and the
+    few-shot tasks' scores."""
+    tasks = f"hellaswag:{files['hellaswag']},lambada:{files['lambada']}"
+    whole = pile[2]
+    train(whole, tmp_path, '--max_steps=2', '--eval_interval=2', '--eval_batches=4', f'--eval_tasks={tasks}')
+    header = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')][0]
+    final = step_records(tmp_path)[2]
+    tokens = header['val_tokens_subsets']
+    assert len(final['val_loss_subsets']) == len(tokens) > 1 and sum(tokens.values()) == header['val_tokens']
+    mean = sum(final['val_loss_subsets'][name] * n for name, n in tokens.items()) / header['val_tokens']
+    assert mean == pytest.approx(final['val_loss'], rel=1e-6)
+    model = salt.load_model(str(tmp_path / 'ckpt'), 'cpu')  # the subsets' losses, brute force
+    val = data.TokenSequences(whole, 'val', 16)
+    subsets, names = val.domains()
+    evaluated = np.linspace(0, len(val) - 1, 8).round().astype(int)  # eval_batches=4 of 2, spread over the split
+    for name in tokens:
+        ids = [i for i in evaluated if names[subsets[i]] == name]
+        logits = model(val.get(ids)[:, :-1]).double()
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), val.get(ids)[:, 1:].flatten())
+        assert final['val_loss_subsets'][name] == pytest.approx(ce.item(), rel=1e-5), name
+    scores = evaluate.evaluate_tasks(model, evaluate.read_tasks(tasks))
+    for task, metric in (('hellaswag', 'acc_norm'), ('lambada', 'ppl')):
+        assert final[f'{task}/{metric}'] == pytest.approx(scores[task][metric], rel=1e-5)
 
 
 def test_experiment_writes_table_and_plot(tmp_path, text_data):
     """The whole pipeline of experiment.py at toy size: SLM -> scores -> baseline, SALT, SALT_DS and two
     ablations -> report."""
     common = f"data_dir = {text_data!r}\nblock_size = 16\nbatch_size = 2\ntrain_sequences = 128\neval_batches = 2\n"
-    (tmp_path / 'slm.py').write_text(common + "model_size = 'demo-slm'\nmax_steps = 6\neval_interval = 3\n")
+    (tmp_path / 'slm.py').write_text(common + "model_size = 'demo-slm'\nmax_steps = 6\neval_interval = 3\nwarmup_steps = 2\n")
     (tmp_path / 'student.py').write_text(common + "model_size = 'demo-student'\nmax_steps = 10\nkd_steps = 4\n"
                                          "eval_interval = 1\nlog_interval = 1\nwarmup_steps = 2\nlearning_rate = 3e-3\n")
     command = [os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py', '--student_config=student.py',
@@ -1102,7 +1546,7 @@ def test_score_file_made_for_other_data_or_teacher_is_refused(slm_and_scores, te
         with pytest.raises(ValueError, match=key) as error:
             salt.load_scores(score_file, {**expected, key: other})
         assert score_file in str(error.value)
-    with pytest.raises(FileNotFoundError, match='salt.py score'):
+    with pytest.raises(data.InputError, match='salt.py score'):
         salt.load_scores(score_file + '.missing.npy', expected)
 
 
@@ -1129,7 +1573,7 @@ def test_kill_anywhere_then_the_same_command_resumes_bit_identically(tmp_path, t
     while True:
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if kills == 0:  # the first kill lands while a checkpoint is being written
-            while not (killed / 'ckpt.pt.tmp').exists() and process.poll() is None:
+            while not (killed / 'ckpt.tmp').exists() and process.poll() is None:
                 time.sleep(0.001)
         elif kills < 5:
             time.sleep(rng.uniform(2.0, 6.0))
@@ -1146,7 +1590,7 @@ def test_kill_anywhere_then_the_same_command_resumes_bit_identically(tmp_path, t
         assert {k: whole[step][k] for k in ('loss', 'ce', 'kl', 'kd_weight')} == \
             {k: stitched[step][k] for k in ('loss', 'ce', 'kl', 'kd_weight')}, step
     assert whole[12]['val_loss'] == stitched[12]['val_loss']
-    assert torch.load(killed / 'ckpt.prev.pt', weights_only=True)['step'] == 11  # the one before is kept
+    assert salt.read_checkpoint_meta(str(killed / 'ckpt.prev'))['step'] == 11  # the one before is kept
 
 
 def test_a_dead_rank_ends_the_job_and_the_rerun_resumes(tmp_path, text_data):
@@ -1158,7 +1602,7 @@ def test_a_dead_rank_ends_the_job_and_the_rerun_resumes(tmp_path, text_data):
                                env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (killed / 'ckpt.pt').exists() and time.time() < deadline:
+    while not (killed / 'ckpt').exists() and time.time() < deadline:
         time.sleep(0.01)
     os.kill(rank_pids(process.pid)[1], signal.SIGKILL)
     killed_at = time.time()
@@ -1174,8 +1618,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     blow_up = ['--learning_rate=1e30', '--warmup_steps=1', '--ckpt_interval=1', '--max_steps=6', '--grad_clip=0.0']
     result = train(text_data, tmp_path / 'stop', *blow_up, check=False)
     assert result.returncode != 0 and 'step 2: loss' in result.stderr and 'not finite' in result.stderr
-    assert f"{tmp_path / 'stop' / 'ckpt.pt'} (step 1)" in result.stderr
-    assert torch.load(tmp_path / 'stop' / 'ckpt.pt', weights_only=True)['step'] == 1
+    assert f"{tmp_path / 'stop' / 'ckpt'} (step 1)" in result.stderr
+    assert salt.read_checkpoint_meta(str(tmp_path / 'stop' / 'ckpt'))['step'] == 1
     result = train(text_data, tmp_path / 'skip', *blow_up, '--skip_nonfinite=2', check=False)
     assert 'batch skipped (1/2)' in result.stdout and 'batch skipped (2/2)' in result.stdout
     assert result.returncode != 0 and 'step 2: loss' in result.stderr
@@ -1198,18 +1642,105 @@ def test_bad_settings_are_clear_errors(tmp_path, text_data, slm_and_scores):
     assert result.returncode != 0 and 'holds no checkpoint' in result.stderr
 
 
+NONSENSE_SETTINGS = ['learning_rate=-0.001', 'learning_rate=0.0', 'min_lr=0.01', 'batch_size=0', 'block_size=0',
+                     'grad_accum_steps=0', 'max_steps=0', 'warmup_steps=5000', 'kd_weight=1.5', 'kd_weight=-0.1',
+                     'teacher_temperature=0.0', 'select_fraction=0.0', 'select_fraction=1.5', "kd_schedule='cosine'",
+                     'eval_interval=0', 'ckpt_interval=0', "init_from='gpt3'", "model_size='huge'"]
+
+
+def test_settings_that_make_no_sense_are_refused_naming_the_key(tmp_path, text_data):
+    commands = {setting: train_command(text_data, tmp_path / str(i), f'--{setting}')
+                for i, setting in enumerate(NONSENSE_SETTINGS)}
+    running = {setting: subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for setting, command in commands.items()}  # together: each only starts and stops
+    for setting, process in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        key, value = setting.split('=')
+        assert process.returncode != 0 and stderr.strip().splitlines() == [stderr.strip()], (setting, stderr)
+        assert stderr.startswith(f"{key}={value}") or f"{key}={value}:" in stderr, (setting, stderr)
+        assert not os.path.exists(tmp_path / str(NONSENSE_SETTINGS.index(setting)) / 'metrics.jsonl'), setting
+
+
+def one_line_error(result):
+    """The one line a command printed on stderr before it stopped with a non-zero exit; fails on a traceback."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_expected_user_errors_end_in_one_line(tmp_path, text_data, slm_and_scores):
+    """Bad input a user can fix ends in one line naming the file, key or value, and a non-zero exit; a
+    traceback is for bugs."""
+    teacher, scores = slm_and_scores
+    truncated = tmp_path / 'truncated'
+    shutil.copytree(text_data, truncated)
+    shard = truncated / 'train_000000.bin'
+    os.truncate(shard, os.path.getsize(shard) - 10)
+    line = one_line_error(train(str(truncated), tmp_path / 'a', check=False))
+    assert str(shard) in line and 'truncated' in line
+    line = one_line_error(train(text_data, tmp_path / 'b', f'--teacher_ckpt={teacher}', f'--score_file={scores}',
+                                '--kd_steps=2', '--train_sequences=128', check=False))  # scored: 256 sequences
+    assert scores in line and 'n_sequences=256' in line
+    line = one_line_error(train(text_data, tmp_path / 'c', f'--teacher_ckpt={tmp_path / "nope.pt"}', '--kd_steps=2',
+                                check=False))
+    assert str(tmp_path / 'nope.pt') in line and 'does not exist' in line
+    line = one_line_error(train(text_data, tmp_path / 'd', f'--teacher_ckpt={teacher}', '--kd_steps=2',
+                                '--block_size=32', check=False))  # the SLM was trained on 16
+    assert teacher in line and "block_size 16, shorter than the student's 32" in line
+    not_a_checkpoint = tmp_path / 'notes.txt'
+    not_a_checkpoint.write_text('not a checkpoint\n')
+    line = one_line_error(run_script('salt.py', 'score', f'--ckpt={not_a_checkpoint}', f'--data_dir={text_data}',
+                                     '--block_size=16', f'--out={tmp_path / "s.npy"}', check=False))
+    assert f"'{not_a_checkpoint}' is not a checkpoint of train.py" in line
+    pile = tmp_path / 'bad.jsonl'
+    pile.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # latin-1, not UTF-8, on line 2
+    line = one_line_error(run_script('data.py', 'pile', str(pile), f'--out_dir={tmp_path / "pile"}', check=False))
+    assert f"{pile}: line 2" in line and 'utf-8' in line
+    line = one_line_error(run_script('experiment.py', '--student_config=no_such_config.py', check=False))
+    assert "'no_such_config.py' does not exist" in line
+
+
+def test_resume_after_moving_the_data_but_not_onto_other_data(tmp_path, text_data, slm_and_scores):
+    """The run compares what its data, teacher and scores hold, not their paths: a copy elsewhere resumes the
+    same run (its losses those of an uninterrupted one); other data under the old path is refused."""
+    teacher, scores = slm_and_scores
+    salt_ds = [f'--teacher_ckpt={teacher}', f'--score_file={scores}', '--train_sequences=256', '--kd_steps=2',
+               '--lr_decay_steps=4', '--ckpt_interval=100']
+    train(text_data, tmp_path / 'whole', '--max_steps=4', *salt_ds)
+    train(text_data, tmp_path / 'moved', '--max_steps=2', *salt_ds)
+    copies = tmp_path / 'copies'
+    shutil.copytree(text_data, copies / 'data')
+    shutil.copytree(teacher, copies / 'ckpt')
+    for path in (scores, scores.replace('.npy', '.json')):
+        shutil.copy(path, copies)
+    moved = [f'--teacher_ckpt={copies / "ckpt"}', f'--score_file={copies / "scores.npy"}'] + salt_ds[2:]
+    result = train(str(copies / 'data'), tmp_path / 'moved', '--max_steps=4', *moved)
+    assert 'resuming from' in result.stdout
+    whole, stitched = step_records(tmp_path / 'whole'), step_records(tmp_path / 'moved')
+    assert [whole[s]['loss'] for s in range(1, 5)] == [stitched[s]['loss'] for s in range(1, 5)]
+    # another corpus under the copy's path: not the same run
+    shutil.rmtree(copies / 'data')
+    other = tmp_path / 'other.txt'
+    other.write_text(open(REAL_TEXT, encoding='utf-8').read()[::-1])
+    run_script('data.py', 'text', str(other), f'--out_dir={copies / "data"}')
+    result = train(str(copies / 'data'), tmp_path / 'moved', '--max_steps=6', '--lr_decay_steps=4', check=False)
+    assert result.returncode != 0 and f"data_dir='{copies / 'data'}' (the run read another data from" in result.stderr
+
+
 def test_teacher_with_another_vocabulary_or_tokenizer_is_refused(tmp_path):
     other = GPT(GPTConfig(block_size=16, vocab_size=1000, n_layer=1, n_head=2, n_embd=16))
-    path = tmp_path / 'other.pt'
-    torch.save(dict(model=other.state_dict(), model_args=vars(other.config), run_id='x', step=1), path)
+    save_gpt(other, tmp_path / 'other', run_id='x', step=1)
     with pytest.raises(ValueError, match='vocab_size 1000 but the student has 50257'):
-        salt.load_teacher(str(path), 'cpu', GPTConfig(block_size=16))
+        salt.load_teacher(str(tmp_path / 'other'), 'cpu', GPTConfig(block_size=16))
     same_vocab = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
-    torch.save(dict(model=same_vocab.state_dict(), model_args=vars(same_vocab.config), run_id='y', step=1,
-                    tokenizer='cl100k_base'), path)
+    save_gpt(same_vocab, tmp_path / 'same', run_id='y', step=1, tokenizer='cl100k_base')
     with pytest.raises(ValueError, match="trained on 'cl100k_base' tokens but the student's data is 'r50k_base'"):
-        salt.load_teacher(str(path), 'cpu', GPTConfig(block_size=16), tokenizer='r50k_base')
-    assert salt.load_teacher(str(path), 'cpu', GPTConfig(block_size=16)).config.vocab_size == 50257
+        salt.load_teacher(str(tmp_path / 'same'), 'cpu', GPTConfig(block_size=16), tokenizer='r50k_base')
+    teacher = salt.load_teacher(str(tmp_path / 'same'), 'cpu', GPTConfig(block_size=16))
+    for name, tensor in same_vocab.state_dict().items():  # loaded whole, exactly
+        assert torch.equal(teacher.state_dict()[name], tensor), name
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
@@ -1289,19 +1820,17 @@ def test_two_ranks_score_like_one_process(uninterrupted):
 # resuming after a kill
 
 
-def rows_done(tmp_path):
-    """Rows of a scoring run's .tmp already written (none while it does not exist: it appears complete)."""
-    if not os.path.exists(tmp_path):
+def rows_done(out):
+    """Rows a scoring run writing `out` has finished so far (whole batches with a valid record)."""
+    if not os.path.isdir(out + '.parts'):
         return 0
-    return int((~np.isnan(np.load(tmp_path, mmap_mode='r')).any(axis=1)).sum())
+    return len(salt.scored_batches(out + '.parts', BATCH)) * BATCH
 
 
 def rank_pids(torchrun_pid):
     """{rank: pid} of torchrun's worker processes, from /proc."""
-    with open(f'/proc/{torchrun_pid}/task/{torchrun_pid}/children') as f:
-        children = [int(pid) for pid in f.read().split()]
     ranks = {}
-    for pid in children:
+    for pid in child_pids(torchrun_pid):
         with open(f'/proc/{pid}/environ', 'rb') as f:
             env = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
         if b'RANK' in env:
@@ -1317,14 +1846,14 @@ def kill_partway(args, out, nproc):
     env = dict(os.environ, OMP_NUM_THREADS='1') if nproc > 1 else os.environ
     process = subprocess.Popen(start + args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while rows_done(out + '.tmp') < N_SEQUENCES // 4:
+    while rows_done(out) < N_SEQUENCES // 4:
         assert process.poll() is None, f"scoring ended before it could be killed:\n{process.stdout.read()[-3000:]}"
         assert time.time() < deadline
         time.sleep(0.02)
     os.kill(process.pid if nproc == 1 else rank_pids(process.pid)[1], signal.SIGKILL)
     process.communicate(timeout=120)
     assert process.returncode != 0 and not os.path.exists(out)
-    return rows_done(out + '.tmp')
+    return rows_done(out)
 
 
 @pytest.mark.parametrize('nproc', [1, 2])
@@ -1341,22 +1870,44 @@ def test_killed_scoring_resumes_to_the_same_scores(slm, uninterrupted, tmp_path,
     assert sorted(os.listdir(tmp_path)) == ['scores.json', 'scores.npy']  # nothing temporary left
 
 
+def test_scoring_resumes_on_another_number_of_ranks_past_damaged_records(slm, uninterrupted, tmp_path):
+    """Killed under 2 ranks, each rank's file is damaged at its end as a crash may leave it (half a record, a
+    zero-filled tail); resumed by one process: the damaged batches are scored again, the rest kept."""
+    out = str(tmp_path / 'scores.npy')
+    args = score_args(slm, out)
+    kill_partway(args, out, nproc=2)
+    record_size = salt.record_dtype(BATCH).itemsize
+    files = sorted(glob.glob(out + '.parts/rank*.bin'))
+    assert len(files) == 2
+    for path, damage in zip(files, (b'\x07' * (record_size // 2), b'\0' * (3 * record_size))):
+        with open(path, 'ab') as f:
+            f.write(damage)
+    kept = rows_done(out)
+    rerun = run_script(*args)
+    left = int(re.search(r'resuming, ([\d,]+) batches', rerun.stdout).group(1).replace(',', ''))
+    assert left == (N_SEQUENCES - kept) // BATCH
+    # 2 ranks and 1 process score with other thread counts: equal up to float32 rounding of a loss (~10 eps)
+    np.testing.assert_allclose(np.load(out), uninterrupted[1], rtol=1e-6, atol=1e-6)
+    assert sorted(os.listdir(tmp_path)) == ['scores.json', 'scores.npy']
+
+
 def test_partial_scores_for_another_teacher_are_refused(slm, uninterrupted, tmp_path):
     out = str(tmp_path / 'scores.npy')
     sequences = data.TokenSequences(slm[1], 'train', 16, max_sequences=N_SEQUENCES)
-    partial = uninterrupted[1].copy()
-    partial[100:] = np.nan
-    with open(out + '.tmp', 'wb') as f:  # as a killed run leaves it, but made for another teacher
-        np.save(f, partial)
-    with open(out + '.tmp.json', 'w') as f:
-        json.dump(salt.score_meta('another-slm@step9', sequences, top_k=10), f)
+    parts = out + '.parts'
+    os.makedirs(parts)
+    records = np.zeros(3, salt.record_dtype(BATCH))  # as a killed run leaves them, but made for another teacher
+    with open(os.path.join(parts, 'rank00000.bin'), 'wb') as f:
+        f.write(records.tobytes())
+    with open(os.path.join(parts, 'meta.json'), 'w') as f:
+        json.dump(dict(salt.score_meta('another-slm@step9', sequences, top_k=10), batch_size=BATCH), f)
     result = run_script(*score_args(slm, out), check=False)
-    assert result.returncode != 0
-    assert f"{out}.tmp: partial scores made for teacher='another-slm@step9'" in result.stderr
-    assert 'delete' in result.stderr and np.array_equal(np.load(out + '.tmp'), partial, equal_nan=True)
-    os.remove(out + '.tmp.json')  # a .tmp without its metadata cannot be trusted either
-    with pytest.raises(ValueError, match='without their metadata'):
-        salt.prepare_tmp(out + '.tmp', salt.score_meta('x@step1', sequences, top_k=10))
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert f"{parts}: partial scores made for teacher='another-slm@step9'" in result.stderr
+    assert 'delete' in result.stderr and open(os.path.join(parts, 'rank00000.bin'), 'rb').read() == records.tobytes()
+    os.remove(os.path.join(parts, 'meta.json'))  # partial scores without their metadata cannot be trusted either
+    result = run_script(*score_args(slm, out), check=False)
+    assert result.returncode != 0 and 'without their metadata' in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1435,3 +1986,751 @@ def test_report_on_pile_data_with_subsets(slm, tmp_path):
                         '--select_fraction=0.3', f'--out_dir={out_dir}')
     assert 'Subset shares unavailable' in result.stdout and 're-tokenize' in result.stdout
     assert report_numbers(result.stdout)[:3] == (selected, total, threshold)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate.py and sample.py
+
+def run_scripts(commands):
+    """Several scripts at once (each single-threaded), for the quick ones: {name: CompletedProcess-like}."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    running = {name: subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE) for name, args in commands.items()}
+    results = {}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=600)
+        results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return results
+
+
+def assert_one_line_error(result, *expected):
+    line = one_line_error(result)
+    for text in expected:
+        assert text in line, (text, line)
+
+# ----------------------------------------------------------------------------------------------------------
+# task files in HellaSwag's and LAMBADA's formats, made of held-out passages of real text
+
+
+def passages(count, words=30):
+    """`count` passages of `words` words from the last quarter of the real text (whitespace made single spaces,
+    so no passage holds the blank line that separates few-shot examples)."""
+    with open(REAL_TEXT, encoding='utf-8') as f:
+        text = f.read()
+    tail = text[3 * len(text) // 4:].split()[1:]  # the first word may be cut in two
+    return [tail[i * words:(i + 1) * words] for i in range(count)]
+
+
+def hellaswag_lines(windows, context_words=14):
+    """A context from each passage; endings: its true continuation and those of the next three passages, of
+    varied lengths (so that the sum, per-character and per-token scores pick differently)."""
+    endings = [w[context_words:context_words + 4 + i % 7] for i, w in enumerate(windows)]
+    lines = []
+    for i, w in enumerate(windows):
+        others = [' '.join(endings[(i + k) % len(windows)]) for k in (1, 2, 3)]
+        label = i % 4
+        lines.append(dict(ctx=' '.join(w[:context_words]), label=label,
+                          endings=others[:label] + [' '.join(endings[i])] + others[label:]))
+    return lines
+
+
+def lambada_lines(windows):
+    return [dict(text=' '.join(w[:8 + i % 9])) for i, w in enumerate(windows)]
+
+
+def write_jsonl(path, lines):
+    with open(path, 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps(line) + '\n' for line in lines)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    """Evaluation and few-shot files of each task, from disjoint passages."""
+    folder = tmp_path_factory.mktemp('tasks')
+    windows = passages(50)
+    return dict(
+        hellaswag=write_jsonl(folder / 'hellaswag_val.jsonl', hellaswag_lines(windows[:13])),
+        hellaswag_fewshot=write_jsonl(folder / 'hellaswag_train.jsonl', hellaswag_lines(windows[13:21])),
+        lambada=write_jsonl(folder / 'lambada_test.jsonl', lambada_lines(windows[21:34])),
+        lambada_fewshot=write_jsonl(folder / 'lambada_fewshot.jsonl', lambada_lines(windows[34:42])),
+        folder=str(folder))
+
+
+BLOCK_SIZE = 256
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """A tiny random GPT as a train.py checkpoint, and the model itself. Weights of std 1 instead of GPT-2's
+    0.02 make the log-probs differ clearly from ending to ending, so no score hangs on a near tie."""
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK_SIZE)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0)
+    path = tmp_path_factory.mktemp('tiny') / 'ckpt'
+    save_gpt(model, path, run_id='tiny', step=0, tokenizer=data.ENCODING)
+    return str(path), model.eval()
+
+# ----------------------------------------------------------------------------------------------------------
+# the brute force: full logits, one whole sequence at a time, float64
+
+
+def brute_force(model, context, continuation):
+    """(summed log-prob of the continuation's tokens, their number, whether greedy decoding reproduces them)
+    after the context, from the model's full logits on the whole sequence, cut from the left to block_size + 1
+    tokens if longer (the continuation kept whole)."""
+    ctx = ENC.encode_ordinary(context) or [data.EOT]
+    cont = ENC.encode_ordinary(continuation)
+    tokens = (ctx + cont)[-(BLOCK_SIZE + 1):]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([tokens[:-1]]))[0].double(), dim=-1)
+    positions = range(len(tokens) - 1 - len(cont), len(tokens) - 1)
+    total = sum(logprobs[t, tokens[t + 1]].item() for t in positions)
+    greedy = all(logprobs[t].argmax().item() == tokens[t + 1] for t in positions)
+    return total, len(cont), greedy, len(ctx) + len(cont) > BLOCK_SIZE + 1
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def first_best(scores, margin=1e-3):
+    """The index of the highest score, checking that no other comes within `margin` (no near tie)."""
+    best = max(range(len(scores)), key=scores.__getitem__)
+    assert all(abs(s - scores[best]) > margin for i, s in enumerate(scores) if i != best), scores
+    return best
+
+
+def expected_hellaswag(model, lines, contexts):
+    """acc, acc_norm (lm-evaluation-harness: per character of the ending), acc_norm_tokens (llm.c: per token)."""
+    rows, hits = [], dict(acc=0, acc_norm=0, acc_norm_tokens=0)
+    for line, context in zip(lines, contexts):
+        scored = [brute_force(model, context, ' ' + ending) for ending in line['endings']]
+        rows.append(scored)
+        label, chars = line['label'], [len(e) for e in line['endings']]
+        hits['acc'] += first_best([s for s, _, _, _ in scored]) == label
+        hits['acc_norm'] += first_best([s / c for (s, _, _, _), c in zip(scored, chars)]) == label
+        hits['acc_norm_tokens'] += first_best([s / n for s, n, _, _ in scored]) == label
+    return {k: v / len(lines) for k, v in hits.items()}, rows
+
+
+def expected_lambada(model, lines, contexts):
+    """acc (every target token greedy) and ppl = exp(-mean summed log-prob of the target)."""
+    rows = [[brute_force(model, context, ' ' + line['text'].split(' ')[-1])] for line, context in zip(lines, contexts)]
+    acc = sum(row[0][2] for row in rows) / len(rows)
+    return dict(acc=acc, ppl=math.exp(-sum(row[0][0] for row in rows) / len(rows))), rows
+
+
+def greedy_line(model):
+    """A LAMBADA line whose last word the model predicts greedily (a random model gets real text wrong): a real
+    context, then the model's argmax next token, the first time that token is a space and a word."""
+    for words in passages(50)[42:]:
+        context = ' '.join(words[:20])
+        with torch.no_grad():
+            best = model(torch.tensor([ENC.encode_ordinary(context)]))[0, -1].argmax().item()
+        word = ENC.decode([best])
+        if re.fullmatch(' [A-Za-z]+', word) and ENC.encode_ordinary(word) == [best]:
+            return dict(text=context + word)
+    raise AssertionError("the model never predicts a word: pick other passages")
+
+
+def check_rows(scored, rows):
+    """Per example and ending: evaluate.py's (log-prob, tokens, greedy) against the brute force's."""
+    assert [index for index, _, _ in scored] == list(range(len(rows)))
+    for (_, endings, truncated), expected in zip(scored, rows):
+        assert truncated == any(t for _, _, _, t in expected)
+        for (logprob, n, greedy), (want, want_n, want_greedy, _) in zip(endings, expected):
+            assert (n, greedy) == (want_n, want_greedy)
+            assert logprob == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+def test_task_scores_equal_brute_force(tiny, files, tmp_path):
+    _, model = tiny
+    hellaswag, lambada = read_lines(files['hellaswag']), read_lines(files['lambada']) + [greedy_line(model)]
+    tasks = evaluate.read_tasks(f"hellaswag:{files['hellaswag']},lambada:{write_jsonl(tmp_path / 'l.jsonl', lambada)}")
+    want_h, rows_h = expected_hellaswag(model, hellaswag, [line['ctx'] for line in hellaswag])
+    want_l, rows_l = expected_lambada(model, lambada, [line['text'].rsplit(' ', 1)[0] for line in lambada])
+    for task, rows in zip(tasks, (rows_h, rows_l)):  # batches of 5 rows: examples split across batches
+        check_rows(evaluate.score_examples(model, task, shots=0, seed=1, batch_size=5), rows)
+
+    seen = []  # the mode and grad mode the model runs in, and the shape of what it returns
+    hook = model.register_forward_hook(lambda m, _, out: seen.append((m.training, torch.is_grad_enabled(), out.shape)))
+    model.train()
+    got = evaluate.evaluate_tasks(model, tasks, batch_size=5)
+    hook.remove()
+    assert model.training  # put back as it was found
+    model.eval()
+    assert {(training, grad) for training, grad, _ in seen} == {(False, False)}
+    assert all(shape[-1] == model.config.n_embd for _, _, shape in seen)  # hidden states, never (B, T, vocab) logits
+    assert got['hellaswag'] == dict(want_h, chance=0.25, examples=13, truncated=0)
+    assert got['lambada'].keys() == {'acc', 'ppl', 'chance', 'examples', 'truncated'}
+    assert got['lambada']['acc'] == want_l['acc'] and got['lambada']['ppl'] == pytest.approx(want_l['ppl'], rel=1e-5)
+    assert (got['lambada']['chance'], got['lambada']['examples'], got['lambada']['truncated']) == (0.0, 14, 0)
+    assert want_l['acc'] > 0  # the greedy check is exercised both ways
+    # the scores tell the normalizations apart on this data
+    assert len({want_h['acc'], want_h['acc_norm'], want_h['acc_norm_tokens']}) > 1
+
+
+def test_long_contexts_are_cut_from_the_left_and_counted(tiny, files, tmp_path):
+    _, model = tiny
+    long_words = passages(41, words=300)[40]  # ~400 tokens: longer than the block
+    hellaswag = read_lines(files['hellaswag'])[:3]
+    hellaswag[1]['ctx'] = ' '.join(long_words)
+    lambada = read_lines(files['lambada'])[:3] + [dict(text=' '.join(long_words))]
+    tasks = evaluate.read_tasks(f"hellaswag:{write_jsonl(tmp_path / 'h.jsonl', hellaswag)},"
+                                f"lambada:{write_jsonl(tmp_path / 'l.jsonl', lambada)}")
+    assert len(ENC.encode_ordinary(hellaswag[1]['ctx'])) > BLOCK_SIZE + 1
+    want_h, rows_h = expected_hellaswag(model, hellaswag, [line['ctx'] for line in hellaswag])
+    want_l, rows_l = expected_lambada(model, lambada, [line['text'].rsplit(' ', 1)[0] for line in lambada])
+    for task, rows in zip(tasks, (rows_h, rows_l)):
+        check_rows(evaluate.score_examples(model, task, shots=0, seed=1, batch_size=4), rows)
+    got = evaluate.evaluate_tasks(model, tasks)
+    assert got['hellaswag'] == dict(want_h, chance=0.25, examples=3, truncated=1)
+    assert got['lambada'] == pytest.approx(dict(want_l, chance=0.0, examples=4, truncated=1), rel=1e-5)
+
+
+def solved(line):
+    return line['text'] if 'text' in line else line['ctx'] + ' ' + line['endings'][line['label']]
+
+
+def test_k_shot_prompts_hold_k_examples_and_are_seeded(tiny, files):
+    _, model = tiny
+    tasks = evaluate.read_tasks(f"hellaswag:{files['hellaswag']},lambada:{files['lambada']}",
+                                f"hellaswag:{files['hellaswag_fewshot']},lambada:{files['lambada_fewshot']}")
+    zero_shot = evaluate.evaluate_tasks(model, tasks)
+    for task, context_of in zip(tasks, (lambda line: line['ctx'], lambda line: line['text'].rsplit(' ', 1)[0])):
+        lines, pool = read_lines(task.path), {solved(line) for line in read_lines(task.fewshot_path)}
+        prompts = [evaluate.prompt(task, i, 3, 1234) for i in range(len(lines))]
+        assert prompts == [evaluate.prompt(task, i, 3, 1234) for i in range(len(lines))]  # deterministic
+        assert prompts != [evaluate.prompt(task, i, 3, 99) for i in range(len(lines))]  # and the seed matters
+        shots = []
+        for text, line in zip(prompts, lines):
+            *examples, context = text.split('\n\n')  # three solved examples, a blank line after each
+            assert len(examples) == 3 == len(set(examples)) and set(examples) <= pool and context == context_of(line)
+            shots.append(tuple(examples))
+        assert len(set(shots)) > 1  # each example draws its own
+        expected = expected_hellaswag if task.name == 'hellaswag' else expected_lambada
+        want, rows = expected(model, lines, prompts)
+        check_rows(evaluate.score_examples(model, task, shots=3, seed=1234, batch_size=7), rows)
+        got = evaluate.evaluate_tasks(model, [task], shots=3, batch_size=7)[task.name]
+        assert got['truncated'] == 0  # the model read every shot
+        assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-5)
+    assert evaluate.evaluate_tasks(model, tasks, shots=3) != zero_shot
+
+
+def test_two_gloo_ranks_give_the_scores_of_one_process(tiny, files, tmp_path):
+    ckpt, _ = tiny
+    args = ['evaluate.py', f'--ckpt={ckpt}', '--task', f"hellaswag:{files['hellaswag']}", '--task',
+            f"lambada:{files['lambada']}", '--shots=2', '--fewshot_file', f"hellaswag:{files['hellaswag_fewshot']}",
+            '--fewshot_file', f"lambada:{files['lambada_fewshot']}"]
+    one = run_script(*args, '--batch_size=3', f'--out={tmp_path / "one.json"}')
+    run_script(*args, '--batch_size=5', f'--out={tmp_path / "two.json"}', nproc=2)  # 13 examples: 7 and 6
+    assert 'hellaswag: acc ' in one.stdout and '(chance 0.25) over 13 examples' in one.stdout
+    assert 'lambada: acc ' in one.stdout and 'ppl ' in one.stdout
+    results = [json.load(open(tmp_path / name)) for name in ('one.json', 'two.json')]
+    assert [r['world_size'] for r in results] == [1, 2]
+    assert (results[0]['ckpt'], results[0]['shots'], results[0]['seed']) == (ckpt, 2, 1234)
+    assert results[0]['files']['lambada'] == dict(path=files['lambada'], fewshot_file=files['lambada_fewshot'])
+    for task in ('hellaswag', 'lambada'):
+        one, two = results[0]['results'][task], results[1]['results'][task]
+        assert one.keys() == two.keys()
+        for key in one:  # float32 arithmetic in other batches: close, not equal
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), (task, key)
+    # the in-process function gives the same scores as the command
+    model = salt.load_model(ckpt, 'cpu')
+    tasks = evaluate.read_tasks(f"hellaswag:{files['hellaswag']},lambada:{files['lambada']}",
+                                f"hellaswag:{files['hellaswag_fewshot']},lambada:{files['lambada_fewshot']}")
+    for task, scores in evaluate.evaluate_tasks(model, tasks, shots=2).items():
+        assert scores == pytest.approx(results[0]['results'][task], rel=1e-5)
+
+
+GOOD_H = '{"ctx": "A man sits on a roof.", "endings": ["he waves.", "it rains."], "label": 0}'
+GOOD_L = '{"text": "the cat sat on the mat"}'
+BAD_LINES = {  # case: (task, third line of the file, what the message says)
+    'hellaswag not json': ('hellaswag', '{"ctx": "a", "endings": ["b", ', 'not JSON'),
+    'hellaswag no label': ('hellaswag', '{"ctx": "a", "endings": ["b", "c"]}', '"label"'),
+    'hellaswag label out of range': ('hellaswag', '{"ctx": "a", "endings": ["b", "c"], "label": 2}', '"label" 2'),
+    'hellaswag empty ending': ('hellaswag', '{"ctx": "a", "endings": ["b", " "], "label": 0}', 'ending 1 is empty'),
+    'lambada no text': ('lambada', '{"txt": "a b"}', '"text"'),
+    'lambada empty text': ('lambada', '{"text": ""}', 'empty'),
+    'lambada no space': ('lambada', '{"text": "word"}', 'no last word'),
+}
+
+
+def test_each_malformed_line_is_a_one_line_error(tiny, tmp_path):
+    ckpt, _ = tiny
+    commands, expected = {}, {}
+    for case, (task, bad, message) in BAD_LINES.items():
+        good = GOOD_H if task == 'hellaswag' else GOOD_L
+        path = tmp_path / (case.replace(' ', '_') + '.jsonl')
+        path.write_text(f"{good}\n{good}\n{bad}\n{good}\n")
+        commands[case] = ['evaluate.py', f'--ckpt={ckpt}', f'--task={task}:{path}']
+        expected[case] = (str(path), 'line 3', message)
+    for case, result in run_scripts(commands).items():
+        assert_one_line_error(result, *expected[case])
+
+
+def test_bad_task_arguments_name_what_is_wrong(files, tmp_path):
+    """The same InputError as a malformed line, so the same one-line message from the command."""
+    few = tmp_path / 'few.jsonl'
+    few.write_text(f"{GOOD_L}\n{BAD_LINES['lambada no space'][1]}\n")
+    cases = [  # (task spec, few-shot spec, shots, what the message says)
+        (f"lambada:{tmp_path / 'missing.jsonl'}", '', 0, str(tmp_path / 'missing.jsonl')),
+        (f"piqa:{files['lambada']}", '', 0, "unknown task 'piqa'"),  # and the message lists the known ones:
+        (f"piqa:{files['lambada']}", '', 0, 'the tasks are hellaswag, lambada'),
+        (files['lambada'], '', 0, 'TASK:PATH'),
+        (f"lambada:{files['lambada']}", '', 2, '--fewshot_file lambada:PATH'),
+        (f"lambada:{files['lambada']}", f"lambada:{few}", 1, f"{few}: line 2"),
+        (f"lambada:{files['lambada']}", f"lambada:{files['lambada']}", 1, 'another file'),
+        (f"lambada:{files['lambada']}", f"hellaswag:{files['hellaswag']}", 1, 'not evaluated'),
+    ]
+    for spec, fewshot, shots, message in cases:
+        with pytest.raises(data.InputError) as error:
+            evaluate.check_shots(evaluate.read_tasks(spec, fewshot), shots)
+        assert message in str(error.value) and '\n' not in str(error.value)
+
+# ----------------------------------------------------------------------------------------------------------
+# sample.py
+
+
+def test_sample_is_seeded_counts_its_tokens_and_reads_a_start_file(tiny, tmp_path):
+    ckpt, _ = tiny
+    start = 'ROMEO: But soft, what light'
+    (tmp_path / 'start.txt').write_text(start)
+    common = ['sample.py', f'--ckpt={ckpt}', '--num_samples=3', '--max_new_tokens=9', '--temperature=0.9', '--top_k=50']
+    results = run_scripts({
+        'text': [*common, f'--start={start}', '--seed=1'],
+        'file': [*common, f"--start=FILE:{tmp_path / 'start.txt'}", '--seed=1'],
+        'seed 2': [*common, f'--start={start}', '--seed=2'],
+        'no file': [*common, f"--start=FILE:{tmp_path / 'none.txt'}"],
+    })
+    for name in ('text', 'file', 'seed 2'):
+        assert results[name].returncode == 0, results[name].stderr
+    assert results['text'].stdout == results['file'].stdout  # same seed, same samples; FILE: reads the prompt
+    assert results['text'].stdout != results['seed 2'].stdout
+    # the printed samples are exactly the prompt and 9 new tokens each, 3 of them
+    model = salt.load_model(ckpt, 'cpu')
+    ids = sample.generate_samples(model, ENC.encode(start), num_samples=3, max_new_tokens=9, temperature=0.9,
+                                  top_k=50, seed=1)
+    assert ids.shape == (3, len(ENC.encode(start)) + 9)
+    assert results['text'].stdout == ''.join(ENC.decode(row) + '\n---------------\n' for row in ids.tolist())
+    assert_one_line_error(results['no file'], str(tmp_path / 'none.txt'))
+    # other bad settings: the same InputError, so the same one line from the command
+    settings = dict(ckpt=ckpt, start='', num_samples=3, max_new_tokens=9, temperature=0.9, top_k=50, seed=1, device='cpu')
+    for key, value in (('temperature', 0.0), ('temperature', -1.0), ('top_k', 0), ('num_samples', 0),
+                       ('max_new_tokens', -1)):
+        with pytest.raises(data.InputError, match=f'--{key}'):
+            sample.main(argparse.Namespace(**dict(settings, **{key: value})))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# on a GPU (`pytest -m cuda`; skipped without one), and bench.py's CPU dry run
+
+DEVICE = torch.device('cuda')  # where the `cuda` tests run
+requires_gpu = pytest.mark.skipif(DEVICE.type == 'cuda' and not torch.cuda.is_available(), reason='needs a CUDA GPU')
+IMPLS = ('triton', 'torch')
+PRECISIONS = ('fp32', 'bf16', 'autocast')  # fp32 inputs; bf16 inputs; fp32 inputs inside a bf16 autocast region
+
+# GPT-2's vocabulary, padded to a multiple of 64; a teacher narrower than the student
+GPU_VOCAB, GPU_PADDED_VOCAB = 50257, 50304
+GPU_HIDDEN, GPU_TEACHER_HIDDEN = 256, 192
+GRID_ROWS = 777  # every tau x w at this size; the other sizes at one tau and w
+OTHER_SIZES = (1, 16384)
+
+
+
+def cuda_test(test):
+    """Marked `cuda` (selected by `pytest -m cuda`) and skipped where there is no GPU."""
+    return pytest.mark.cuda(requires_gpu(test))
+
+
+@pytest.fixture
+def fp32_matmul_precision():
+    """Set torch's fp32 GEMM precision ('highest': no TF32; 'high': TF32) for one test, restored after it."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+def autocast_bf16(enabled=True):
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# salt_loss on a GPU against a float64 reference
+
+
+def gpu_make_inputs(n_rows, logit_scale=1.0, device=DEVICE, seed=0):
+    """fp32 loss inputs from a seeded CPU generator (the same numbers on any machine), logits of magnitude
+    ~logit_scale. Ignored targets: row 3, and the whole second chunk of the default chunking."""
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *shape, scale: (torch.randn(*shape, generator=generator) * scale).to(device)
+    targets = torch.randint(0, GPU_VOCAB, (n_rows,), generator=generator)
+    chunk = kernels.default_chunk_size(n_rows, GPU_HIDDEN, GPU_PADDED_VOCAB, torch.device(device).type)
+    targets[3:4] = -1
+    targets[chunk:2 * chunk] = -1
+    return dict(
+        student_hidden=randn(n_rows, GPU_HIDDEN, scale=logit_scale).requires_grad_(),
+        student_weight=randn(GPU_PADDED_VOCAB, GPU_HIDDEN, scale=GPU_HIDDEN ** -0.5).requires_grad_(),
+        targets=targets.to(device),
+        teacher_hidden=randn(n_rows, GPU_TEACHER_HIDDEN, scale=logit_scale),
+        teacher_weight=randn(GPU_PADDED_VOCAB, GPU_TEACHER_HIDDEN, scale=GPU_TEACHER_HIDDEN ** -0.5),
+    )
+
+
+def gpu_converted(inputs, dtype):
+    """The inputs as fresh leaf tensors of another floating dtype."""
+    return {name: value.detach().to(dtype).requires_grad_(value.requires_grad) if value.is_floating_point() else value
+            for name, value in inputs.items()}
+
+
+def reference(x, kd_weight, temperature, operand_dtype, rows_per_block=1024):
+    """(loss, ce, kl, grad_hidden, grad_weight) in float64 from the full logits, as test_salt.py's
+    reference_salt_loss but block by block of rows (16384 rows of float64 logits take 6.6 GB a buffer),
+    from the GEMM operands rounded to operand_dtype as the GEMMs see them (bf16 under autocast)."""
+    names = ('student_hidden', 'student_weight', 'teacher_hidden', 'teacher_weight')
+    hidden, weight, teacher_hidden, teacher_weight = (x[name].detach().to(operand_dtype).double() for name in names)
+    targets = x['targets']
+    valid = targets != -1
+    n_counted = valid.sum().clamp(min=1)
+    sums = torch.zeros(2, dtype=torch.float64, device=hidden.device)
+    grad_hidden, grad_weight = torch.zeros_like(hidden), torch.zeros_like(weight)
+    for start in range(0, len(targets), rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        logits = (hidden[rows] @ weight[:GPU_VOCAB].T).requires_grad_()  # a leaf: autograd gives d(loss)/d(logits)
+        log_p = torch.log_softmax(logits, dim=1)
+        log_q = torch.log_softmax(teacher_hidden[rows] @ teacher_weight[:GPU_VOCAB].T / temperature, dim=1)
+        ce = -log_p.gather(1, torch.where(valid[rows], targets[rows], 0)[:, None])[:, 0]
+        kl = (log_q.exp() * (log_q - log_p)).sum(1)
+        block_sums = torch.stack([(ce * valid[rows]).sum(), (kl * valid[rows]).sum()])
+        dlogits, = torch.autograd.grad(((1 - kd_weight) * block_sums[0] + kd_weight * block_sums[1]) / n_counted, logits)
+        grad_hidden[rows] = dlogits @ weight[:GPU_VOCAB]
+        grad_weight[:GPU_VOCAB] += dlogits.T @ hidden[rows]
+        sums += block_sums.detach()
+    ce_mean, kl_mean = sums / n_counted
+    return (1 - kd_weight) * ce_mean + kd_weight * kl_mean, ce_mean, kl_mean, grad_hidden, grad_weight
+
+
+# (rtol of loss, ce and kl; tolerance of the gradients, relative to their largest entry) by precision.
+# fp32: the GEMMs sum 256 products in fp32 (relative error ~sqrt(256) * 2^-24 = 1e-6) and the row math is
+#   fp32: 1e-4, as the CPU tests of the Triton kernel.
+# bf16 and autocast: the reference gets the same bf16 operands, whose products are exact in fp32, and the
+#   logits leave the GEMM in fp32, so the loss is as accurate as in fp32: 1e-4 (logits rounded to bf16
+#   would be off by 3e-4, and by 3e-3 at logits of 1e4). The gradients go through d(loss)/d(logits)
+#   rounded to bf16 (2^-9 relative) and, for bf16 inputs, a bf16 result (2^-9 more); an entry sums such
+#   terms over the vocabulary, whose absolute sum is a few times the largest entry: 2^-6 (a CPU emulation
+#   of these GEMMs, small sizes, every tau and w: 4.5e-3).
+TOLERANCES = {'fp32': (1e-4, 1e-4), 'bf16': (1e-4, 2 ** -6), 'autocast': (1e-4, 2 ** -6)}
+
+
+def gpu_check_against_reference(x, precision, impl, kd_weight, temperature, grad_tolerance=None):
+    inputs = gpu_converted(x, torch.bfloat16) if precision == 'bf16' else x
+    with autocast_bf16(enabled=precision == 'autocast'):
+        loss, ce, kl = salt_loss(**inputs, kd_weight=kd_weight, temperature=temperature, vocab_size=GPU_VOCAB,
+                                 return_parts=True, impl=impl)
+    grads = torch.autograd.grad(loss, (inputs['student_hidden'], inputs['student_weight']))
+    want = reference(inputs, kd_weight, temperature, torch.float32 if precision == 'fp32' else torch.bfloat16)
+    rtol, default_grad_tolerance = TOLERANCES[precision]
+    grad_tolerance = grad_tolerance or default_grad_tolerance
+    for got, expected in zip((loss, ce, kl), want[:3]):
+        torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=0)
+    for got, expected, leaf in zip(grads, want[3:], (inputs['student_hidden'], inputs['student_weight'])):
+        assert got.dtype == leaf.dtype
+        torch.testing.assert_close(got.double(), expected, rtol=grad_tolerance,
+                                   atol=grad_tolerance * expected.abs().max().item())
+    assert torch.all(grads[1][GPU_VOCAB:] == 0), 'padded vocabulary rows must get exactly zero gradient'
+    assert torch.all(grads[0][inputs['targets'] == -1] == 0), 'ignored positions must get zero gradient'
+
+
+@cuda_test
+@pytest.mark.parametrize('kd_weight', [0.0, 0.5, 1.0])
+@pytest.mark.parametrize('temperature', [0.25, 1.0, 2.0])
+@pytest.mark.parametrize('precision', PRECISIONS)
+@pytest.mark.parametrize('impl', IMPLS)
+def test_every_temperature_and_weight_match_the_reference(impl, precision, temperature, kd_weight, fp32_matmul_precision):
+    fp32_matmul_precision('highest')
+    gpu_check_against_reference(gpu_make_inputs(GRID_ROWS), precision, impl, kd_weight, temperature)
+
+
+@cuda_test
+@pytest.mark.parametrize('n_rows', OTHER_SIZES)
+@pytest.mark.parametrize('precision', PRECISIONS)
+@pytest.mark.parametrize('impl', IMPLS)
+def test_one_row_and_many_chunks_match_the_reference(impl, precision, n_rows, fp32_matmul_precision):
+    fp32_matmul_precision('highest')
+    gpu_check_against_reference(gpu_make_inputs(n_rows), precision, impl, 0.5, 2.0)
+
+
+@cuda_test
+@pytest.mark.parametrize('precision', PRECISIONS)
+@pytest.mark.parametrize('impl', IMPLS)
+def test_logits_of_magnitude_1e4_match_the_reference(impl, precision, fp32_matmul_precision):
+    """An fp32 logit of 1e4 is off by up to ~2^-24 * 1e4 * sqrt(256) = 1e-2, which a row whose top logits
+    nearly tie passes on to its softmax: the fp32 gradients get 5e-3 (the CPU's GEMMs, same inputs: 1.1e-3);
+    bf16's tolerance covers it already."""
+    fp32_matmul_precision('highest')
+    gpu_check_against_reference(gpu_make_inputs(GRID_ROWS, logit_scale=1e4), precision, impl, 0.5, 1.0,
+                            grad_tolerance=5e-3 if precision == 'fp32' else None)
+
+
+@cuda_test
+@pytest.mark.parametrize('impl', IMPLS)
+def test_all_targets_ignored_gives_zero_loss_and_gradients(impl):
+    x = gpu_make_inputs(GRID_ROWS)
+    x['targets'] = torch.full_like(x['targets'], -1)
+    with autocast_bf16():
+        loss = salt_loss(**x, kd_weight=0.5, vocab_size=GPU_VOCAB, impl=impl)
+    loss.backward()
+    assert loss.item() == 0
+    assert torch.all(x['student_hidden'].grad == 0) and torch.all(x['student_weight'].grad == 0)
+
+
+@cuda_test
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
+@pytest.mark.parametrize('impl', IMPLS)
+def test_runs_on_the_tensors_gpu_not_the_current_one(impl, fp32_matmul_precision):
+    fp32_matmul_precision('highest')
+    torch.cuda.set_device(0)
+    gpu_check_against_reference(gpu_make_inputs(GRID_ROWS, device='cuda:1'), 'fp32', impl, 0.5, 1.0)
+    assert torch.cuda.current_device() == 0
+
+
+@cuda_test
+@pytest.mark.parametrize('impl', IMPLS)
+def test_forward_and_backward_never_wait_for_the_gpu(impl):
+    """No .item(), no Python bool of a tensor, no blocking copy anywhere in a training step's loss."""
+    x = gpu_make_inputs(GRID_ROWS)
+
+    def step():
+        with autocast_bf16():
+            loss = salt_loss(**x, kd_weight=0.5, vocab_size=GPU_VOCAB, impl=impl)
+        loss.backward()
+    step()  # compiling the Triton kernel may synchronize; a training step after the first does not
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
+@cuda_test
+@pytest.mark.parametrize('impl', IMPLS)
+def test_bf16_loss_allocates_no_weight_sized_temporary(impl):
+    """A forward + backward at N=16384, H=2048, V=50304 as training runs it (fp32 weights and hidden states,
+    bf16 autocast) needs the bf16 copies of the GEMM operands, the fp32 gradients and a chunk's buffers; a
+    (V, H) fp32 temporary for grad_weight's sum (393 MiB) would exceed that. Chunks of 256 rows keep the
+    chunk's buffers (49 MiB each) small beside it, whatever the row math allocates."""
+    n_rows, hidden, teacher_hidden, chunk = 16384, 2048, 1024, 256
+    x = {name: torch.randn(*shape, device=DEVICE) * shape[1] ** -0.5 for name, shape in [
+        ('student_hidden', (n_rows, hidden)), ('student_weight', (GPU_PADDED_VOCAB, hidden)),
+        ('teacher_hidden', (n_rows, teacher_hidden)), ('teacher_weight', (GPU_PADDED_VOCAB, teacher_hidden))]}
+    x['student_hidden'].requires_grad_()
+    x['student_weight'].requires_grad_()
+    x['targets'] = torch.randint(0, GPU_VOCAB, (n_rows,), device=DEVICE)
+
+    def step():
+        with autocast_bf16():
+            loss = salt_loss(**x, kd_weight=0.5, vocab_size=GPU_VOCAB, chunk_size=chunk, impl=impl)
+        loss.backward()
+        x['student_hidden'].grad = x['student_weight'].grad = None
+    step()  # the Triton kernel and cuBLAS's workspaces, allocated once, are not the loss's
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    peak = torch.cuda.max_memory_allocated() - base
+    operands_bf16 = 2 * (GPU_PADDED_VOCAB + n_rows) * (hidden + teacher_hidden)
+    grads_fp32 = 4 * (GPU_PADDED_VOCAB + n_rows) * hidden
+    # up to four fp32 (chunk, V) buffers at once (student and teacher logits, two temporaries of the PyTorch
+    # row math), the bf16 d(loss)/d(logits), and 32 MiB for everything of size (chunk, H) or (N,)
+    chunk_buffers = (4 * 4 + 2) * chunk * GPU_PADDED_VOCAB + 32 * 2 ** 20
+    allowed = operands_bf16 + grads_fp32 + chunk_buffers
+    assert allowed < operands_bf16 + grads_fp32 + 4 * GPU_PADDED_VOCAB * hidden  # the bound does tell
+    assert peak < allowed, f"peak {peak / 2 ** 20:.0f} MiB beyond the inputs, allowed {allowed / 2 ** 20:.0f} MiB"
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=[pytest.mark.cuda, requires_gpu])])
+def test_grad_weight_sums_bf16_products_in_place(device):
+    """kernels._accumulate_matmul(out, a, b): out += a @ b in place, for fp32 out and bf16 a, b, at least as
+    accurate as the formula it replaced, out + (a @ b).float(): a bf16 product, off by 2^-9 of
+    sum_k |a_ik b_kj| per rounding to bf16 (CPU GEMMs round partial sums too: 2^-8). On CUDA the sum is
+    inside the GEMM (fp32 accuracy) and allocates nothing."""
+    generator = torch.Generator().manual_seed(0)
+    out = torch.randn(4096, 512, generator=generator).to(device)
+    a = torch.randn(96, 4096, generator=generator).to(device, torch.bfloat16).T  # transposed, as dlogits.T
+    b = torch.randn(96, 512, generator=generator).to(device, torch.bfloat16)
+    exact = out.double() + a.double() @ b.double()
+    bound = 2 ** -8 * (a.double().abs() @ b.double().abs()) + 2 ** -23 * exact.abs()
+    old = out + (a @ b).float()
+    assert torch.all((old - exact).abs() <= bound)
+    result = out.clone()
+    kernels._accumulate_matmul(result, a, b)  # warm-up: cuBLAS's workspace is allocated once
+    result = out.clone()
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    address = result.data_ptr()
+    kernels._accumulate_matmul(result, a, b)
+    assert result.data_ptr() == address
+    assert torch.all((result - exact).abs() <= bound)
+    if device == 'cuda':
+        assert torch.cuda.max_memory_allocated() - base < 2 ** 20  # the product would be 8 MiB
+        # fp32 sums of exact products: within 96 * 2^-24 of the magnitudes, far below one bf16 rounding
+        assert torch.all((result - exact).abs() <= 2 ** -16 * (a.double().abs() @ b.double().abs() + exact.abs()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model, training and scoring on a GPU
+
+
+def small_gpt(n_embd, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=64, vocab_size=GPU_VOCAB, n_layer=2, n_head=4, n_embd=n_embd)).to(DEVICE)
+
+
+@pytest.fixture(scope='module')
+def real_tokens():
+    return torch.tensor(tiktoken.get_encoding(data.ENCODING).encode_ordinary(open(REAL_TEXT, encoding='utf-8').read()))
+
+
+def batch(tokens, generator, batch_size=8, block_size=64):
+    """Random windows of real text: inputs and next-token targets."""
+    starts = torch.randint(0, len(tokens) - block_size - 1, (batch_size,), generator=generator)
+    seqs = torch.stack([tokens[s:s + block_size + 1] for s in starts.tolist()]).to(DEVICE)
+    return seqs[:, :-1], seqs[:, 1:]
+
+
+def kd_loss(loss_fn, student, teacher, x, y, kd_weight):
+    """The loss of one micro-batch as in training: model and loss under bf16 autocast, the teacher only with w > 0."""
+    with autocast_bf16():
+        hidden = student(x, return_hidden=True)
+        teacher_hidden = teacher_weight = None
+        if kd_weight > 0:
+            with torch.no_grad():
+                teacher_hidden, teacher_weight = teacher(x, return_hidden=True), teacher.lm_head.weight
+        return loss_fn(hidden, student.lm_head.weight, y, teacher_hidden, teacher_weight, kd_weight=kd_weight,
+                       temperature=1.0, vocab_size=GPU_VOCAB)
+
+
+@cuda_test
+def test_compiled_model_gives_the_eager_gradients():
+    """A torch.compile'd GPT feeding salt_loss: the loss and every parameter's gradient of eager mode, up to bf16
+    rounding. Inductor keeps fused intermediates in fp32 where eager rounds each op's output to bf16 (2^-9
+    relative), so gradients differ by a few such roundings per layer: 2% of a gradient's norm allows
+    that and no missing or misrouted gradient."""
+    student, teacher = small_gpt(128), small_gpt(64, seed=1).requires_grad_(False)
+    x, y = batch(torch.randint(0, GPU_VOCAB, (10_000,)), torch.Generator().manual_seed(0))
+
+    def loss_and_grads(model):
+        loss = kd_loss(salt_loss, model, teacher, x, y, kd_weight=0.5)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+        student.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    eager_loss, eager_grads = loss_and_grads(student)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(student))
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
+    for name, eager_grad in eager_grads.items():
+        error = torch.linalg.vector_norm(compiled_grads[name] - eager_grad) / torch.linalg.vector_norm(eager_grad)
+        assert error < 2e-2, f"{name}: gradient off by {error:.1%} of its norm"
+
+
+def gpu_train(loss_fn, tokens, n_embd, steps, kd_steps=0, teacher=None):
+    """A small GPT trained as train.py trains it on CUDA: fp32 master weights, bf16 autocast, AdamW; KD with
+    w = 0.5 for the first kd_steps. Returns the model and its per-step losses."""
+    model = small_gpt(n_embd)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        x, y = batch(tokens, generator)
+        loss = kd_loss(loss_fn, model, teacher, x, y, kd_weight=0.5 if step < kd_steps else 0.0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())  # no .item(): the loop never waits for the GPU
+    return model, torch.stack(losses).float().cpu().numpy()
+
+
+@cuda_test
+def test_bf16_training_with_salt_loss_tracks_the_eager_loss(real_tokens):
+    """300 steps on real text, KD from a briefly trained teacher for the first 100: salt_loss and the eager loss
+    (full bf16 logits, log_softmax, autograd) give the same loss curve within 1% at every step. They round
+    differently (eager rounds the logits to bf16, salt_loss keeps them fp32), so the runs drift apart a little."""
+    teacher, _ = gpu_train(salt_loss, real_tokens, n_embd=64, steps=100)
+    teacher.requires_grad_(False)
+    _, fused = gpu_train(salt_loss, real_tokens, n_embd=128, steps=300, kd_steps=100, teacher=teacher)
+    _, eager = gpu_train(bench.eager_salt_loss, real_tokens, n_embd=128, steps=300, kd_steps=100, teacher=teacher)
+    assert fused[-20:].mean() < 0.75 * np.log(GPU_VOCAB)  # it learned: the uniform guess scores log(V)
+    np.testing.assert_allclose(fused, eager, rtol=1e-2)
+
+
+# SALT_DS scores as `python salt.py score` makes them on CUDA (bf16 autocast around the model, TF32 for the fp32
+# LM head GEMM) against the CPU's fp32 ones. TF32 rounds the GEMM's operands to 10 mantissa bits (2^-11
+# relative), so a logit is off by at most 2^-10 sum_k |h_k w_k| (~1.6 here: unit-variance LayerNorm output
+# times 128 weights of std 0.02), typically ~100x less as the roundings are independent; bf16 activations
+# in the blocks perturb the hidden states by a similar amount. A token's loss moves by about as much as its
+# logit, and a median or a mean of losses by no more: 2e-3 on losses of ~10.8.
+SCORE_TOLERANCE = 2e-3
+
+
+@cuda_test
+def test_scores_on_cuda_equal_the_cpu_scores(fp32_matmul_precision):
+    """top_k = the vocabulary: every token's loss counts, so the median scores are losses. (With a random model
+    and top_k = 10, almost no token counts, and one whose target ties the 10th logit within the rounding
+    could flip and move a median by a whole loss: the CPU tests check the top-k logic.)"""
+    model = small_gpt(128).cpu().eval()
+    seqs = torch.randint(0, GPU_VOCAB, (256, 65), generator=torch.Generator().manual_seed(0))
+    cpu_scores = salt.sequence_scores(model, seqs, top_k=GPU_VOCAB).numpy()
+    fp32_matmul_precision('high')
+    with autocast_bf16():
+        gpu_scores = salt.sequence_scores(copy.deepcopy(model).to(DEVICE), seqs.to(DEVICE), top_k=GPU_VOCAB)
+    gpu_scores = gpu_scores.float().cpu().numpy()
+    np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=0, atol=SCORE_TOLERANCE)
+    for fraction in (0.1, 0.25, 0.5):
+        cpu_picked, gpu_picked = salt.select_top(cpu_scores, fraction), salt.select_top(gpu_scores, fraction)
+        threshold = cpu_scores[cpu_picked, 0].min()  # the selection's boundary
+        for seq in np.setxor1d(cpu_picked, gpu_picked):  # only a tie within the tolerance may go either way
+            assert abs(cpu_scores[seq, 0] - threshold) <= 2 * SCORE_TOLERANCE, f"sequence {seq}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bench.py on a CPU (its GPU grid runs the same code under bf16 autocast)
+
+
+def test_bench_dry_run_prints_the_table_and_writes_json_lines(tmp_path):
+    out = tmp_path / 'bench.jsonl'
+    result = subprocess.run([sys.executable, 'bench.py', '--n', '256', '--h', '64', '--v', '1000', '--reps', '1',
+                             '--warmup', '0', '--impls', 'eager', 'fused', 'gemm', '--out', str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, *rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert header['type'] == 'header' and header['device'] == 'cpu' and header['config']['n'] == [256]
+    assert [(row['type'], row['impl']) for row in rows] == [('result', 'eager'), ('result', 'fused'), ('result', 'gemm')]
+    assert all(row['ms'] > 0 and row['n'] == 256 and row['h'] == 64 for row in rows)
+    assert '| 256 | 64 | fused |' in result.stdout
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--n', '0'], '--n must be at least 1'), (['--h', '64', '0'], '--h must be at least 1'),
+    (['--v', '1'], '--v must be at least 2'), (['--reps', '0'], '--reps must be at least 1'),
+    (['--kd-weight', '1.5'], r'--kd-weight must be in \[0, 1\]'), (['--temperature', '0'], '--temperature must be positive'),
+])
+def test_bench_refuses_bad_arguments_naming_the_flag(argv, message):
+    with pytest.raises(data.InputError, match=message):
+        bench.parse_args(argv)
+
+
+def test_bench_bad_argument_is_a_one_line_error():
+    result = subprocess.run([sys.executable, 'bench.py', '--temperature', '-1'], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == 'error: --temperature must be positive and finite, got -1.0'

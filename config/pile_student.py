@@ -1,9 +1,9 @@
 # The paper's student: a ~2.8B GPT on the Pile, ~208K steps (the paper's KD stage: the first 36K).
 #   baseline: torchrun --standalone --nproc_per_node=8 train.py config/pile_student.py
-#   SALT:     ... train.py config/pile_student.py --teacher_ckpt=out/pile/slm/ckpt.pt --out_dir=out/pile/salt
-#   SALT_DS:  torchrun --standalone --nproc_per_node=8 salt.py score --ckpt out/pile/slm/ckpt.pt \
+#   SALT:     ... train.py config/pile_student.py --teacher_ckpt=out/pile/slm/ckpt --out_dir=out/pile/salt
+#   SALT_DS:  torchrun --standalone --nproc_per_node=8 salt.py score --ckpt out/pile/slm/ckpt \
 #                 --data_dir data/pile --block_size 2048 --out out/pile/scores.npy
-#             ... train.py config/pile_student.py --teacher_ckpt=out/pile/slm/ckpt.pt \
+#             ... train.py config/pile_student.py --teacher_ckpt=out/pile/slm/ckpt \
 #                 --score_file=out/pile/scores.npy --out_dir=out/pile/salt_ds
 # kd_weight and teacher_temperature are the paper's suggestions (it does not confirm them); select_fraction is
 # what our CPU studies chose (README, "Choosing the defaults"), on a 7M-parameter student: retune at scale.

@@ -1,0 +1,417 @@
+r"""
+Few-shot evaluation of a checkpoint: multiple choice in HellaSwag's format, last-word cloze in LAMBADA's.
+
+  python evaluate.py --ckpt out/demo/baseline/ckpt --task hellaswag:hellaswag_val.jsonl \
+      --task lambada:lambada_test.jsonl --out results/eval.json
+  python evaluate.py --ckpt gpt2 --task hellaswag:hellaswag_val.jsonl --shots 10 \
+      --fewshot_file hellaswag:hellaswag_train.jsonl                       # 10-shot
+  torchrun --standalone --nproc_per_node=8 evaluate.py --ckpt out/pile/student/ckpt --task ...
+
+--ckpt: a train.py checkpoint or a GPT-2 name ('gpt2', ...). --task TASK:PATH, repeatable (or comma-separated,
+'hellaswag:A.jsonl,lambada:B.jsonl'); the task files are jsonl, one JSON object a line:
+- hellaswag: {"ctx": str, "endings": [str, ...], "label": int}, the label indexing the right ending
+  (HellaSwag's own hellaswag_val.jsonl; any number of endings, at least 2);
+- lambada: {"text": str}: the target is " " + the word after the last space, the context what comes before
+  (lambada_openai's test jsonl).
+--shots K prepends K solved examples (context + " " + right ending; a LAMBADA text whole) to every context,
+joined by a blank line as lm-evaluation-harness does. They come from a separate file per task, given as
+--fewshot_file TASK:PATH (repeatable or comma-separated, the format of the task's own file; required for
+every task when K > 0; use another split than the one evaluated), drawn for each example by its own rng
+seeded with (--seed, task, example index): the same prompts for any number of ranks.
+
+Prints a line per task (scores, chance level, examples, contexts cut from the left to fit the block size)
+and with --out writes them to a JSON file with the settings. Under torchrun the examples are split across
+the ranks and the sums all-reduced (gloo on CPU, nccl on CUDA): the scores of one process, up to float
+summation. A malformed line is an error naming its file and line.
+
+During training, on the model being trained, on every rank (the task files are read once):
+
+  tasks = evaluate.read_tasks('hellaswag:PATH,lambada:PATH')
+  scores = evaluate.evaluate_tasks(raw_model, tasks, rank=rank, world_size=world_size, autocast=autocast)
+  # {'hellaswag': {'acc': ..., 'acc_norm': ..., ...}, 'lambada': {'acc': ..., 'ppl': ...}}
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import tiktoken
+import torch
+import torch.distributed as dist
+
+import salt
+from data import ENCODING, EOT, InputError, report_input_errors, write_json
+
+# ----------------------------------------------------------------------------------------------------------
+# The task files: read and checked once, apart from the scoring
+
+
+@dataclass
+class Example:
+    context: str   # the text before the answer
+    endings: list  # the candidate answers, each scored as " " + ending after the context (one for a cloze)
+    label: int     # index of the right ending
+
+
+@dataclass
+class Task:
+    name: str           # 'hellaswag' or 'lambada': says how it is scored
+    path: str
+    examples: list
+    fewshot_path: str = ''
+    fewshot: list = field(default_factory=list)  # the examples that --shots draws from
+
+
+def hellaswag_example(where, obj):
+    for key in ('ctx', 'endings', 'label'):
+        if key not in obj:
+            raise InputError(f'{where}: no "{key}" (a HellaSwag line has "ctx", "endings" and "label")')
+    ctx, endings, label = obj['ctx'], obj['endings'], obj['label']
+    if not isinstance(ctx, str):
+        raise InputError(f'{where}: "ctx" must be a string')
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+        raise InputError(f'{where}: "endings" must be a list of at least 2 strings')
+    for i, ending in enumerate(endings):
+        if not ending.strip():
+            raise InputError(f'{where}: ending {i} is empty')
+    if isinstance(label, str) and label.isdigit():  # Hugging Face's copy stores it as a string
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
+        raise InputError(f'{where}: "label" {label!r} is not an index of the {len(endings)} endings')
+    return Example(ctx, endings, label)
+
+
+def lambada_example(where, obj):
+    text = obj.get('text')
+    if not isinstance(text, str):
+        raise InputError(f'{where}: no string "text" (a LAMBADA line has "text")')
+    if not text.strip():
+        raise InputError(f'{where}: empty "text"')
+    context, space, word = text.rpartition(' ')  # lm-evaluation-harness: text.split(' ')[-1] is the target
+    if not space or not word:
+        raise InputError(f'{where}: "text" has no last word after a space to predict')
+    return Example(context, [word], 0)
+
+
+TASKS = {'hellaswag': hellaswag_example, 'lambada': lambada_example}
+
+
+def parse_task_list(spec):
+    """'hellaswag:PATH,lambada:PATH' -> [('hellaswag', PATH), ('lambada', PATH)] (paths without commas)."""
+    pairs = []
+    for item in filter(None, (s.strip() for s in spec.split(','))):
+        name, colon, path = item.partition(':')
+        if name not in TASKS:
+            raise InputError(f"unknown task {name!r} in {item!r}: the tasks are {', '.join(TASKS)} (give TASK:PATH)")
+        if not colon or not path:
+            raise InputError(f"{item!r}: give TASK:PATH, e.g. {name}:{name}.jsonl")
+        if name in (n for n, _ in pairs):
+            raise InputError(f"task {name!r} is given twice")
+        pairs.append((name, path))
+    return pairs
+
+
+def read_examples(name, path):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file (the {name} task's jsonl)")
+    examples = []
+    with open(path, encoding='utf-8') as f:
+        number = 0
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue  # a blank line is not an example
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise InputError(f"{path}: line {number}: expected a JSON object")
+                examples.append(TASKS[name](f"{path}: line {number}", obj))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: line {number}: not JSON ({e.msg})") from e
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: line {number + 1}: not UTF-8 text") from e
+    if not examples:
+        raise InputError(f"{path}: no examples")
+    return examples
+
+
+def read_tasks(spec, fewshot_spec=''):
+    """The tasks of 'hellaswag:PATH,lambada:PATH', read and checked; fewshot_spec ('hellaswag:PATH,...') names
+    the file each task's few-shot examples are drawn from."""
+    tasks = [Task(name, path, read_examples(name, path)) for name, path in parse_task_list(spec)]
+    if not tasks:
+        raise InputError("no task given: give TASK:PATH, e.g. hellaswag:hellaswag_val.jsonl")
+    by_name = {task.name: task for task in tasks}
+    for name, path in parse_task_list(fewshot_spec):
+        if name not in by_name:
+            raise InputError(f"a few-shot file is given for {name!r}, which is not evaluated")
+        task = by_name[name]
+        if os.path.isfile(path) and os.path.samefile(path, task.path):
+            raise InputError(f"{path}: the few-shot examples must come from another file than the {name} examples")
+        task.fewshot_path, task.fewshot = path, read_examples(name, path)
+    return tasks
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts and token rows
+
+
+def fewshot_prefix(task, index, shots, seed):
+    """The solved examples put before example `index`: each context + " " + its right ending, each followed by
+    a blank line (lm-evaluation-harness's fewshot_delimiter "\\n\\n"). Drawn without replacement by a rng of
+    their own per example, so a prompt depends on neither the number of ranks nor the other examples."""
+    if shots == 0:
+        return ''
+    rng = random.Random(f"{seed}:{task.name}:{index}")  # a str seed goes through sha512: the same in every process
+    return ''.join(f"{ex.context} {ex.endings[ex.label]}\n\n" for ex in rng.sample(task.fewshot, shots))
+
+
+def prompt(task, index, shots, seed):
+    """The full context of example `index`: its few-shot prefix, then its own context."""
+    return fewshot_prefix(task, index, shots, seed) + task.examples[index].context
+
+
+def example_rows(task, index, shots, seed, block_size, enc):
+    """The token rows of one example, one per ending: context tokens then continuation tokens, the two
+    encoded apart as llm.c does. A row longer than block_size + 1 is cut from the left, the continuation kept
+    whole: the model reads all but the last token, as in lm-evaluation-harness. Returns the rows, as
+    (tokens, number of continuation tokens scored), and whether any was cut."""
+    context = enc.encode_ordinary(prompt(task, index, shots, seed)) or [EOT]  # as lm-eval: nothing -> EOT
+    rows, truncated = [], False
+    for ending in task.examples[index].endings:
+        continuation = enc.encode_ordinary(' ' + ending)
+        tokens = context + continuation
+        truncated |= len(tokens) > block_size + 1
+        # an ending longer than the block itself (a tiny model) is scored on its last block_size tokens, which
+        # keeps every rank going (an error on one rank would leave the others waiting in the all-reduce)
+        rows.append((tokens[-(block_size + 1):], min(len(continuation), block_size)))
+    return rows, truncated
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+GROUP = 1024  # examples tokenized and sorted by length at a time: bounded memory for any file size
+
+
+@torch.no_grad()
+def continuation_scores(model, rows, batch_size, autocast=None):
+    """Per row (tokens, n): the summed log-prob of its last n tokens given the ones before, and whether greedy
+    decoding reproduces all n (lm-evaluation-harness's is_greedy). Rows are batched longest first (less
+    padding) and right-padded, which a causal model never sees. The LM head runs only at the positions that
+    predict a continuation token: no (B, T, vocab) logits."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
+    scores = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        idx = torch.zeros(len(batch), len(rows[batch[0]][0]) - 1, dtype=torch.long)
+        b_index, t_index, targets = [], [], []
+        for b, i in enumerate(batch):
+            tokens, n = rows[i]
+            idx[b, :len(tokens) - 1] = torch.tensor(tokens[:-1])
+            b_index += [b] * n
+            t_index += range(len(tokens) - 1 - n, len(tokens) - 1)  # position t predicts token t + 1
+            targets += tokens[-n:]
+        with autocast or nullcontext():
+            hidden = model(idx.to(device), return_hidden=True)
+        picked = hidden[torch.tensor(b_index, device=device), torch.tensor(t_index, device=device)]
+        # the head in fp32 whatever the autocast: log-probs of 50K-way softmaxes are what the scores compare
+        logits = model.logits(picked.float())
+        targets = torch.tensor(targets, device=device)
+        logprobs = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=1)
+        hits = logits.argmax(dim=1) == targets
+        counts = [rows[i][1] for i in batch]
+        for i, lp, hit in zip(batch, logprobs.double().cpu().split(counts), hits.cpu().split(counts)):
+            scores[i] = (lp.sum().item(), bool(hit.all()))
+    return scores
+
+
+def score_examples(model, task, *, shots, seed, batch_size, rank=0, world_size=1, autocast=None, progress=False):
+    """This rank's share of the task's examples (every world_size-th), scored: per example (index, per ending
+    (summed log-prob, continuation tokens, greedy), whether its context was cut)."""
+    enc, block_size = tiktoken.get_encoding(ENCODING), model.config.block_size
+    mine, scored, start, last_print = range(rank, len(task.examples), world_size), [], time.time(), time.time()
+    for first in range(0, len(mine), GROUP):
+        indices = mine[first:first + GROUP]
+        built = [example_rows(task, i, shots, seed, block_size, enc) for i in indices]
+        rows = [row for example, _ in built for row in example]
+        scores = iter(continuation_scores(model, rows, batch_size, autocast))
+        for i, (example, truncated) in zip(indices, built):
+            scored.append((i, [(lp, n, greedy) for (_, n), (lp, greedy) in zip(example, scores)], truncated))
+        done = first + len(indices)
+        if progress and (time.time() - last_print > 10 or done == len(mine)):
+            last_print = time.time()
+            print(f"{task.name}: {done:,}/{len(mine):,} examples scored on rank {rank} "
+                  f"({last_print - start:.1f} s)", flush=True)
+    # a sharded (fsdp) model gathers its weights from every rank in each forward: a rank with fewer batches
+    # than another runs empty ones, or the other would wait for it forever
+    device = next(model.parameters()).device
+    for _ in range(max(forwards(task, r, world_size, batch_size) for r in range(world_size))
+                   - forwards(task, rank, world_size, batch_size)):
+        model(torch.zeros(1, 1, dtype=torch.long, device=device), return_hidden=True)
+    return scored
+
+
+def forwards(task, rank, world_size, batch_size):
+    """How many forwards score_examples runs on `rank`: its examples in groups of GROUP, each group's rows (one
+    per ending) in batches."""
+    mine = range(rank, len(task.examples), world_size)
+    return sum(-(-sum(len(task.examples[i].endings) for i in mine[first:first + GROUP]) // batch_size)
+               for first in range(0, len(mine), GROUP))
+
+
+# What the multiple-choice scores normalize by. Every ending is scored by the summed log-prob of its tokens
+# given the context, the continuation being " " + ending, in both harnesses.
+# - acc (both): argmax of that sum.
+# - acc_norm, lm-evaluation-harness (lm_eval/api/task.py, ConfigurableTask.process_results, output_type
+#   multiple_choice): argmax of the sum divided by the ending's length in characters, len(choice) of the
+#   choice as doc_to_choice gives it, without the " " target_delimiter.
+# - acc_norm_tokens: llm.c's "acc_norm" (dev/data/hellaswag.py, evaluate()): argmin of the mean per-token loss
+#   over the ending's tokens, i.e. argmax of the sum divided by the ending's number of tokens.
+# Ties go to the first ending, as numpy's argmax and torch's argmin do there.
+# Left apart: lm-evaluation-harness's hellaswag task rewrites the context first (activity_label + ": " +
+# ctx_a + " " + ctx_b.capitalize(), WikiHow's [title] brackets removed: lm_eval/tasks/hellaswag/utils.py);
+# we and llm.c score the "ctx" field as it is, so numbers differ from the harness's a little (llm.c's
+# docstring: GPT-2 124M, lm-eval acc 0.2892 acc_norm 0.3114, llm.c 0.2859 and 0.2955). And the harness
+# encodes context + continuation as one string and splits it at the context's token count, after moving
+# the context's trailing spaces into the continuation (HFLM._encode_pair): with GPT-2's BPE the same tokens
+# as encoding the two apart unless the context ends in a space, since its pre-tokenizer always splits
+# before " " + a word.
+MULTIPLE_CHOICE_SUMS = ('examples', 'truncated', 'chance', 'acc', 'acc_norm', 'acc_norm_tokens')
+CLOZE_SUMS = ('examples', 'truncated', 'chance', 'acc', 'logprob')
+
+
+def argmax(values):
+    return max(range(len(values)), key=values.__getitem__)  # the first of ties
+
+
+def example_sums(task, scored):
+    """The sums over this rank's examples that the scores are made of (all-reduced across ranks)."""
+    sums = dict.fromkeys(CLOZE_SUMS if task.name == 'lambada' else MULTIPLE_CHOICE_SUMS, 0.0)
+    for index, endings, truncated in scored:
+        example, logprobs = task.examples[index], [lp for lp, _, _ in endings]
+        sums['examples'] += 1
+        sums['truncated'] += truncated
+        if task.name == 'lambada':  # lm-evaluation-harness's loglikelihood task: acc = is_greedy
+            sums['acc'] += endings[0][2]
+            sums['logprob'] += logprobs[0]
+            continue
+        sums['chance'] += 1 / len(endings)
+        sums['acc'] += argmax(logprobs) == example.label
+        sums['acc_norm'] += argmax([lp / len(e) for lp, e in zip(logprobs, example.endings)]) == example.label
+        sums['acc_norm_tokens'] += argmax([lp / n for lp, n, _ in endings]) == example.label
+    return sums
+
+
+def task_scores(name, sums):
+    n = sums['examples']
+    scores = dict(acc=sums['acc'] / n)
+    if name == 'lambada':
+        # lm-evaluation-harness's perplexity aggregation: exp(-mean over examples of the target's log-prob)
+        scores['ppl'] = math.exp(-sums['logprob'] / n) if -sums['logprob'] / n < 709 else math.inf
+    else:
+        scores.update(acc_norm=sums['acc_norm'] / n, acc_norm_tokens=sums['acc_norm_tokens'] / n)
+    return dict(scores, chance=sums['chance'] / n, examples=int(n), truncated=int(sums['truncated']))
+
+
+def check_shots(tasks, shots):
+    if shots < 0:
+        raise InputError(f"shots must be >= 0, got {shots}")
+    for task in tasks:
+        if shots and len(task.fewshot) < shots:
+            raise InputError(f"{shots} shots of {task.name} need a few-shot file of at least {shots} examples: " +
+                             (f"{task.fewshot_path} has {len(task.fewshot)}" if task.fewshot_path else
+                              f"give --fewshot_file {task.name}:PATH"))
+
+
+@torch.no_grad()
+def evaluate_tasks(model, tasks, *, shots=0, seed=1234, batch_size=16, rank=0, world_size=1, autocast=None,
+                   progress=False):
+    """Score `model` (a GPT, not its DDP or compiled wrapper) on `tasks` (of read_tasks), on every rank at once
+    under torch.distributed, each rank on every world_size-th example. Returns, the same on every rank,
+    {task: {'acc', 'acc_norm', 'acc_norm_tokens' (multiple choice) or 'acc', 'ppl' (cloze), 'chance',
+    'examples', 'truncated'}}. The model is left in the mode it was found in (train or eval)."""
+    check_shots(tasks, shots)
+    was_training = model.training
+    model.eval()
+    try:
+        results = {}
+        for task in tasks:
+            scored = score_examples(model, task, shots=shots, seed=seed, batch_size=batch_size, rank=rank,
+                                    world_size=world_size, autocast=autocast, progress=progress)
+            sums = example_sums(task, scored)
+            if world_size > 1:
+                total = torch.tensor(list(sums.values()), dtype=torch.float64, device=next(model.parameters()).device)
+                dist.all_reduce(total)
+                sums = dict(zip(sums, total.tolist()))
+            results[task.name] = task_scores(task.name, sums)
+        return results
+    finally:
+        model.train(was_training)
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def result_line(name, scores):
+    if name == 'lambada':
+        line = f"acc {scores['acc']:.4f} ppl {scores['ppl']:.2f} (chance ~0)"
+    else:
+        line = (f"acc {scores['acc']:.4f} acc_norm {scores['acc_norm']:.4f} acc_norm_tokens "
+                f"{scores['acc_norm_tokens']:.4f} (chance {scores['chance']:.4g})")
+    return (f"{name}: {line} over {scores['examples']:,} examples ({scores['truncated']:,} contexts cut from the "
+            f"left to fit the block size)")
+
+
+def main(args):
+    tasks = read_tasks(','.join(args.task), ','.join(args.fewshot_file))  # bad input fails before anything starts
+    check_shots(tasks, args.shots)
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else None
+    model = salt.load_model(args.ckpt, device)
+    if rank == 0:
+        print(f"{args.ckpt}: block_size {model.config.block_size}, {args.shots}-shot, seed {args.seed}, "
+              f"{world_size} rank(s) on {device}", flush=True)
+    results = evaluate_tasks(model, tasks, shots=args.shots, seed=args.seed, batch_size=args.batch_size, rank=rank,
+                             world_size=world_size, autocast=autocast, progress=rank == 0)
+    if rank == 0:
+        for name, scores in results.items():
+            print(result_line(name, scores))
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            write_json(args.out, dict(
+                ckpt=args.ckpt, shots=args.shots, seed=args.seed, batch_size=args.batch_size, world_size=world_size,
+                device=torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu',
+                autocast='bfloat16' if autocast else 'none',
+                files={t.name: dict(path=t.path, fewshot_file=t.fewshot_path or None) for t in tasks},
+                results=results))
+            print(f"wrote {args.out}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    report_input_errors()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--ckpt', required=True, help="a train.py checkpoint, or a GPT-2 name ('gpt2', ...)")
+    parser.add_argument('--task', action='append', required=True, help='TASK:PATH (hellaswag or lambada), repeatable')
+    parser.add_argument('--shots', type=int, default=0, help='solved examples put before each context')
+    parser.add_argument('--fewshot_file', action='append', default=[],
+                        help="TASK:PATH, the file a task's few-shot examples are drawn from (repeatable)")
+    parser.add_argument('--seed', type=int, default=1234, help='seeds the draw of the few-shot examples')
+    parser.add_argument('--batch_size', type=int, default=16, help='rows (context + one ending) per forward pass')
+    parser.add_argument('--device', default='', help="'cpu', 'cuda', ... (default: cuda if available)")
+    parser.add_argument('--out', default='', help='write the scores and settings to this JSON file')
+    args = parser.parse_args()
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    main(args)
