@@ -31,7 +31,7 @@ matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from model import PRESETS
+from model import GPTConfig
 
 RUNS = ('baseline', 'salt', 'salt_ds')
 SELECTION_KEYS = ('top_k', 'select_fraction')  # ablated on SALT_DS; every other key on SALT
@@ -241,18 +241,42 @@ def ablation_tables(curves, args, student, max_step):
     return "\n".join(tables)
 
 
+def subset_table(curves, runs, seeds, val_tokens, min_share=0.02):
+    """The final val loss per data subset (those with at least min_share of the val tokens: fewer say little),
+    per main run, mean over seeds, and for SALT and SALT_DS its difference from the same seed's baseline: where
+    the teacher's help, or the selection's change of mix, went."""
+    total = sum(val_tokens.values())
+    subsets = [name for name, n in sorted(val_tokens.items(), key=lambda item: -item[1]) if n >= min_share * total]
+    labels = main_labels(runs)
+    rows = []
+    for name in subsets:
+        row = [name.replace('|', '\\|'), f"{val_tokens[name]:,}"]
+        for label in labels:
+            finals = [curves[(seed, label)][-1]['val_loss_subsets'][name] for seed in seeds]
+            baselines = [curves[(seed, 'baseline')][-1]['val_loss_subsets'][name] for seed in seeds]
+            delta = np.mean(finals) - np.mean(baselines)
+            row.append(f"{np.mean(finals):.4f}" + ('' if label == 'baseline' else f" ({delta:+.4f})"))
+        rows.append(row)
+    return markdown_table(['subset', 'val tokens'] + labels, rows)
+
+
+def task_table(curves, runs, seeds):
+    """The few-shot scores of the final evaluation (train.py's eval_tasks) per run, mean over seeds."""
+    metrics = [key for key in curves[(seeds[0], 'baseline')][-1] if '/' in key]
+    rows = [[label] + [f"{np.mean([curves[(seed, label)][-1][key] for seed in seeds]):.4f}" for key in metrics]
+            for label in runs]
+    return markdown_table(['run'] + metrics, rows)
+
+
 def cost_table(out, seeds):
     """KD-stage vs plain step time of the SALT runs against the FLOP estimate of what KD adds: a teacher
-    forward (2 FLOPs per parameter per token) over a student step (6 per parameter, plus attention)."""
-    def header(run_dir):
-        return [r for r in read_records(run_dir) if r.get('type') == 'header'][-1]
+    forward over a student step (model.GPTConfig.flops_per_token)."""
+    def model_config(run_dir):
+        header = [r for r in read_records(run_dir) if r.get('type') == 'header'][-1]
+        return GPTConfig.from_preset(header['config']['model_size'], block_size=header['config']['block_size'])
 
-    def flops_per_token(h, passes):
-        n_layer, _, n_embd = PRESETS[h['config']['model_size']]
-        return passes * h['n_params'] + 2 * passes * n_layer * n_embd * h['config']['block_size']
-
-    slm, student = header(os.path.join(out, 'slm')), header(os.path.join(out, f'seed{seeds[0]}', 'salt'))
-    flop_ratio = flops_per_token(slm, 2) / flops_per_token(student, 6)
+    slm, student = model_config(os.path.join(out, 'slm')), model_config(os.path.join(out, f'seed{seeds[0]}', 'salt'))
+    flop_ratio = slm.flops_per_token(student.block_size, backward=False) / student.flops_per_token(student.block_size)
     rows = []
     for label in ('salt', 'salt_ds'):
         for seed in seeds:
@@ -266,6 +290,34 @@ def cost_table(out, seeds):
             rows.append([label, seed, f"{kd:,.0f}", f"{plain:,.0f}", f"{plain / kd:.2f}", f"{1 + flop_ratio:.2f}"])
     return markdown_table(['run', 'seed', 'KD-stage tokens/s', 'plain tokens/s', 'KD step time / plain step time',
                            '(student step + teacher forward) / student step, FLOPs'], rows)
+
+
+def noise_table(curves, seeds, max_step, val_tokens):
+    """How finely the tables can tell runs apart. The val loss's standard error over the val sequences (every run
+    is evaluated on the same ones, so a difference between runs is surer than that); and the step at which the
+    baseline first reaches its own final val loss: a run that 'reaches the baseline's final val loss' by then
+    has not shown a saving, as the baseline's curve flattens (and wobbles) at the end."""
+    rows = []
+    for seed in seeds:
+        curve = curves[(seed, 'baseline')]
+        reach = steps_to_reach(curve, curve[-1]['val_loss'])
+        rows.append([seed, f"{val_tokens:,}", f"{curve[-1]['val_loss']:.4f}",
+                     f"{curve[-1]['val_loss_se']:.4f}" if 'val_loss_se' in curve[-1] else '-',
+                     f"{reach} ({reach / max_step:.0%})"])
+    return markdown_table(['seed', 'val tokens', "baseline's final val loss", 'its standard error',
+                           'step the baseline first reaches it'], rows)
+
+
+def extra_tables(curves, runs, seeds, max_step, baseline_dir):
+    """The tables beyond the val loss: its noise, the val loss per data subset, and the few-shot tasks."""
+    final = curves[(seeds[0], 'baseline')][-1]
+    header = [r for r in read_records(baseline_dir) if r.get('type') == 'header'][-1]
+    tables = "\n## Resolution\n\n" + noise_table(curves, seeds, max_step, header.get('val_tokens', 0))
+    if len(final.get('val_loss_subsets', {})) > 1:
+        tables += "\n## Val loss per data subset (final)\n\n" + subset_table(curves, runs, seeds, header['val_tokens_subsets'])
+    if any('/' in key for key in final):
+        tables += "\n## Few-shot tasks (final)\n\n" + task_table(curves, runs, seeds)
+    return tables
 
 
 def plot_curves(curves, costs, runs, path):
@@ -369,6 +421,7 @@ def main():
               f"## Val loss\n\n" + main_table(curves, main_labels(runs), args.seeds, max_step) +
               "\n## Wall-clock\n\n" + wallclock_table(curves, runs, args.seeds, costs) +
               (f"\n## Ablations\n\n{ablation_tables(curves, args, student, max_step)}" if args.ablate else "") +
+              extra_tables(curves, runs, args.seeds, max_step, os.path.join(out, f'seed{args.seeds[0]}', 'baseline')) +
               "\n## Cost per step\n\n" + cost_table(out, args.seeds))
     with open(os.path.join(results, 'table.md'), 'w') as f:
         f.write(report)

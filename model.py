@@ -24,12 +24,19 @@ from kernels import salt_loss
 PRESETS = {
     'demo-slm':     (2, 2, 64),      # the embedded demo's small LM
     'demo-student': (4, 4, 128),     # the embedded demo's student, ~2x the SLM's parameters
+    'gpu-slm':      (6, 6, 384),     # 30M: the one-GPU experiment's SLM (config/gpu_slm.py), ~half its student
+    'gpu-student':  (12, 8, 512),    # 64M, 59% of it in the blocks: the one-GPU experiment's student
+    'gpt2-half':    (6, 12, 768),    # 82M: half of gpt2's blocks, a teacher for it in the speed benchmarks
     'gpt2':         (12, 12, 768),   # 124M
+    'gpt2-medium-half': (12, 16, 1024),  # 204M: half of gpt2-medium's blocks, likewise
     'gpt2-medium':  (24, 16, 1024),  # 350M
     'gpt2-large':   (36, 20, 1280),  # 774M
     'gpt2-xl':      (48, 25, 1600),  # 1.5B: the paper's teacher size
     'salt-2.8b':    (32, 32, 2560),  # 2.8B: the paper's student size
 }
+
+
+GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's GPT-2 weights, via transformers
 
 
 @dataclass

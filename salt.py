@@ -37,7 +37,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from data import ENCODING, InputError, TokenSequences, atomic_write, report_input_errors, write_json
-from model import GPT, GPTConfig
+from model import GPT, GPT2_NAMES, GPTConfig
 
 SCORE_COLUMNS = ('median_score', 'mean_loss', 'learnable_fraction')
 # DCP says so whenever it reads or writes a checkpoint without collectives, which is what one process means
@@ -64,7 +64,7 @@ def kd_weight_at(step, kd_steps, kd_weight, schedule='constant'):
 
 
 def _is_gpt2_name(ckpt):
-    return ckpt.startswith('gpt2') and not os.path.exists(ckpt)
+    return ckpt in GPT2_NAMES and not os.path.exists(ckpt)
 
 
 def read_checkpoint_meta(ckpt):

@@ -1358,15 +1358,16 @@ def first_step_gradients(out_dir):
     return {name: state['exp_avg'] / (1 - beta1) for name, state in optimizer['state'].items()}
 
 
-@pytest.mark.parametrize('parallelism', ['ddp', 'fsdp'])
-def test_two_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_data, slm_and_scores, parallelism):
+@pytest.mark.parametrize('settings', [['--parallelism=ddp'], ['--parallelism=fsdp'], [
+    '--parallelism=fsdp', '--shard_teacher=True', '--activation_checkpointing=True']], ids=['ddp', 'fsdp', 'fsdp-more'])
+def test_two_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_data, slm_and_scores, settings):
     """2 ranks x 1 micro-batch make the same steps as 1 process x 2 micro-batches, in both stages of SALT: the
     same global batches, the gradients averaged over all of them. Compared where the summation order (the
     thread count, the CPU's BLAS) cannot matter: the first step's gradients, and the losses. Not the weights
     after AdamW steps: Adam turns rounding noise in a near-zero gradient into a step of about the learning
     rate, in either direction."""
     salt_run = [f'--teacher_ckpt={slm_and_scores[0]}', '--kd_steps=2', '--lr_decay_steps=4']
-    runs = {'one': (1, ['--grad_accum_steps=2']), 'two': (2, ['--grad_accum_steps=1', f'--parallelism={parallelism}'])}
+    runs = {'one': (1, ['--grad_accum_steps=2']), 'two': (2, ['--grad_accum_steps=1', *settings])}
     for name, (nproc, settings) in runs.items():
         train(text_data, tmp_path / name, '--max_steps=1', *salt_run, *settings, nproc=nproc)
     # each gradient element is a sum over the batch's 64 tokens, in an order that depends on the thread count and
@@ -1493,6 +1494,23 @@ def test_val_loss_per_subset_and_few_shot_tasks_are_logged(tmp_path, pile, files
         assert final[f'{task}/{metric}'] == pytest.approx(scores[task][metric], rel=1e-5)
 
 
+def test_experiment_tables_per_subset_and_task_pair_runs_by_seed():
+    import experiment
+    runs = {'baseline': ('baseline', []), 'salt': ('salt', []), 'salt_ds': ('salt_ds', [])}
+    final = {('1', 'baseline'): (3.0, 4.0, 0.30), ('2', 'baseline'): (3.2, 4.2, 0.32),
+             ('1', 'salt'): (2.9, 4.1, 0.34), ('2', 'salt'): (3.0, 4.1, 0.36),
+             ('1', 'salt_ds'): (3.1, 3.9, 0.28), ('2', 'salt_ds'): (3.3, 4.1, 0.30)}
+    curves = {key: [dict(step=10, val_loss=3.5, val_loss_subsets={'Github': code, 'Pile-CC': web, 'rare': 9.0},
+                         **{'hellaswag/acc_norm': acc})] for key, (code, web, acc) in final.items()}
+    table = experiment.subset_table(curves, runs, ['1', '2'], {'Github': 600, 'Pile-CC': 390, 'rare': 10})
+    lines = table.splitlines()
+    assert lines[0] == '| subset | val tokens | baseline | salt | salt_ds |' and len(lines) == 4  # 'rare': < 2%
+    assert lines[2] == '| Github | 600 | 3.1000 | 2.9500 (-0.1500) | 3.2000 (+0.1000) |'
+    assert lines[3] == '| Pile-CC | 390 | 4.1000 | 4.1000 (+0.0000) | 4.0000 (-0.1000) |'
+    tasks = experiment.task_table(curves, runs, ['1', '2']).splitlines()
+    assert tasks[0] == '| run | hellaswag/acc_norm |' and tasks[3] == '| salt | 0.3500 |'
+
+
 def test_experiment_writes_table_and_plot(tmp_path, text_data):
     """The whole pipeline of experiment.py at toy size: SLM -> scores -> baseline, SALT, SALT_DS and two
     ablations -> report."""
@@ -1530,6 +1548,9 @@ def test_experiment_writes_table_and_plot(tmp_path, text_data):
     assert baseline_row[0] == 'baseline' and baseline_row[3] == '0.0' and baseline_row[-1] == '1.00x'
     assert baseline_row[2] == baseline_row[5] == baseline_row[6]
     assert '## Cost per step' in report
+    resolution = report.split('## Resolution')[1].split('\n')[4].split('|')  # the baseline against itself
+    assert resolution[1].strip() == '1337' and resolution[2].strip() == '64'  # val tokens: eval_batches=2 of 2 x 16
+    assert float(resolution[3]) == pytest.approx(baseline_final, abs=1e-4) and float(resolution[4]) > 0
     assert (tmp_path / 'results' / 'toy' / 'val_loss.png').stat().st_size > 10_000
     # a rerun finds every step done and only rewrites the report
     rerun = run_script(*command, cwd=tmp_path)

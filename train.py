@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import BatchLoader, InputError, TokenSequences, atomic_write, git_commit, report_input_errors
 import evaluate
-from model import GPT, GPTConfig, PRESETS, memory_plan, memory_table, model_args
+from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, memory_plan, memory_table, model_args
 import salt
 
 report_input_errors()  # bad input (a file, a key, a value) ends in one line naming it, not a traceback
@@ -156,8 +156,7 @@ def check_settings():
         ('select_fraction', 0 < select_fraction <= 1, 'in (0, 1]'),
         ('kd_schedule', kd_schedule in ('constant', 'linear'), "'constant' or 'linear'"),
         ('model_size', model_size in PRESETS, f"one of {', '.join(PRESETS)}"),
-        ('init_from', init_from in ('scratch', 'resume') or init_from.startswith('gpt2'),
-         "'scratch', 'resume' or a GPT-2 name ('gpt2', 'gpt2-medium', ...)"),
+        ('init_from', init_from in ('scratch', 'resume') + GPT2_NAMES, f"'scratch', 'resume' or one of {GPT2_NAMES}"),
         # float16 would need loss scaling (a GradScaler); every GPU this is for has bfloat16
         ('dtype', dtype in ('float32', 'bfloat16'), "'float32' or 'bfloat16' (float16 is not supported)"),
         ('parallelism', parallelism in ('ddp', 'fsdp'), "'ddp' or 'fsdp'"),
@@ -304,7 +303,7 @@ if checkpoint:
         print(f"resuming from {ckpt_path} at step {checkpoint['step']}")
 elif init_from == 'resume':
     raise SystemExit(f"init_from=resume but {out_dir} holds no checkpoint")
-elif init_from.startswith('gpt2'):
+elif init_from in GPT2_NAMES:
     model = GPT.from_pretrained(init_from)
     model_config = model.config
 else:
@@ -407,11 +406,12 @@ def gradient_sync(on):
 
 @torch.no_grad()
 def evaluate_val():
-    """(mean next-token CE, {data subset: its mean CE}) over the val sequences val_ids: the same ones every time,
-    for any number of ranks (which share them). Every rank runs as many forwards, as fsdp gathers weights in
-    each: a rank short of batches repeats one, uncounted."""
+    """(mean next-token CE, its standard error over the sequences, {data subset: its mean CE}) over the val
+    sequences val_ids: the same ones every time, for any number of ranks (which share them). Every rank runs
+    as many forwards, as fsdp gathers weights in each: a rank short of batches repeats one, uncounted."""
     raw_model.eval()
-    sums = torch.zeros(2, max(1, len(subset_names)), dtype=torch.float64, device=device)  # CE, tokens per subset
+    # per subset: the sequences' CE sums, their mean CE squared, and their count
+    sums = torch.zeros(3, max(1, len(subset_names)), dtype=torch.float64, device=device)
     starts = range(0, len(val_ids), batch_size)
     mine = starts[rank::world_size]
     for i in range(-(-len(starts) // world_size)):
@@ -421,19 +421,22 @@ def evaluate_val():
             ce, _ = raw_model(seqs[:, :-1], seqs[:, 1:], reduction='none')
         if i < len(mine):
             subsets = torch.as_tensor(val_subsets[first:first + batch_size], device=device)
-            sums[0].index_add_(0, subsets, ce.view(len(seqs), -1).sum(1).double())
-            sums[1].index_add_(0, subsets, torch.full_like(subsets, block_size, dtype=torch.float64))
+            per_sequence = ce.double().mean(dim=1)
+            for row, values in enumerate((per_sequence, per_sequence ** 2, torch.ones_like(per_sequence))):
+                sums[row].index_add_(0, subsets, values)
     if distributed:
         dist.all_reduce(sums)
     raw_model.train()
-    per_subset = {name: (sums[0, i] / sums[1, i]).item() for i, name in enumerate(subset_names) if sums[1, i] > 0}
-    return (sums[0].sum() / sums[1].sum()).item(), per_subset
+    mean, mean_square, n = sums[0].sum() / sums[2].sum(), sums[1].sum() / sums[2].sum(), sums[2].sum()
+    standard_error = ((mean_square - mean ** 2).clamp(min=0) / n).sqrt()  # the sequences have equal lengths
+    per_subset = {name: (sums[0, i] / sums[2, i]).item() for i, name in enumerate(subset_names) if sums[2, i] > 0}
+    return mean.item(), standard_error.item(), per_subset
 
 
 def evaluation():
     """The metrics of an evaluation: val loss, overall and per data subset, and the few-shot tasks' scores."""
-    val_loss, per_subset = evaluate_val()
-    record = dict(val_loss=val_loss)
+    val_loss, standard_error, per_subset = evaluate_val()
+    record = dict(val_loss=val_loss, val_loss_se=standard_error)
     if per_subset:
         record['val_loss_subsets'] = per_subset
     results = evaluate.evaluate_tasks(raw_model, tasks, shots=eval_shots, batch_size=batch_size, rank=rank,

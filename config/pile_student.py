@@ -7,12 +7,16 @@
 #                 --score_file=out/pile/scores.npy --out_dir=out/pile/salt_ds
 # kd_weight and teacher_temperature are the paper's suggestions (it does not confirm them); select_fraction is
 # what our CPU studies chose (README, "Choosing the defaults"), on a 7M-parameter student: retune at scale.
+# Memory (python model.py --student salt-2.8b --teacher gpt2-xl --batch_size 8 --block_size 2048 --world_size 8):
+# under ddp each GPU would hold the whole student, its gradients and AdamW's moments, ~72 GiB per 80 GB GPU at
+# batch_size 4 with the teacher; fsdp shards them 8 ways: ~56 GiB at batch_size 8, half the accumulation steps.
 out_dir = 'out/pile/baseline'
 data_dir = 'data/pile'
 model_size = 'salt-2.8b'
 block_size = 2048
-batch_size = 4               # per GPU; 8 GPUs x 4 x 2048 x grad_accum 16 = 1M tokens per step
-grad_accum_steps = 16
+parallelism = 'fsdp'
+batch_size = 8               # per GPU; 8 GPUs x 8 x 2048 x grad_accum 8 = 1M tokens per step
+grad_accum_steps = 8
 max_steps = 208_000
 learning_rate = 1.6e-4
 min_lr = 1.6e-5
