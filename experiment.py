@@ -381,6 +381,8 @@ def main():
                              "('' = it must exist already)")
     parser.add_argument('--set', type=parse_setting, nargs='*', default=[], metavar='KEY=VALUE',
                         help="overrides of the student config for every student run")
+    parser.add_argument('--slm_set', type=parse_setting, nargs='*', default=[], metavar='KEY=VALUE',
+                        help="overrides of the SLM config")
     args = parser.parse_args()
     if args.nproc < 1 or args.top_k < 1:
         parser.error(f"--nproc and --top_k must be at least 1, got {args.nproc} and {args.top_k}")
@@ -400,7 +402,7 @@ def main():
     os.makedirs(results, exist_ok=True)
 
     slm_dir = os.path.join(out, 'slm')
-    train(args.nproc, args.slm_config, slm_dir, [])
+    train(args.nproc, args.slm_config, slm_dir, [f'--{k}={v}' for k, v in args.slm_set])
     slm_ckpt = os.path.join(slm_dir, 'ckpt')
     top_ks = {args.top_k} | {int(v) for key, values in args.ablate if key == 'top_k' for v in values}
     scored = {k: score(args, student, data_dir, slm_ckpt, k, out) for k in sorted(top_ks)}

@@ -1,0 +1,28 @@
+# SALT at a GPU scale, on one GPU: the student. bash gpu_experiment.sh runs it all (README, "SALT on one GPU").
+# A 64M-parameter GPT, 59% of it in the transformer blocks, taught by config/gpu_slm.py's 30M SLM, on the text
+# of the machine's own Python installation (its stdlib and every installed package's .py/.md/.rst/.txt).
+# Sized for one command of at most 9 minutes on one H100, one seed, from the FLOP count at an assumed 15% MFU
+# (python model.py and bench_train.py): 420 MFLOP a token, 360K tokens/s; 16.4M tokens a run, ~46 s each,
+# five runs (baseline, SALT, SALT_DS, and the last two on 70% of the steps) ~4 min with their evaluations,
+# plus the SLM, scoring, tokenizing and each run's start-up: ~6.5 min.
+out_dir = 'out/gpu/baseline'
+data_dir = 'data/python'     # python data.py tree --python --include '*.py' '*.md' '*.rst' '*.txt' --out_dir data/python
+train_sequences = 65536      # the pool: 33.5M tokens, which the SLM scores; a run reads half of it
+block_size = 512
+batch_size = 64              # 32K tokens a step
+model_size = 'gpu-student'
+max_steps = 500
+learning_rate = 1.5e-3
+min_lr = 1.5e-4
+warmup_steps = 50
+# SALT: the paper's w and tau, KD for 17% of the steps (36K of ~208K); SALT_DS keeps the top quarter of the pool
+kd_steps = 85
+kd_weight = 0.667
+teacher_temperature = 1.0
+select_fraction = 0.25
+# 21 evaluations (4% of the run apart) of 512 val sequences spread over the val split: 262K tokens, 32x the CPU
+# demo's, so that "steps to the baseline's final val loss" is not the val set's noise (the report says how fine)
+eval_interval = 25
+eval_batches = 8
+ckpt_interval = 500
+compile = False              # runs of under a minute: torch.compile's warm-up would cost about what it saves
