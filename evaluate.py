@@ -215,11 +215,9 @@ def continuation_scores(model, rows, batch_size, autocast=None):
             b_index += [b] * n
             t_index += range(len(tokens) - 1 - n, len(tokens) - 1)  # position t predicts token t + 1
             targets += tokens[-n:]
-        with autocast or nullcontext():
-            hidden = model(idx.to(device), return_hidden=True)
-        picked = hidden[torch.tensor(b_index, device=device), torch.tensor(t_index, device=device)]
-        # the head in fp32 whatever the autocast: log-probs of 50K-way softmaxes are what the scores compare
-        logits = model.logits(picked.float())
+        with autocast or nullcontext():  # the head inside the forward: under fsdp its weight is whole there only
+            logits = model(idx.to(device), logits_at=(torch.tensor(b_index, device=device),
+                                                      torch.tensor(t_index, device=device)))
         targets = torch.tensor(targets, device=device)
         logprobs = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=1)
         hits = logits.argmax(dim=1) == targets
@@ -251,7 +249,7 @@ def score_examples(model, task, *, shots, seed, batch_size, rank=0, world_size=1
     device = next(model.parameters()).device
     for _ in range(max(forwards(task, r, world_size, batch_size) for r in range(world_size))
                    - forwards(task, rank, world_size, batch_size)):
-        model(torch.zeros(1, 1, dtype=torch.long, device=device), return_hidden=True)
+        model(torch.zeros(1, 1, dtype=torch.long, device=device), logits_at=([0], [0]))
     return scored
 
 

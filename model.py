@@ -169,10 +169,12 @@ class GPT(nn.Module):
     def num_params(self, non_embedding=True):
         return self.config.n_params(non_embedding)
 
-    def forward(self, idx, targets=None, *, return_hidden=False, teacher=None, kd_weight=0.0, temperature=1.0,
-                reduction='mean'):
+    def forward(self, idx, targets=None, *, return_hidden=False, logits_at=None, teacher=None, kd_weight=0.0,
+                temperature=1.0, reduction='mean'):
         """idx (B, T) token ids -> logits (B, T, vocab_size); or the final hidden states (B, T, n_embd) with
-        return_hidden=True; or, given targets (B, T), the loss as nanoGPT's forward(idx, targets) returns it:
+        return_hidden=True; or fp32 logits (N, vocab_size) at N positions only, logits_at = (batch indices,
+        time indices), for scoring continuations; or, given targets (B, T), the loss as nanoGPT's
+        forward(idx, targets) returns it:
         (loss, ce, kl) of kernels.salt_loss, (1-w) CE + w KL(teacher || student) with w = kd_weight, where
         teacher = (hidden states, LM head weight) of the teacher on the same idx (SALT's stage 1) or None.
         The loss is computed here, not by the caller, because under FSDP the LM head's weight is whole only
@@ -186,6 +188,9 @@ class GPT(nn.Module):
             # activation checkpointing: keep each block's input only, recompute its inside in the backward
             x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing and self.training else block(x)
         x = self.transformer.ln_f(x)
+        if logits_at is not None:  # fp32 whatever the autocast: log-probs of 50K-way softmaxes get compared
+            with torch.autocast(x.device.type, enabled=False):
+                return self.logits(x[logits_at].float())
         if targets is None:
             return x if return_hidden else self.logits(x)
         teacher_hidden, teacher_weight = teacher if teacher is not None else (None, None)
