@@ -50,7 +50,8 @@ step() {  # step NAME SECONDS WHAT-TO-KEEP COMMAND...: run it, keep its table li
     echo "# GPU check"
     echo
     python3 - <<'EOF'
-import importlib.metadata, platform, subprocess, torch
+import importlib.metadata, platform, torch
+from data import git_commit
 def version(name):
     try:
         return importlib.metadata.version(name)
@@ -60,10 +61,7 @@ device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU 
 print(f"- device: {device}" + (f", {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB" if torch.cuda.is_available() else ''))
 print(f"- python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"triton {version('triton')}, liger-kernel {version('liger-kernel')}, tiktoken {version('tiktoken')}")
-try:
-    print('- git commit', subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip())
-except OSError:
-    pass
+print(f"- git commit {git_commit()}")
 EOF
     echo
 } > "$summary"

@@ -210,17 +210,18 @@ train_data = TokenSequences(data_dir, 'train', block_size, max_sequences=train_s
 meta_file = os.path.join(data_dir, 'meta.json')  # names the tokenizer; nanoGPT-style data has none
 tokenizer = json.load(open(meta_file))['encoding'] if os.path.isfile(meta_file) else None
 val_data = TokenSequences(data_dir, 'val', block_size)
+train_fingerprint = train_data.fingerprint()  # reads both ends of every shard: once
 selected_ids = None
 if score_file:
     scores = salt.load_scores(score_file, expected=dict(  # the most telling difference first
         block_size=block_size, n_sequences=len(train_data), teacher=salt.teacher_id(teacher_ckpt),
-        data_fingerprint=train_data.fingerprint()))
+        data_fingerprint=train_fingerprint))
     selected_ids = salt.select_top(scores, select_fraction)
     if master:
         print(salt.selection_summary(scores, selected_ids))
 # What the run reads, by content: a resumed run may find its data, teacher or scores moved or copied elsewhere
 # (a new path), not changed. The teacher's is added with the model, below.
-inputs = dict(data_dir=f"{train_data.fingerprint()}/{val_data.fingerprint()}",
+inputs = dict(data_dir=f"{train_fingerprint}/{val_data.fingerprint()}",
               score_file=hashlib.sha256(selected_ids.tobytes()).hexdigest() if score_file else '')
 # every evaluation reads the same val sequences, spread evenly over the val split (its first ones may all be one
 # document, or one subset); their data subsets give a val loss per subset
