@@ -3,7 +3,7 @@
 # Liger-Kernel, and the speed (tokens/s, MFU) of train.py's steps, plain and in the KD stage. Every step's
 # output goes to OUT/<step>.log, and the tables to OUT/summary.md, with the device and the versions.
 #
-#   bash gpu_check.sh results/gpu_check          # one GPU: about 8 minutes on an H100
+#   bash gpu_check.sh results/gpu_check          # one GPU: at most 10 minutes (the steps' limits: 575 s)
 #   GPU_CHECK_TINY=1 bash gpu_check.sh OUT       # every step at toy sizes, on a CPU (a test runs this)
 #
 # It installs nothing: the machine's own PyTorch and Triton are what it measures. On a machine without network,
@@ -24,13 +24,18 @@ if [ -n "${GPU_CHECK_TINY:-}" ]; then
     one_size=(--n 512 --h 64 --v 1000 --reps 1 --warmup 0)
     steps=(--pairs demo-student:demo-slm --block_size 64 --batch_size 4 --steps 8 --compile both
            --data_dir "$out/data" --work_dir "$out/runs")
+    experiment_steps=(--pairs demo-student:demo-slm --block_size 32 --batch_size 4 --steps 6 --compile off
+                      --data_dir "$out/data" --work_dir "$out/runs")
 else
     grid=(--n 1024 4096 16384 32768 --h 2048)
     one_size=(--n 16384 --h 2048)
     steps=()
+    # config/gpu_student.py's model, sequences, batch and compile setting: what sizes gpu_experiment.sh
+    experiment_steps=(--pairs gpu-student:gpu-slm --block_size 512 --batch_size 64 --compile off)
 fi
 
-step() {  # step NAME SECONDS WHAT-TO-KEEP COMMAND...: run it, keep its table lines (or its last lines)
+step() {  # step NAME SECONDS WHAT-TO-KEEP COMMAND...: run it, keep its table lines, pytest's outcome lines or
+          # its last lines
     local name=$1 limit=$2 keep=$3
     shift 3
     local started=$SECONDS
@@ -41,7 +46,11 @@ step() {  # step NAME SECONDS WHAT-TO-KEEP COMMAND...: run it, keep its table li
         echo
         echo "\`$*\`: exit status $status$([ $status = 124 ] && echo " (stopped after $limit s)"), $((SECONDS - started)) s"
         echo
-        if [ "$keep" = table ]; then grep '^|' "$out/$name.log" | awk '!seen[$0]++'; else tail -n "$keep" "$out/$name.log"; fi
+        case $keep in
+            table) grep '^|' "$out/$name.log" | awk '!seen[$0]++' ;;
+            outcome) grep -E '^(FAILED|ERROR) |^=+ .*(passed|failed|skipped|error)' "$out/$name.log" ;;
+            *) tail -n "$keep" "$out/$name.log" ;;
+        esac
         echo
     } >> "$summary"
 }
@@ -65,8 +74,10 @@ print(f"- git commit {git_commit()}")
 EOF
     echo
 } > "$summary"
-step cuda_tests 150 5 python3 -m pytest -m cuda test_salt.py -q -p no:cacheprovider
-step loss_grid 100 table python3 bench.py "${grid[@]}" --impls eager fused liger gemm --out "$out/loss_grid.jsonl"
-step loss_compiled 80 table python3 bench.py "${one_size[@]}" --impls eager compiled fused --out "$out/loss_compiled.jsonl"
-step train_steps 240 table python3 bench_train.py "${steps[@]}" --out "$out/train_steps.jsonl"
+# -v: a test stopped by the time limit is named in the log; --durations: what to size the next check by
+step cuda_tests 150 outcome python3 -m pytest -m cuda test_salt.py -v -rfE --durations=15 -p no:cacheprovider
+step loss_grid 90 table python3 bench.py "${grid[@]}" --impls eager fused liger gemm --out "$out/loss_grid.jsonl"
+step loss_compiled 70 table python3 bench.py "${one_size[@]}" --impls eager compiled fused --out "$out/loss_compiled.jsonl"
+step train_steps 220 table python3 bench_train.py "${steps[@]}" --out "$out/train_steps.jsonl"
+step experiment_steps 45 table python3 bench_train.py "${experiment_steps[@]}" --out "$out/experiment_steps.jsonl"
 cat "$summary"

@@ -2385,9 +2385,11 @@ def test_gpu_check_dry_run_writes_every_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = (tmp_path / 'summary.md').read_text()
     sections = summary.split('\n## ')[1:]
-    assert [s.split('\n')[0] for s in sections] == ['cuda_tests', 'loss_grid', 'loss_compiled', 'train_steps']
+    assert [s.split('\n')[0] for s in sections] == ['cuda_tests', 'loss_grid', 'loss_compiled', 'train_steps',
+                                                    'experiment_steps']
     for section in sections:
         assert ': exit status 0,' in section, section
+    assert re.search(r'\n=+ 85 skipped, \d+ deselected in', sections[0]), sections[0]  # pytest's outcome line
     assert '| 512 | 64 | fused |' in sections[1] and '| 512 | 64 | compiled |' in sections[2]
     header, *rows = [json.loads(line) for line in open(tmp_path / 'loss_grid.jsonl')]  # bench.py's own record
     assert header['type'] == 'header' and header['device'] == 'cpu' and header['config']['n'] == [256, 512]
@@ -2395,8 +2397,11 @@ def test_gpu_check_dry_run_writes_every_table(tmp_path):
     assert all(row['type'] == 'result' and row['ms'] > 0 and row['h'] == 64 for row in rows)  # liger: not here
     assert '| demo-student (compiled) | KD from demo-slm |' in sections[3]
     rows = [json.loads(line) for line in open(tmp_path / 'train_steps.jsonl')]
-    assert [(r['student'], r['compile']) for r in rows[1:]] == [('demo-student', False), ('demo-student', True)]
+    assert [(r['student'], r['compile']) for r in rows[1:]] == [('demo-student', True), ('demo-student', False)]
     assert all(r['kd']['tokens_per_s'] > 0 and r['plain']['tokens_per_s'] > 0 for r in rows[1:])
+    header, row = [json.loads(line) for line in open(tmp_path / 'experiment_steps.jsonl')]
+    assert header['block_size'] == 32 and (row['student'], row['compile']) == ('demo-student', False)
+    assert '| demo-student (eager) | KD from demo-slm |' in sections[4]
 
 
 def test_gpu_experiment_dry_run_writes_the_report(tmp_path):
