@@ -832,15 +832,16 @@ def _check_vocab(where, tokens):
 
 
 class BatchLoader:
-    """Batches of sequences: epoch e shuffles the allowed ids with default_rng([seed, e]), cuts the
-    permutation into blocks of batch_size, and rank r reads blocks r, r+world_size, ...
+    """Batches of sequences: epoch e shuffles the allowed ids with default_rng([seed, e]) and cuts the
+    permutation into blocks of batch_size. An optimizer step reads the next accumulation * world_size blocks:
+    micro-step m of rank r reads block m * world_size + r of them.
 
-    So world_size=2 with 1 accumulation step sees the same global batches as world_size=1 with 2
-    accumulation steps (micro-step m of step s reads block 2s+m). Blocks left over at an epoch's end
-    are dropped so every rank has the same number of batches.
+    So the global batches depend on batch_size and accumulation * world_size alone: 2 ranks with 1 accumulation
+    step read what 1 process with 2 reads (micro-step m of step s: block 2s+m), and a run may resume on another
+    number of ranks that keeps the product. An epoch is as many whole steps as fit; its other blocks are dropped.
     """
 
-    def __init__(self, sequences, batch_size, rank=0, world_size=1, seed=0, ids=None):
+    def __init__(self, sequences, batch_size, rank=0, world_size=1, seed=0, ids=None, accumulation=1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.sequences, self.batch_size, self.rank, self.world_size, self.seed = (
@@ -849,10 +850,11 @@ class BatchLoader:
         self.ids = np.arange(len(sequences)) if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
         if self.ids.size and (self.ids[0] < 0 or self.ids[-1] >= len(sequences)):
             raise IndexError(f"ids must be in [0, {len(sequences)})")
-        self.batches_per_epoch = len(self.ids) // batch_size // world_size
+        steps_per_epoch = len(self.ids) // (batch_size * world_size * accumulation)
+        self.batches_per_epoch = steps_per_epoch * accumulation  # this rank's
         if self.batches_per_epoch == 0:
-            raise InputError(f"{len(self.ids)} sequences are too few for batch_size*world_size = "
-                             f"{batch_size}*{world_size}; use a smaller batch or more data")
+            raise InputError(f"{len(self.ids)} sequences are too few for batch_size*world_size*grad_accum_steps = "
+                             f"{batch_size}*{world_size}*{accumulation}; use a smaller batch or more data")
         self.epoch, self.position = 0, 0
         self._perm_epoch, self._perm = None, None
 
@@ -873,12 +875,15 @@ class BatchLoader:
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def state_dict(self):
-        return {"epoch": int(self.epoch), "position": int(self.position)}
+        """Where the job is, on any number of ranks: the epoch and the blocks all ranks have read in it."""
+        return {"epoch": int(self.epoch), "blocks": int(self.position * self.world_size)}
 
     def load_state_dict(self, state):
-        if not 0 <= state["position"] <= self.batches_per_epoch:  # saved with another batch_size/world_size?
-            raise ValueError(f"position {state['position']} not in [0, {self.batches_per_epoch}] batches per epoch")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        position, rest = divmod(state["blocks"], self.world_size)
+        if rest or not 0 <= position <= self.batches_per_epoch:  # saved with another batch or global batch?
+            raise ValueError(f"{state['blocks']} blocks read in an epoch: not a whole number of batches per rank "
+                             f"within the {self.batches_per_epoch} of an epoch on {self.world_size} ranks")
+        self.epoch, self.position = int(state["epoch"]), position
 
 
 # -----------------------------------------------------------------------------

@@ -382,14 +382,37 @@ def test_batch_loader_resumes_exactly(small_dir):
     for _ in range(4):
         loader.next_batch()
     state = loader.state_dict()
-    assert state == {"epoch": 0, "position": 4} and all(type(v) is int for v in state.values())
+    assert state == {"epoch": 0, "blocks": 12} and all(type(v) is int for v in state.values())
     json.dumps(state)
     after = [loader.next_batch() for _ in range(10)]  # crosses an epoch boundary
     resumed = data.BatchLoader(seqs, 8, rank=1, world_size=3, seed=5)
     resumed.load_state_dict(state)
     for (x, y), (rx, ry) in zip(after, [resumed.next_batch() for _ in range(10)]):
         assert torch.equal(x, rx) and torch.equal(y, ry)
-    assert resumed.state_dict() == loader.state_dict() == {"epoch": 2, "position": 2}
+    assert resumed.state_dict() == loader.state_dict() == {"epoch": 2, "blocks": 6}
+
+
+def test_batch_loader_global_batches_depend_on_accumulation_times_ranks(small_dir):
+    """2 ranks x 1 micro-batch read what 1 process x 2 reads, across epoch ends too (13 blocks of 12 sequences
+    an epoch, an odd number: both drop the 13th, as no whole step is left for it), and a state saved on 2 ranks
+    resumes on 1 process x 2 micro-batches; one that maps to no whole number of batches per rank is refused."""
+    seqs = data.TokenSequences(small_dir, "train", 16)  # 162 sequences
+    one = data.BatchLoader(seqs, 12, seed=3, accumulation=2)
+    two = [data.BatchLoader(seqs, 12, rank=r, world_size=2, seed=3) for r in range(2)]
+    assert one.batches_per_epoch == 12 and two[0].batches_per_epoch == 6
+    for step in range(15):  # two and a half epochs
+        for rank in two:
+            assert torch.equal(one.next_batch()[0], rank.next_batch()[0]), step
+    state = two[0].state_dict()
+    assert state == {"epoch": 2, "blocks": 6} == one.state_dict()
+    resumed = data.BatchLoader(seqs, 12, seed=3, accumulation=2)
+    resumed.load_state_dict(state)
+    for step in range(2):
+        for rank in two:
+            x = one.next_batch()[0]
+            assert torch.equal(resumed.next_batch()[0], x) and torch.equal(rank.next_batch()[0], x)
+    with pytest.raises(ValueError, match="6 blocks read"):  # 1.5 batches per rank
+        data.BatchLoader(seqs, 12, world_size=4, seed=3).load_state_dict(state)
 
 
 def test_batch_loader_too_small(small_dir):
@@ -418,8 +441,8 @@ def test_nanogpt_headerless_dir_and_resume_mismatch(tmp_path):
     seqs = data.TokenSequences(str(tmp_path), "train", 100)
     assert len(seqs) == 29 and seqs.get([28]).tolist() == [list(range(2800, 2901))]
     loader = data.BatchLoader(seqs, 4)  # 7 batches an epoch
-    with pytest.raises(ValueError, match="position"):
-        loader.load_state_dict({"epoch": 0, "position": 8})
+    with pytest.raises(ValueError, match="8 blocks read"):
+        loader.load_state_dict({"epoch": 0, "blocks": 8})
 
 
 def test_text_sources(tmp_path):
@@ -1381,10 +1404,10 @@ def first_step_gradients(out_dir):
     '--parallelism=fsdp', '--shard_teacher=True', '--activation_checkpointing=True']], ids=['ddp', 'fsdp', 'fsdp-more'])
 def test_two_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_data, slm_and_scores, files, settings):
     """2 ranks x 1 micro-batch make the same steps as 1 process x 2 micro-batches, in both stages of SALT: the
-    same global batches, the gradients averaged over all of them. Compared where the summation order (the
-    thread count, the CPU's BLAS) cannot matter: the first step's gradients, and the losses. Not the weights
-    after AdamW steps: Adam turns rounding noise in a near-zero gradient into a step of about the learning
-    rate, in either direction."""
+    same global batches, the gradients averaged over all of them; and so does the 2-rank run resumed on 1 process
+    x 2 micro-batches. Compared where the summation order (the thread count, the CPU's BLAS) cannot matter: the
+    first step's gradients, and the losses. Not the weights after AdamW steps: Adam turns rounding noise in a
+    near-zero gradient into a step of about the learning rate, in either direction."""
     tasks = f"--eval_tasks=hellaswag:{files['hellaswag']},lambada:{files['lambada']}"  # scored on every rank too
     salt_run = [f'--teacher_ckpt={slm_and_scores[0]}', '--kd_steps=2', '--lr_decay_steps=4', tasks]
     runs = {'one': (1, ['--grad_accum_steps=2']), 'two': (2, ['--grad_accum_steps=1', *settings])}
@@ -1398,18 +1421,23 @@ def test_two_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1000 * EPS32 * one[name].abs().max().item(),
                                    msg=name)
+    shutil.copytree(tmp_path / 'two', tmp_path / 'moved')  # the 2-rank run, to go on in 1 process
+    runs['moved'] = (1, ['--grad_accum_steps=2'])
     for name, (nproc, settings) in runs.items():  # three more steps each, resumed: the batches go on alike
         train(text_data, tmp_path / name, '--max_steps=4', *salt_run, *settings, nproc=nproc)
-    records_one, records_two = step_records(tmp_path / 'one'), step_records(tmp_path / 'two')
-    assert sorted(records_one) == sorted(records_two) == [1, 2, 3, 4]
-    assert [records_two[s]['kd_weight'] > 0 for s in range(1, 5)] == [True, True, False, False]
-    for step in records_one:
-        # eps-sized reassociation, and Adam's noise: second order (the accuracies, argmaxes, are left out)
-        keys = ('loss', 'ce', 'kl', 'val_loss', 'lambada/ppl')  # the last two at the evaluations only
-        logged = [key for key in keys if key in records_one[step]]
-        assert [key for key in keys if key in records_two[step]] == logged and len(logged) >= 3, step
-        for key in logged:
-            assert records_two[step][key] == pytest.approx(records_one[step][key], rel=1e-5), (step, key)
+    records_one = step_records(tmp_path / 'one')
+    assert sorted(records_one) == [1, 2, 3, 4]
+    assert [records_one[s]['kd_weight'] > 0 for s in range(1, 5)] == [True, True, False, False]
+    for name in ('two', 'moved'):
+        records = step_records(tmp_path / name)
+        assert sorted(records) == [1, 2, 3, 4], name
+        for step in records_one:
+            # eps-sized reassociation, and Adam's noise: second order (the accuracies, argmaxes, are left out)
+            keys = ('loss', 'ce', 'kl', 'val_loss', 'lambada/ppl')  # the last two at the evaluations only
+            logged = [key for key in keys if key in records_one[step]]
+            assert [key for key in keys if key in records[step]] == logged and len(logged) >= 3, (name, step)
+            for key in logged:
+                assert records[step][key] == pytest.approx(records_one[step][key], rel=1e-5), (name, step, key)
 
 
 def test_fsdp_killed_anywhere_resumes_to_the_uninterrupted_losses(tmp_path, text_data, slm_and_scores):
@@ -1683,6 +1711,8 @@ def test_bad_settings_are_clear_errors(tmp_path, text_data, slm_and_scores):
     train(text_data, tmp_path / 'd', '--max_steps=2')
     result = train(text_data, tmp_path / 'd', '--max_steps=4', '--learning_rate=1e-3', check=False)
     assert result.returncode != 0 and 'learning_rate=0.003 (now 0.001)' in result.stderr
+    result = train(text_data, tmp_path / 'd', '--max_steps=4', '--grad_accum_steps=2', check=False)  # the global batch
+    assert result.returncode != 0 and 'grad_accum_steps x processes = 1 x 1 (now 2 x 1)' in result.stderr
     result = train(text_data, tmp_path / 'e', '--init_from=resume', check=False)
     assert result.returncode != 0 and 'holds no checkpoint' in result.stderr
 

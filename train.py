@@ -237,7 +237,8 @@ tasks = evaluate.read_tasks(eval_tasks, eval_fewshot_files) if eval_tasks else [
 def make_loader(step):
     """Stage 1 of SALT_DS reads the selected sequences only; everything else reads all of them."""
     ids = selected_ids if step < kd_steps else None
-    return BatchLoader(train_data, batch_size, rank=rank, world_size=world_size, seed=seed, ids=ids)
+    return BatchLoader(train_data, batch_size, rank=rank, world_size=world_size, seed=seed, ids=ids,
+                       accumulation=grad_accum_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,7 +252,7 @@ CHECKPOINTS = [os.path.join(out_dir, 'ckpt'), os.path.join(out_dir, 'ckpt.prev')
 RESUMABLE_CHANGES = {'out_dir', 'init_from', 'max_steps', 'eval_interval', 'eval_batches', 'log_interval',
                      'ckpt_interval', 'wandb_log', 'wandb_project', 'eval_tasks', 'eval_shots', 'eval_fewshot_files',
                      'compile', 'device', 'dtype', 'peak_flops', 'ddp_timeout', 'skip_nonfinite', 'parallelism',
-                     'shard_teacher', 'activation_checkpointing'}
+                     'shard_teacher', 'activation_checkpointing', 'grad_accum_steps'}  # the last: see below
 
 
 def latest_good_checkpoint():
@@ -285,8 +286,10 @@ def check_resumable(meta):
     inputs['teacher_ckpt'] = meta['inputs']['teacher_ckpt'] if saved['teacher_ckpt'] == teacher_ckpt else teacher_identity()
     changed += [f"{key}={config[key]!r} (the run read another {what} from {saved[key]!r})"
                 for key, what in MOVABLE.items() if inputs[key] != meta['inputs'][key]]
-    if meta['world_size'] != world_size:  # each rank's place in the data order depends on it
-        changed.append(f"{meta['world_size']} processes (now {world_size})")
+    # the global batch: on other processes, grad_accum_steps must keep it (the loader reads the same batches)
+    if saved['grad_accum_steps'] * meta['world_size'] != grad_accum_steps * world_size:
+        changed.append(f"grad_accum_steps x processes = {saved['grad_accum_steps']} x {meta['world_size']} "
+                       f"(now {grad_accum_steps} x {world_size})")
     if changed:
         raise SystemExit(f"{out_dir} holds a checkpoint of a run with other settings: {', '.join(changed)}. "
                          f"Continue that run with its settings, or give this one another out_dir.")
