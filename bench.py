@@ -9,12 +9,13 @@ On CUDA every implementation runs the way train.py trains: fp32 master weights a
 (LayerNorm's output under autocast), the loss inside torch.autocast('cuda', dtype=torch.bfloat16), backward
 outside it. On CPU everything is fp32.
 
-Implementations: eager PyTorch with full logits, torch.compile of the same (compiled for each size, the
-compilation left out of the time), our salt_loss, Liger-Kernel's LigerFusedLinearJSD (CUDA only, when
-liger_kernel imports) and the bare GEMMs (student logits, teacher logits, the two backward GEMMs): the time
-floor. Liger runs with jsd_beta=0, i.e. the forward KL alone, no CE, and divides the student's logits by the
-temperature too; it gets bf16 copies of the inputs (made inside its timed step), as autocast would hand them
-to its matmuls.
+Implementations: eager PyTorch with full logits (kernels.salt_loss_reference), torch.compile of the same
+(compiled for each size, the compilation left out of the time), our salt_loss (fused_reverse_kl and fused_jsd:
+with those divergences, whose gradient autograd takes chunk by chunk), Liger-Kernel's LigerFusedLinearJSD
+(CUDA only, when liger_kernel imports) and the bare GEMMs (student logits, teacher logits, the two backward
+GEMMs): the time floor. Liger runs with jsd_beta=0, i.e. the forward KL alone, no CE, and divides the
+student's logits by the temperature too; it gets bf16 copies of the inputs (made inside its timed step), as
+autocast would hand them to its matmuls.
 
 Reports the median time and the peak memory beyond the inputs. On CUDA memory is
 torch.cuda.max_memory_allocated; on CPU every measurement runs in a fresh subprocess and reports peak RSS
@@ -28,6 +29,7 @@ import ctypes
 import importlib.metadata
 import importlib.util
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -35,29 +37,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from data import InputError, git_commit, report_input_errors
-from kernels import salt_loss
+from common import InputError, git_commit, report_input_errors
+from kernels import salt_loss, salt_loss_reference
 
-IMPLS = ["eager", "compiled", "fused", "liger", "gemm"]
-
-
-def eager_salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None, *,
-                    kd_weight=0.0, temperature=1.0, vocab_size=None, ignore_index=-1):
-    """What salt_loss computes, written the obvious way: full (N, V) logits and autograd."""
-    student_hidden, targets = student_hidden.reshape(-1, student_hidden.shape[-1]), targets.reshape(-1)
-    vocab_size = vocab_size or student_weight.shape[0]
-    log_p = F.log_softmax((student_hidden @ student_weight.T)[:, :vocab_size].float(), dim=-1)
-    valid = targets != ignore_index
-    n_counted = valid.sum().clamp(min=1)
-    loss = (1 - kd_weight) * F.nll_loss(log_p, targets, ignore_index=ignore_index, reduction="sum") / n_counted
-    if teacher_hidden is not None:
-        with torch.no_grad():
-            teacher_logits = teacher_hidden.reshape(len(targets), -1) @ teacher_weight.T
-            log_q = F.log_softmax(teacher_logits[:, :vocab_size].float() / temperature, dim=-1)
-        loss = loss + kd_weight * ((log_q.exp() * (log_q - log_p)).sum(-1) * valid).sum() / n_counted
-    return loss
+IMPLS = ["eager", "compiled", "fused", "fused_reverse_kl", "fused_jsd", "liger", "gemm"]
 
 
 def make_inputs(args, n, h, device):
@@ -87,14 +71,14 @@ def loss_fn_of(impl, x, args):
     """A closure computing `impl`'s loss on inputs x, or None if `impl` is not available here."""
     loss_args = dict(kd_weight=args.kd_weight, temperature=args.temperature, vocab_size=args.v)
     if impl == "eager":
-        return lambda: eager_salt_loss(**x, **loss_args)
+        return lambda: salt_loss_reference(**x, **loss_args)[0]
     if impl == "compiled":
         # one compilation per size: after a reset and with static shapes, no recompiling for dynamic shapes
         torch._dynamo.reset()
-        compiled = torch.compile(eager_salt_loss, dynamic=False)
-        return lambda: compiled(**x, **loss_args)
-    if impl == "fused":
-        return lambda: salt_loss(**x, **loss_args)
+        compiled = torch.compile(salt_loss_reference, dynamic=False)
+        return lambda: compiled(**x, **loss_args)[0]
+    if impl.startswith("fused"):  # fused_reverse_kl, fused_jsd: another divergence, by autograd per chunk
+        return lambda: salt_loss(**x, **loss_args, kd_loss=impl[len("fused_"):] or "forward_kl")[0]
     if impl == "liger":
         return liger_loss_fn(x, args)
     raise ValueError(f"unknown impl {impl}")
@@ -103,12 +87,10 @@ def loss_fn_of(impl, x, args):
 def liger_loss_fn(x, args):
     if x["student_hidden"].device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
         return None
+    # a release that fails to import or refuses these arguments (older ones: 0 < beta < 1, no ignore_index)
+    # raises here, and bench_size makes that its "failed" row
     from liger_kernel.transformers import LigerFusedLinearJSD
-    try:
-        jsd = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=-1, temperature=args.temperature)
-    except (AssertionError, TypeError) as error:  # older releases: 0 < beta < 1, no ignore_index
-        print(f"skipping liger: {error}", file=sys.stderr)
-        return None
+    jsd = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=-1, temperature=args.temperature)
     vocab = args.v  # Liger has no notion of padded vocabulary rows: give it the real ones
 
     def loss_fn():
@@ -147,9 +129,9 @@ def fused_vs_eager_error(inputs, args):
     on a GPU this is the compiled Triton kernel's correctness check at the benchmark's sizes."""
     loss_args = dict(kd_weight=args.kd_weight, temperature=args.temperature, vocab_size=args.v)
     results = []
-    for loss_fn in (eager_salt_loss, salt_loss):
+    for loss_fn in (salt_loss_reference, salt_loss):
         with precision(inputs["student_hidden"].device):
-            loss = loss_fn(**inputs, **loss_args)
+            loss = loss_fn(**inputs, **loss_args)[0]
         loss.backward()
         results.append([loss.detach().float(), inputs["student_hidden"].grad.float(), inputs["student_weight"].grad.float()])
         clear_grads(inputs)
@@ -163,7 +145,7 @@ def clear_grads(inputs):
 
 def warmup_runs(impl, args):
     """Untimed runs first: at least one where the first call compiles (torch.compile; Triton on CUDA)."""
-    return max(args.warmup, 1) if impl in ("compiled", "fused") else args.warmup
+    return max(args.warmup, 1) if impl == "compiled" or impl.startswith("fused") else args.warmup
 
 
 def measure_cuda(impl, inputs, args):
@@ -237,7 +219,9 @@ def measure_cpu_subprocess(impl, n, h, args):
                "--warmup", str(args.warmup), "--reps", str(args.reps)]
     if args.teacher_h:
         command += ["--teacher-h", str(args.teacher_h)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"worker exit status {result.returncode}: {last_error_line(result.stderr)}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -245,23 +229,36 @@ def measure_cpu_subprocess(impl, n, h, args):
 # the grid, the table and the --out file
 
 
+def last_error_line(output):
+    """The line of a failed program's output that says what went wrong: its exception's, else its last."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)]
+    return (errors or lines or ["no output"])[-1]
+
+
+def failure(error):
+    """A failed measurement's reason, on one table cell."""
+    return f"{type(error).__name__}: {error}".replace("|", "/").replace("\n", " ")[:300]
+
+
 def bench_size(n, h, args, on_cuda, out):
-    """Every implementation at one (N, H). A failure (out of memory, a crashed worker) is a row, not the end
-    of the grid; CUDA memory is released after the except block, once no traceback holds the frames."""
+    """Every implementation at one (N, H). Any failure (out of memory, a compiler error, a crashed worker, a
+    missing package) is that implementation's row, not the end of the grid; CUDA memory is released after the
+    except block, once no traceback holds the frames."""
     inputs = make_inputs(args, n, h, torch.device("cuda")) if on_cuda else None
     if on_cuda:
         try:
             emit(dict(type="check", n=n, h=h, max_relative_error=fused_vs_eager_error(inputs, args)), out)
-        except torch.OutOfMemoryError:
-            emit(dict(type="check", n=n, h=h, error="OutOfMemoryError"), out)
+        except Exception as error:
+            emit(dict(type="check", n=n, h=h, error=failure(error)), out)
         clear_grads(inputs)
         torch.cuda.empty_cache()
     eager = None
     for impl in args.impls:
         try:
             result = measure_cuda(impl, inputs, args) if on_cuda else measure_cpu_subprocess(impl, n, h, args)
-        except (torch.OutOfMemoryError, subprocess.CalledProcessError) as error:
-            result = type(error).__name__
+        except Exception as error:
+            result = failure(error)
         if on_cuda:
             clear_grads(inputs)
             torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 """
 Benchmarks of the data path, on whatever machine runs them (prints the numbers, asserts nothing):
 
-    python bench_data.py tokenize     # `python data.py pile` tokens/s on Pile-format shards of real text
+    python bench_data.py tokenize     # `python prepare.py pile` tokens/s on Pile-format shards of real text
     python bench_data.py loader       # BatchLoader.next_batch against a training step of the demo SLM
     python bench_data.py score        # SALT_DS scoring tokens/s against training tokens/s of the demo SLM
 
@@ -21,6 +21,7 @@ import torch
 import zstandard
 
 import data
+import prepare
 import salt
 from kernels import salt_loss
 from model import GPT, GPTConfig
@@ -30,10 +31,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def write_pile_shards(folder, n_shards):
     """The stdlib's files dealt round-robin into n_shards .jsonl.zst files; returns their paths and MB."""
-    root, files = data.sysconfig.get_paths()['stdlib'], data.stdlib_files()
+    root, files = prepare.sysconfig.get_paths()['stdlib'], prepare.stdlib_files()
     paths, megabytes = [], 0.0
     for shard in range(n_shards):
-        lines = [json.dumps({'text': data._read_text(os.path.join(root, f)),
+        lines = [json.dumps({'text': prepare._read_text(os.path.join(root, f)),
                              'meta': {'pile_set_name': f.split('/')[0]}}) for f in files[shard::n_shards]]
         raw = ('\n'.join(lines) + '\n').encode('utf-8')
         megabytes += len(raw) / 1e6
@@ -46,7 +47,7 @@ def write_pile_shards(folder, n_shards):
 def bench_tokenize(folder, n_shards=8):
     paths, megabytes = write_pile_shards(folder, n_shards)
     print(f"{n_shards} Pile-format shards, {megabytes:.1f} MB of jsonl, {os.cpu_count()} CPU cores")
-    result = subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), 'pile', *paths,
+    result = subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), 'pile', *paths,
                              '--out_dir', os.path.join(folder, 'out')], capture_output=True, text=True, check=True)
     print(result.stdout.strip().splitlines()[-1])
 
@@ -55,7 +56,7 @@ def bench_loader(folder, steps=20, batches=2000):
     """next_batch over a SALT_DS-like random half of the ids vs a forward + backward of demo-slm (block 64,
     batch 8) through kernels.salt_loss."""
     paths, _ = write_pile_shards(folder, 2)
-    subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), 'pile', *paths, '--out_dir', folder],
+    subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), 'pile', *paths, '--out_dir', folder],
                    capture_output=True, check=True)
     sequences = data.TokenSequences(folder, 'train', 64)
     selected = np.random.default_rng(0).permutation(len(sequences))[:len(sequences) // 2]
@@ -70,7 +71,8 @@ def bench_loader(folder, steps=20, batches=2000):
     for step in range(steps + 3):  # 3 warm-up steps
         if step == 3:
             start = time.perf_counter()
-        salt_loss(model(x, return_hidden=True), model.lm_head.weight, y, vocab_size=data.VOCAB_SIZE).backward()
+        loss = salt_loss(model(x, return_hidden=True), model.lm_head.weight, y, vocab_size=data.VOCAB_SIZE)[0]
+        loss.backward()
         model.zero_grad(set_to_none=True)
     step_seconds = (time.perf_counter() - start) / steps
     print(f"next_batch {batch_seconds * 1e6:.0f} us, training step {step_seconds * 1e3:.1f} ms "
@@ -87,7 +89,8 @@ def bench_score(folder, steps=20):
     x, y = seqs[:8, :-1], seqs[:8, 1:]
 
     def train_step():
-        salt_loss(model(x, return_hidden=True), model.lm_head.weight, y, vocab_size=data.VOCAB_SIZE).backward()
+        loss = salt_loss(model(x, return_hidden=True), model.lm_head.weight, y, vocab_size=data.VOCAB_SIZE)[0]
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -10,70 +10,113 @@ Each STUDENT:TEACHER pair (model.PRESETS; the defaults' teachers have half their
 is compiled when the student is), on --data_dir (the standard library, tokenized first if missing). Its
 metrics.jsonl gives, per stage, the median tokens/s and MFU over the logged steps; train.py leaves the first
 step of the run and of stage 2, where torch.compile compiles, out of them. The teacher is a checkpoint of its
-preset after one training step: its weights do not matter for speed. MFU counts the student's training FLOPs
-(`mfu`) or those and the teacher's forward (`mfu_with_teacher`), over peak_flops (train.py's, H100/H200 SXM
-dense bf16 by default).
+preset after one training step: its weights do not matter for speed; the student writes no checkpoint. MFU
+counts the student's training FLOPs (`mfu`) or those and the teacher's forward (`mfu_with_teacher`), over
+--peak_flops (H100/H200 SXM dense bf16 by default).
+
+Every row is printed and written to --out as soon as it is measured. A run that fails is a "failed: reason"
+row and the next run goes on; stopped by SIGTERM (a time limit), the run in progress still gives the rows of
+the steps it logged, marked "stopped", and its train.log and metrics.jsonl stay in --work_dir.
 """
 import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 
-from data import git_commit, report_input_errors
+from bench import last_error_line
+from common import git_commit, report_input_errors
 from model import GPTConfig, PRESETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HEADER = ['student', 'stage', 'tokens/s', 'MFU', 'MFU with the teacher', 'KD step / plain step',
+          'predicted by FLOPs', 'note']
+
+
+class Stopped(Exception):
+    """SIGTERM arrived: the time limit of the command that runs this benchmark."""
+
+
+def on_sigterm(signum, frame):
+    raise Stopped()
 
 
 def train(out_dir, *settings):
-    """Run train.py to the end in a fresh out_dir (a benchmark never resumes); its output only on failure."""
+    """Run train.py to the end in a fresh out_dir (a benchmark never resumes), its output in out_dir/train.log.
+    A time limit's SIGTERM reaches train.py too (it is in our process group), so it is waited for, not left."""
     shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
     command = [sys.executable, os.path.join(HERE, 'train.py'), f'--out_dir={out_dir}', *settings]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    with open(os.path.join(out_dir, 'train.log'), 'w') as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            status = process.wait()
+        except Stopped:
+            process.terminate()
+            process.wait()
+            raise
+    if status:
+        with open(os.path.join(out_dir, 'train.log')) as log:
+            raise RuntimeError(f"train.py exit status {status}: {last_error_line(log.read())}")
 
 
 def stage_medians(out_dir):
-    """{'kd' | 'plain': {metric: median over the stage's logged steps}} from a run's metrics.jsonl."""
-    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-        records = [r for r in map(json.loads, f) if 'tokens_per_s' in r]
+    """{'kd' | 'plain': {metric: median over the stage's logged steps}} from a run's metrics.jsonl, for the
+    stages that logged a step (a stopped run may have logged none of stage 2)."""
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.endswith('\n')]
+    records = [r for r in records if 'tokens_per_s' in r]
     stages = {'kd': [r for r in records if r['kd_weight'] > 0], 'plain': [r for r in records if r['kd_weight'] == 0]}
-    if not all(stages.values()):
-        raise RuntimeError(f"{out_dir}: too few logged steps in a stage for a median: raise --steps")
     return {stage: {key: statistics.median(r[key] for r in rows) for key in rows[0]
-                    if key in ('tokens_per_s', 'mfu', 'mfu_with_teacher')} for stage, rows in stages.items()}
+                    if key in ('tokens_per_s', 'mfu', 'mfu_with_teacher')} for stage, rows in stages.items() if rows}
 
 
-def bench_pair(student, teacher, compiled, args):
-    """One SALT run of the pair: its medians per stage, and the FLOP prediction of the KD step's cost."""
+def predicted_kd_cost(student, teacher, block_size):
+    """The KD step's time over the plain step's, if time followed FLOPs: the teacher's forward is extra."""
+    student_config = GPTConfig.from_preset(student, block_size=block_size)
+    teacher_config = GPTConfig.from_preset(teacher, block_size=block_size)
+    return 1 + teacher_config.flops_per_token(block_size, backward=False) / student_config.flops_per_token(block_size)
+
+
+def bench_pair(student, teacher, compiled, args, run_dir):
+    """One SALT run of the pair, into run_dir; its medians per stage come from its metrics.jsonl."""
     common = [f'--data_dir={args.data_dir}', f'--block_size={args.block_size}', f'--batch_size={args.batch_size}',
-              '--warmup_steps=1', '--eval_batches=1', '--log_interval=1']
+              '--warmup_steps=1', '--eval_batches=1', '--log_interval=1', f'--peak_flops={args.peak_flops}']
     teacher_dir = os.path.join(args.work_dir, f'teacher-{teacher}')
     if not os.path.isdir(os.path.join(teacher_dir, 'ckpt')):
         train(teacher_dir, *common, f'--model_size={teacher}', '--max_steps=1')
-    run_dir = os.path.join(args.work_dir, f"{student}-{'compiled' if compiled else 'eager'}")
     train(run_dir, *common, f'--model_size={student}', f'--teacher_ckpt={os.path.join(teacher_dir, "ckpt")}',
           f'--kd_steps={args.steps // 2}', f'--max_steps={args.steps}', f'--eval_interval={args.steps}',
-          f'--ckpt_interval={args.steps}', f'--compile={compiled}')
-    student_config = GPTConfig.from_preset(student, block_size=args.block_size)
-    teacher_config = GPTConfig.from_preset(teacher, block_size=args.block_size)
-    predicted = 1 + teacher_config.flops_per_token(args.block_size, backward=False) / \
-        student_config.flops_per_token(args.block_size)
-    return stage_medians(run_dir), predicted
+          '--ckpt_interval=0', f'--compile={compiled}')
 
 
-def table_rows(student, teacher, compiled, medians, predicted):
-    def percent(stage, key):
-        return f"{medians[stage][key]:.1%}" if key in medians[stage] else '-'
-    measured = medians['plain']['tokens_per_s'] / medians['kd']['tokens_per_s']
-    name = f"{student} ({'compiled' if compiled else 'eager'})"
-    return [[name, 'plain', f"{medians['plain']['tokens_per_s']:,.0f}", percent('plain', 'mfu'), '-', '', ''],
-            [name, f'KD from {teacher}', f"{medians['kd']['tokens_per_s']:,.0f}", percent('kd', 'mfu'),
-             percent('kd', 'mfu_with_teacher'), f"{measured:.2f}", f"{predicted:.2f}"]]
+def table_rows(record):
+    """The table's two lines (plain, KD) of one run's record; '-' where a stage has no median."""
+    medians, name = record['medians'], f"{record['student']} ({'compiled' if record['compile'] else 'eager'})"
+
+    def value(stage, key, form):
+        return form.format(medians[stage][key]) if key in medians.get(stage, {}) else '-'
+    measured = '-'
+    if 'tokens_per_s' in medians.get('plain', {}) and 'tokens_per_s' in medians.get('kd', {}):
+        measured = f"{medians['plain']['tokens_per_s'] / medians['kd']['tokens_per_s']:.2f}"
+    note = record.get('note', '')
+    return [[name, 'plain', value('plain', 'tokens_per_s', '{:,.0f}'), value('plain', 'mfu', '{:.1%}'), '-', '', '',
+             note],
+            [name, f"KD from {record['teacher']}", value('kd', 'tokens_per_s', '{:,.0f}'), value('kd', 'mfu', '{:.1%}'),
+             value('kd', 'mfu_with_teacher', '{:.1%}'), measured, f"{record['predicted']:.2f}", note]]
+
+
+def emit(record, out):
+    print('\n'.join(f"| {' | '.join(row)} |" for row in table_rows(record)), flush=True)
+    if out is not None:
+        out.write(json.dumps(record) + '\n')
+        out.flush()
 
 
 def parse_pair(text):
@@ -85,7 +128,7 @@ def parse_pair(text):
     return student, teacher
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--pairs', type=parse_pair, nargs='+', metavar='STUDENT:TEACHER',
                         default=[('gpt2-medium', 'gpt2-medium-half'), ('gpt2', 'gpt2-half')])
@@ -93,34 +136,44 @@ def main():
     parser.add_argument('--block_size', type=int, default=1024)
     parser.add_argument('--batch_size', type=int, default=16, help='sequences per step')
     parser.add_argument('--steps', type=int, default=20, help='steps per run, half of them in the KD stage')
+    parser.add_argument('--peak_flops', type=float, default=989e12, help="per-GPU dense bf16 peak, for MFU")
     parser.add_argument('--data_dir', default='data/stdlib')
     parser.add_argument('--work_dir', default='out/bench_train', help="the runs' out_dirs (replaced)")
     parser.add_argument('--out', help='also write the rows as JSON lines here')
-    args = parser.parse_args()
-    for name in ('block_size', 'batch_size'):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    args = parser.parse_args(argv)
+    for name in ('block_size', 'batch_size', 'peak_flops'):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.steps < 6:
         parser.error(f"--steps must be at least 6 (a median per stage needs a few logged steps), got {args.steps}")
+    return args
+
+
+def main():
+    args = parse_args()
+    signal.signal(signal.SIGTERM, on_sigterm)
+    out = open(args.out, 'w') if args.out else None
+    if out is not None:
+        out.write(json.dumps(dict(type='header', git_commit=git_commit(), **vars(args))) + '\n')
+    print(f"| {' | '.join(HEADER)} |\n" + '|---' * len(HEADER) + '|', flush=True)
     if not os.path.isfile(os.path.join(args.data_dir, 'meta.json')):
-        subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), 'stdlib', f'--out_dir={args.data_dir}'],
-                       check=True, capture_output=True)
-    header = ['student', 'stage', 'tokens/s', 'MFU', 'MFU with the teacher', 'KD step / plain step',
-              'predicted by FLOPs']
-    lines = [f"| {' | '.join(header)} |", '|---' * len(header) + '|']
-    print('\n'.join(lines), flush=True)
-    records = [dict(type='header', git_commit=git_commit(), **vars(args))]
-    for student, teacher in args.pairs:
-        # compiled first: on a GPU, under a time limit, it is the row that matters most (the MFU target)
-        for compiled in {'off': [False], 'on': [True], 'both': [True, False]}[args.compile]:
-            medians, predicted = bench_pair(student, teacher, compiled, args)
-            lines += [f"| {' | '.join(row)} |" for row in table_rows(student, teacher, compiled, medians, predicted)]
-            records.append(dict(student=student, teacher=teacher, compile=compiled, predicted=predicted, **medians))
-            print('\n'.join(lines[-2:]), flush=True)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.writelines(json.dumps(record) + '\n' for record in records)
-    print('\n' + '\n'.join(lines))
+        subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), 'stdlib', f'--out_dir={args.data_dir}'],
+                       check=True, stdout=subprocess.DEVNULL)
+    # in the order asked: on a GPU under a time limit, the first run is the one that matters most (the MFU target)
+    runs = [(student, teacher, compiled) for student, teacher in args.pairs
+            for compiled in {'off': [False], 'on': [True], 'both': [True, False]}[args.compile]]
+    for student, teacher, compiled in runs:
+        run_dir = os.path.join(args.work_dir, f"{student}-{'compiled' if compiled else 'eager'}")
+        record = dict(student=student, teacher=teacher, compile=compiled,
+                      predicted=predicted_kd_cost(student, teacher, args.block_size))
+        try:
+            bench_pair(student, teacher, compiled, args, run_dir)
+        except Stopped:
+            emit(dict(record, medians=stage_medians(run_dir), note='stopped by the time limit'), out)
+            sys.exit(124)
+        except Exception as error:  # one run's failure is its row; the next run may well work
+            record['note'] = f"failed: {type(error).__name__}: {error}".replace('|', '/').replace('\n', ' ')[:300]
+        emit(dict(record, medians=stage_medians(run_dir)), out)
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 r"""
-Few-shot evaluation of a checkpoint: multiple choice in HellaSwag's format, last-word cloze in LAMBADA's.
+Evaluation: the val loss that train.py logs (val_loss), and few-shot evaluation of a checkpoint: multiple
+choice in HellaSwag's format, last-word cloze in LAMBADA's.
 
   python evaluate.py --ckpt out/demo/baseline/ckpt --task hellaswag:hellaswag_val.jsonl \
       --task lambada:lambada_test.jsonl --out results/eval.json
@@ -39,12 +40,64 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import tiktoken
 import torch
 import torch.distributed as dist
 
 import salt
-from data import ENCODING, EOT, InputError, report_input_errors, write_json
+from common import InputError, compute_init, report_input_errors, write_json
+from data import ENCODING, EOT
+
+# ----------------------------------------------------------------------------------------------------------
+# The val loss
+
+
+def val_set(val_data, count):
+    """The val sequences every evaluation of a run reads: count of them spread evenly over the split (its
+    first ones may all be one document, or one subset). (their ids, each one's data subset as an index into
+    names, the subset names: none for data without subsets, e.g. nanoGPT's prepare.py's)."""
+    ids = np.unique(np.linspace(0, len(val_data) - 1, min(len(val_data), count)).round().astype(np.int64))
+    try:
+        subsets, names = val_data.domains()
+    except InputError:  # the overall val loss only
+        return ids, np.zeros(len(ids), dtype=np.int64), []
+    return ids, subsets[ids], names
+
+
+@torch.no_grad()
+def val_loss(model, val_data, val_set, *, batch_size, rank=0, world_size=1, autocast=None):
+    """{'val_loss': mean next-token CE, 'val_loss_se': its standard error over the sequences,
+    'val_loss_subsets': {data subset: its mean CE} (with subsets)} of `model` (the GPT, sharded or not; not a
+    DDP or compiled wrapper) over the sequences of val_set, which the ranks share. Every rank runs as many
+    forwards, as fsdp gathers weights in each: a rank short of batches repeats one, uncounted."""
+    ids, subsets, names = val_set
+    device = next(model.parameters()).device
+    model.eval()
+    # per subset: the sequences' CE sums, their mean CE squared, and their count
+    sums = torch.zeros(3, max(1, len(names)), dtype=torch.float64, device=device)
+    starts = range(0, len(ids), batch_size)
+    mine = starts[rank::world_size]
+    for i in range(-(-len(starts) // world_size)):
+        first = mine[i] if i < len(mine) else starts[0]
+        seqs = val_data.get(ids[first:first + batch_size]).to(device)
+        with autocast or nullcontext():
+            ce, _ = model(seqs[:, :-1], seqs[:, 1:], reduction='none')
+        if i < len(mine):
+            subset = torch.as_tensor(subsets[first:first + batch_size], device=device)
+            per_sequence = ce.double().mean(dim=1)
+            for row, values in enumerate((per_sequence, per_sequence ** 2, torch.ones_like(per_sequence))):
+                sums[row].index_add_(0, subset, values)
+    if world_size > 1:
+        dist.all_reduce(sums)
+    model.train()
+    mean, mean_square, n = sums[0].sum() / sums[2].sum(), sums[1].sum() / sums[2].sum(), sums[2].sum()
+    standard_error = ((mean_square - mean ** 2).clamp(min=0) / n).sqrt()  # the sequences have equal lengths
+    record = dict(val_loss=mean.item(), val_loss_se=standard_error.item())
+    if names:
+        record['val_loss_subsets'] = {name: (sums[0, i] / sums[2, i]).item() for i, name in enumerate(names)
+                                      if sums[2, i] > 0}
+    return record
 
 # ----------------------------------------------------------------------------------------------------------
 # The task files: read and checked once, apart from the scoring
@@ -367,13 +420,7 @@ def result_line(name, scores):
 def main(args):
     tasks = read_tasks(','.join(args.task), ','.join(args.fewshot_file))  # bad input fails before anything starts
     check_shots(tasks, args.shots)
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda'):
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    distributed, rank, world_size, device = compute_init(args.device)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else None
     model = salt.load_model(args.ckpt, device)
     if rank == 0:
@@ -393,7 +440,7 @@ def main(args):
                 files={t.name: dict(path=t.path, fewshot_file=t.fewshot_path or None) for t in tasks},
                 results=results))
             print(f"wrote {args.out}")
-    if ddp:
+    if distributed:
         dist.destroy_process_group()
 
 

@@ -5,7 +5,7 @@ and SALT_DS again on 70% of the steps (--short) -> a results table and val-loss 
 
   python experiment.py                     # the embedded demo: Python's standard library, 2 seeds, CPU
   python experiment.py --name pile --slm_config config/pile_slm.py --student_config config/pile_student.py \\
-      --nproc 8 --tokenize=                # data tokenized beforehand with `python data.py pile ...`
+      --nproc 8 --tokenize=                # data tokenized beforehand with `python prepare.py pile ...`
   python experiment.py --ablate kd_weight=0.5,0.667,0.9 --ablate top_k=1,10,100
 
 Every seed (--seeds, two by default) trains every run; the tables give each seed and the mean. An ablation
@@ -377,7 +377,8 @@ def main():
                         help='also train SALT and SALT_DS on this fraction of the steps (0 = not)')
     parser.add_argument('--ablate', type=parse_ablation, action='append', default=[], metavar='KEY=V1,V2,...')
     parser.add_argument('--tokenize', default='stdlib',
-                        help="data.py arguments that make the student config's data_dir when it has no meta.json "
+                        help="prepare.py arguments that make the student config's data_dir when it has no "
+                             "meta.json "
                              "('' = it must exist already)")
     parser.add_argument('--set', type=parse_setting, nargs='*', default=[], metavar='KEY=VALUE',
                         help="overrides of the student config for every student run")
@@ -396,7 +397,8 @@ def main():
                      f"and sizes the shorter runs by it")
     data_dir = student['data_dir']
     if args.tokenize:
-        run([sys.executable, os.path.join(HERE, 'data.py'), *shlex.split(args.tokenize), f'--out_dir={data_dir}'],
+        run([sys.executable, os.path.join(HERE, 'prepare.py'), *shlex.split(args.tokenize),
+             f'--out_dir={data_dir}'],
             done_file=os.path.join(data_dir, 'meta.json'))
     out, results = os.path.join('out', args.name), os.path.join('results', args.name)
     os.makedirs(results, exist_ok=True)

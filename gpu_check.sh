@@ -1,83 +1,172 @@
 #!/usr/bin/env bash
-# The GPU check in one command: the CUDA tests, the fused loss against eager PyTorch, torch.compile and
-# Liger-Kernel, and the speed (tokens/s, MFU) of train.py's steps, plain and in the KD stage. Every step's
-# output goes to OUT/<step>.log, and the tables to OUT/summary.md, with the device and the versions.
+# The GPU check in one command of at most 8 minutes: the machine (preflight), the MFU of a compiled gpt2-medium
+# step, plain and in the KD stage, the fused loss against eager PyTorch, the bare GEMMs, Liger-Kernel and
+# torch.compile, the CUDA tests, and the tokens/s that sizes gpu_experiment.sh. Everything lands in OUT in
+# at most 8 files: summary.md (the targets, met or missed, then every step's table), each benchmark's JSON
+# lines, and logs.tar.gz (every step's log, every training run's train.log and metrics.jsonl).
 #
-#   bash gpu_check.sh results/gpu_check          # one GPU: at most 10 minutes (the steps' limits: 575 s)
+#   SALT_GIT_COMMIT=$(git rev-parse HEAD) TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken bash gpu_check.sh OUT
 #   GPU_CHECK_TINY=1 bash gpu_check.sh OUT       # every step at toy sizes, on a CPU (a test runs this)
 #
-# It installs nothing: the machine's own PyTorch and Triton are what it measures. On a machine without network,
-# TIKTOKEN_CACHE_DIR names a folder with the GPT-2 BPE file, and WHEELS=DIR puts the wheels in DIR (e.g.
-# liger-kernel's, for the comparison) on the path of this run only. A step that fails or runs out of its time
-# is said so in the summary, and the next one runs.
+# It measures the machine's own PyTorch and Triton and installs nothing, but for WHEELS=DIR: the wheels in DIR
+# (liger-kernel's, for the comparison) go on the path of this run only. TIKTOKEN_CACHE_DIR names a folder with
+# the GPT-2 BPE file on a machine without network; SALT_GIT_COMMIT names the commit where .git does not travel.
+# Each step has its time limit (GPU_CHECK_BUDGET seconds in all, 470 by default); a step that fails or runs out
+# of time is said so in the summary, keeps the rows it measured, and the next step runs.
 set -uo pipefail
 cd "$(dirname "$0")"
 out=$(realpath -m "${1:-results/gpu_check}")
 mkdir -p "$out"
-summary=$out/summary.md
+rm -f "$out"/summary.md "$out"/*.jsonl "$out"/logs.tar.gz
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # logs, runs, data and wheels: never more than 8 files in OUT
+export PYTHONUNBUFFERED=1
+export SALT_GIT_COMMIT=${SALT_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+budget=${GPU_CHECK_BUDGET:-470}
+ends_at=$((SECONDS + budget))
 if [ -n "${WHEELS:-}" ]; then
-    python3 -m pip install -q --no-index --no-deps --target "$out/site" "$WHEELS"/*.whl || exit 1
-    export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}"
+    python3 -m pip install -q --no-index --no-deps --target "$work/site" "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+data=(--data_dir "$work/data" --work_dir "$work/runs")
 if [ -n "${GPU_CHECK_TINY:-}" ]; then
     grid=(--n 256 512 --h 64 --v 1000 --reps 1 --warmup 0)
     one_size=(--n 512 --h 64 --v 1000 --reps 1 --warmup 0)
-    steps=(--pairs demo-student:demo-slm --block_size 64 --batch_size 4 --steps 8 --compile both
-           --data_dir "$out/data" --work_dir "$out/runs")
-    experiment_steps=(--pairs demo-student:demo-slm --block_size 32 --batch_size 4 --steps 6 --compile off
-                      --data_dir "$out/data" --work_dir "$out/runs")
+    mfu=(--pairs demo-student:demo-slm --block_size 64 --batch_size 4 --steps 8 --compile on "${data[@]}")
+    more=(--pairs demo-student:demo-slm --block_size 64 --batch_size 4 --steps 8 --compile off "${data[@]}")
+    sizing=(--pairs demo-student:demo-slm --block_size 32 --batch_size 4 --steps 6 --compile off "${data[@]}")
+    target_n=512 target_h=64
 else
     grid=(--n 1024 4096 16384 32768 --h 2048)
     one_size=(--n 16384 --h 2048)
-    steps=()
+    mfu=(--pairs gpt2-medium:gpt2-medium-half --compile on "${data[@]}")
+    more=(--pairs gpt2-medium:gpt2-medium-half gpt2:gpt2-half --compile off "${data[@]}")
     # config/gpu_student.py's model, sequences, batch and compile setting: what sizes gpu_experiment.sh
-    experiment_steps=(--pairs gpu-student:gpu-slm --block_size 512 --batch_size 64 --compile off)
+    sizing=(--pairs gpu-student:gpu-slm --block_size 512 --batch_size 64 --compile off "${data[@]}")
+    target_n=16384 target_h=2048
 fi
 
-step() {  # step NAME SECONDS WHAT-TO-KEEP COMMAND...: run it, keep its table lines, pytest's outcome lines or
-          # its last lines
+step() {  # step NAME SECONDS WHAT-TO-KEEP COMMAND...: run it within its limit and what is left of the budget,
+          # then add its section to the summary and pack the logs
     local name=$1 limit=$2 keep=$3
     shift 3
-    local started=$SECONDS
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local left=$((ends_at - SECONDS - 5)) started=$SECONDS
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -lt 5 ]; then
+        printf '## %s\n\nnot run: the budget of %s s was spent\n\n' "$name" "$budget" >> "$work/sections.md"
+        return
+    fi
+    timeout -k 10 "$limit" "$@" > "$work/$name.log" 2>&1
     local status=$?
     {
         echo "## $name"
         echo
-        echo "\`$*\`: exit status $status$([ $status = 124 ] && echo " (stopped after $limit s)"), $((SECONDS - started)) s"
+        echo "\`$*\`: exit status $status$([ $status = 124 ] || [ $status = 137 ] && echo " (stopped after $limit s)"), $((SECONDS - started)) s"
         echo
         case $keep in
-            table) grep '^|' "$out/$name.log" | awk '!seen[$0]++' ;;
-            outcome) grep -E '^(FAILED|ERROR) |^=+ .*(passed|failed|skipped|error)' "$out/$name.log" ;;
-            *) tail -n "$keep" "$out/$name.log" ;;
+            table) grep '^|' "$work/$name.log" | awk '!seen[$0]++' ;;
+            tests) grep -E '::\S+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)|^(FAILED|ERROR) |^=+ .*(passed|failed|skipped|error|deselected)|^[0-9.]+s (call|setup|teardown) ' "$work/$name.log"
+                   tail -n 1 "$work/$name.log" | grep -E '^test_salt.py::\S+ *$' | sed 's/$/ (running when stopped)/' ;;
+            *) tail -n "$keep" "$work/$name.log" ;;
         esac
         echo
-    } >> "$summary"
+    } >> "$work/sections.md"
+    write_summary
 }
 
-{
-    echo "# GPU check"
-    echo
-    python3 - <<'EOF'
-import importlib.metadata, platform, torch
-from data import git_commit
+write_summary() {  # summary.md = the machine, the targets from the JSON lines so far, every finished step
+    { cat "$work/preflight.md"; python3 - "$out" "$target_n" "$target_h" <<'EOF'; cat "$work/sections.md"; } > "$out/summary.md.tmp"
+import json, os, sys
+out, n, h = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def rows(name):
+    path = os.path.join(out, name)
+    return [json.loads(line) for line in open(path) if line.endswith('\n')] if os.path.isfile(path) else []
+grid = rows('loss_grid.jsonl')
+loss = {(r['n'], r['impl']): r for r in grid if r.get('type') == 'result' and r['h'] == h}
+def ratio(a, b, key, at=n):
+    return loss[(at, a)][key] / loss[(at, b)][key] if (at, a) in loss and (at, b) in loss and loss[(at, b)][key] else None
+def line(what, value, form, ok, why=''):
+    measured, verdict = ('-', f'not measured{why}') if value is None else (form.format(value), 'met' if ok(value) else 'missed')
+    print(f"target: {what} | measured: {measured} | {verdict}")
+print('## Targets\n')
+line(f'fused KD loss fwd+bwd <= 1.15x the bare GEMMs (N={n}, H={h})', ratio('fused', 'gemm', 'ms'), '{:.2f}x', lambda r: r <= 1.15)
+line(f'fused >= 1.5x faster than eager PyTorch (N={n})', ratio('eager', 'fused', 'ms'), '{:.2f}x', lambda r: r >= 1.5)
+line(f"fused <= 1/20 of eager's extra memory (N={n})", ratio('fused', 'eager', 'peak_extra_mib'), '{:.3f}x', lambda r: r <= 0.05)
+liger = {m: ratio('fused', 'liger', 'ms', m) for m in sorted({m for m, impl in loss if impl == 'liger'})}
+failed = [r['error'] for r in grid if r.get('type') == 'failed' and r['impl'] == 'liger']
+why = f': liger failed: {failed[0]}' if failed else ': Liger not installed' if grid and grid[0].get('liger_kernel') is None else ''
+line('fused faster than Liger-Kernel at every N (fused/liger time)', ', '.join(f'{r:.2f}x at N={m}' for m, r in liger.items()) or None,
+     '{}', lambda _: all(r is not None and r < 1 for r in liger.values()), why)
+medians = next((r['medians'] for r in rows('train_mfu.jsonl') if r.get('compile') is True), {})
+plain, kd = medians.get('plain', {}), medians.get('kd', {})
+line('gpt2-medium compiled step MFU >= 45%', plain.get('mfu'), '{:.1%}', lambda m: m >= 0.45,
+     '' if plain.get('mfu') or not plain else ': no MFU on a CPU')
+predicted = next((r['predicted'] for r in rows('train_mfu.jsonl') if 'predicted' in r), None)
+cost = plain['tokens_per_s'] / kd['tokens_per_s'] if 'tokens_per_s' in plain and 'tokens_per_s' in kd else None
+line('KD step / plain step within 5 points of the FLOP prediction', cost, f'{{:.3f}} (predicted {predicted or 0:.3f})',
+     lambda c: abs(c - predicted) <= 0.05)
+print()
+EOF
+    mv "$out/summary.md.tmp" "$out/summary.md"
+    # the heavy files (data, checkpoints, wheels) stay behind
+    tar -czf "$out/logs.tar.gz.tmp" -C "$work" --exclude=./data --exclude=./site --exclude='ckpt*' . &&
+        mv "$out/logs.tar.gz.tmp" "$out/logs.tar.gz"
+}
+
+# preflight, seconds: no GPU or no tokenizer ends the check at once, with one line
+timeout -k 5 60 python3 - "${GPU_CHECK_TINY:-}" "$work/peak_flops" > "$work/preflight.md" <<'EOF' || { cat "$work/preflight.md"; exit 1; }
+import importlib.metadata, os, platform, subprocess, sys
+import torch
+tiny = bool(sys.argv[1])
+if not torch.cuda.is_available() and not tiny:
+    sys.exit("no CUDA GPU: torch.cuda.is_available() is False (GPU_CHECK_TINY=1 runs the check's toy sizes on a CPU)")
+# offline for this check alone, through a proxy that refuses: without its file, tiktoken would download it
+# (with no timeout, where a GPU machine has no network); the runs need it from TIKTOKEN_CACHE_DIR
+os.environ.update(HTTPS_PROXY='http://127.0.0.1:9', HTTP_PROXY='http://127.0.0.1:9', NO_PROXY='', no_proxy='')
+try:
+    import tiktoken
+    tiktoken.get_encoding('r50k_base')
+except Exception as error:
+    sys.exit(f"the GPT-2 BPE file does not load ({type(error).__name__}): set TIKTOKEN_CACHE_DIR to a folder "
+             f"holding it (README, 'On a GPU'); TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR', 'unset')}")
+from common import git_commit
+import kernels
 def version(name):
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return 'not installed'
-device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU (CPU)'
-print(f"- device: {device}" + (f", {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB" if torch.cuda.is_available() else ''))
+print('# GPU check\n')
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    print(f"- device: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs")
+    smi = subprocess.run(['nvidia-smi', '--query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,'
+                          'power.max_limit,temperature.gpu', '--format=csv'], capture_output=True, text=True)
+    print(f"- nvidia-smi: {' / '.join(smi.stdout.strip().splitlines()) or smi.stderr.strip()}")
+else:
+    print('- device: no GPU (CPU)')
 print(f"- python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"triton {version('triton')}, liger-kernel {version('liger-kernel')}, tiktoken {version('tiktoken')}")
 print(f"- git commit {git_commit()}")
+print(f"- kernels' choices here: {kernels.describe_choices(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))}")
+# MFU's denominator, dense bf16 by the datasheets: the SXM parts 989 TFLOP/s, the PCIe H100 756, the NVL parts 835
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else ''
+peak = os.environ.get('PEAK_FLOPS') or ('756e12' if 'PCIe' in name else '835e12' if 'NVL' in name else '989e12')
+known = 'PEAK_FLOPS' in os.environ or 'H100' in name or 'H200' in name or not name  # no GPU: no MFU
+print(f"- peak_flops for MFU: {peak}" + ('' if known else ' (not an H100 or H200: set PEAK_FLOPS for this part)') + '\n')
+with open(sys.argv[2], 'w') as f:
+    f.write(peak)
 EOF
-    echo
-} > "$summary"
-# -v: a test stopped by the time limit is named in the log; --durations: what to size the next check by
-step cuda_tests 150 outcome python3 -m pytest -m cuda test_salt.py -v -rfE --durations=15 -p no:cacheprovider
-step loss_grid 90 table python3 bench.py "${grid[@]}" --impls eager fused liger gemm --out "$out/loss_grid.jsonl"
-step loss_compiled 70 table python3 bench.py "${one_size[@]}" --impls eager compiled fused --out "$out/loss_compiled.jsonl"
-step train_steps 220 table python3 bench_train.py "${steps[@]}" --out "$out/train_steps.jsonl"
-step experiment_steps 45 table python3 bench_train.py "${experiment_steps[@]}" --out "$out/experiment_steps.jsonl"
-cat "$summary"
+touch "$work/sections.md"
+peak=(--peak_flops "$(cat "$work/peak_flops")")
+# -p timeout where pytest-timeout is installed: a hung test stops alone; -v names each test's outcome as it ends
+per_test=()
+python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(-p timeout --timeout 60)
+# the MFU target first and alone, then the loss, the tests, and the rest
+step train_mfu 150 table python3 bench_train.py "${mfu[@]}" "${peak[@]}" --out "$out/train_mfu.jsonl"
+step loss_grid 75 table python3 bench.py "${grid[@]}" --impls eager fused liger gemm --out "$out/loss_grid.jsonl"
+step cuda_tests 110 tests python3 -m pytest -m cuda test_salt.py -v -rfE --durations=10 -p no:cacheprovider "${per_test[@]}"
+step loss_compiled 45 table python3 bench.py "${one_size[@]}" --impls eager compiled fused --out "$out/loss_compiled.jsonl"
+step experiment_steps 40 table python3 bench_train.py "${sizing[@]}" "${peak[@]}" --out "$out/experiment_steps.jsonl"
+step train_more 50 table python3 bench_train.py "${more[@]}" "${peak[@]}" --out "$out/train_more.jsonl"
+rm -rf "$work"
+grep -v ' PASSED' "$out/summary.md"   # the tail a terminal shows: targets, tables, any test that did not pass

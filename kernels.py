@@ -1,99 +1,160 @@
 """
-Fused linear + SALT loss: the LM head GEMM, cross-entropy and the distillation KL from a
-teacher, without ever materializing the (N, V) logits.
+The student's loss: its definition in plain PyTorch, and the fast implementation that training runs.
 
-SALT (arXiv 2410.18779) trains the large student for the first kd_steps on
-    (1 - w) * CE(softmax(z_s), y) + w * KL(softmax(z_t / tau) || softmax(z_s))
-and on plain next-token CE afterwards. With V = 50257 the logits dominate memory, so we walk
-the tokens in chunks: per chunk compute the logits, the per-row losses and d(loss)/d(logits),
-and immediately turn that into grad_hidden[chunk] and a contribution to grad_weight. The
-gradients are therefore computed in the forward; backward only scales them by grad_output.
+SALT (arXiv 2410.18779) trains the student for the first kd_steps steps on, token by token,
+    (1 - w) * CE(softmax(z_s), next token) + w * D(softmax(z_t / tau), softmax(z_s))
+with D = KL(teacher || student) in the paper, and on the CE alone afterwards. `salt_loss_reference` is that
+definition on full logits; D is `kd_loss`, a plain function of a chunk's log-probabilities: the paper's
+forward KL, the reverse KL and a Jensen-Shannon divergence below, or yours.
 
-The per-row math exists twice: in PyTorch (default on CPU) and as a Triton kernel with an
-online softmax (default on CUDA). Force one with salt_loss(..., impl='torch' | 'triton').
+`salt_loss` computes the same loss and its gradients without ever holding the (tokens x vocab) logits, which
+dominate memory at V = 50257: per chunk of tokens it computes the logits (the LM head GEMM), each row's loss
+and d(loss)/d(logits), and turns them at once into grad_hidden[chunk] and a contribution to grad_weight. The
+gradients are computed in the forward; the backward only scales them by grad_output. The per-row step exists
+three ways (`impl`), each tested against the reference:
+- 'autograd': any divergence, its gradient by autograd on one chunk's logits;
+- 'torch': the forward KL, its gradient derived by hand (below) and computed in place (the CPU's default);
+- 'triton': the same as a Triton kernel with an online softmax (the GPU's default).
 """
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the PyTorch path works without triton
+except ImportError:  # the PyTorch paths work without triton
     triton = None
 
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
+# ----------------------------------------------------------------------------------------------------------
+# The definition. A divergence is a function of one chunk's log-probabilities, the student's log_softmax(z_s)
+# and the teacher's log_softmax(z_t / tau), (rows, V) each, and the targets (rows,); it returns one value a
+# row. Log-probabilities rather than raw logits, so that the CE and the KD term share one log_softmax.
 
-# Vocabulary block walked by one Triton program step. A module attribute so tests can shrink it
-# and exercise the online softmax over many blocks with a tiny vocabulary.
-TRITON_BLOCK_V = 4096
+
+def forward_kl(log_p, log_q, targets):
+    """KL(q || p), q the teacher's distribution, p the student's: the paper's KD term, mass-covering."""
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def reverse_kl(log_p, log_q, targets):
+    """KL(p || q): mode-seeking, the student puts its mass where the teacher's is (MiniLLM, Gu et al.)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def jsd(log_p, log_q, targets, beta=0.5):
+    """The generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), 0 < beta < 1:
+    beta KL(q || m) + (1 - beta) KL(p || m) with m = beta q + (1 - beta) p; bounded by log 2 at beta = 0.5."""
+    log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log(1 - beta))
+    return beta * forward_kl(log_m, log_q, targets) + (1 - beta) * reverse_kl(log_p, log_m, targets)
+
+
+DIVERGENCES = {'forward_kl': forward_kl, 'reverse_kl': reverse_kl, 'jsd': jsd}  # kd_loss names one of these
+
+
+def salt_loss_reference(student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None, *,
+                        kd_weight=0.0, temperature=1.0, vocab_size=None, ignore_index=-1,
+                        kd_loss='forward_kl'):
+    """(loss, ce, kd): the mean over the counted positions (target != ignore_index) of (1 - w) CE + w D, and
+    of its two terms, detached. Full (tokens, V) logits and autograd: what salt_loss must equal."""
+    hidden, targets = student_hidden.reshape(-1, student_hidden.shape[-1]), targets.reshape(-1)
+    vocab = vocab_size or student_weight.shape[0]  # the weights' rows beyond it only pad the vocabulary
+    softmax_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, whatever the GEMM's
+    log_p = F.log_softmax((hidden @ student_weight.T)[:, :vocab].to(softmax_dtype), dim=-1)
+    ce = F.nll_loss(log_p, targets, ignore_index=ignore_index, reduction='none')
+    kd = torch.zeros_like(ce)
+    if teacher_hidden is not None:
+        with torch.no_grad():
+            teacher_logits = (teacher_hidden.reshape(len(targets), -1) @ teacher_weight.T)[:, :vocab]
+            log_q = F.log_softmax(teacher_logits.to(log_p.dtype) / temperature, dim=-1)
+        kd = DIVERGENCES[kd_loss](log_p, log_q, targets)
+    valid = targets != ignore_index
+    n_counted = valid.sum().clamp(min=1)
+    ce, kd = (ce * valid).sum() / n_counted, (kd * valid).sum() / n_counted
+    return (1 - kd_weight) * ce + kd_weight * kd, ce.detach(), kd.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fast path: chunks of tokens
 
 
 def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None, *,
-              kd_weight=0.0, temperature=1.0, vocab_size=None, ignore_index=-1, chunk_size=None,
-              return_parts=False, impl=None, reduction='mean'):
-    """
-    Mean over non-ignored positions of (1-w) * CE + w * KL(teacher || student), w = kd_weight.
-
-    student_hidden (N, H) or (B, T, H); student_weight (V_padded, H); targets (N,) or (B, T).
-    teacher_hidden (N, H_t), teacher_weight (V_padded_t, H_t): optional, never get gradients;
-    when given, the KL is computed (and reported by return_parts) even if kd_weight is 0.
-    Only the first vocab_size rows of each weight are real tokens; the rest are excluded from
-    both softmaxes. impl: None (Triton on CUDA when available, else PyTorch), 'torch', 'triton'.
-    Returns loss, or (loss, ce_mean, kl_mean) with the parts detached if return_parts; with
-    reduction='none' (evaluation: no gradients), per position (ce, kl), shaped like targets, 0 where
-    ignored.
-    """
-    has_teacher = teacher_hidden is not None or teacher_weight is not None
-    if has_teacher and (teacher_hidden is None or teacher_weight is None):
-        raise ValueError("pass both teacher_hidden and teacher_weight, or neither")
-    if not has_teacher and kd_weight != 0:
-        raise ValueError(f"kd_weight={kd_weight} needs a teacher: pass teacher_hidden and teacher_weight")
-    if not 0.0 <= kd_weight <= 1.0:
-        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    positions = targets.shape
+              kd_weight=0.0, temperature=1.0, vocab_size=None, ignore_index=-1, kd_loss='forward_kl',
+              chunk_size=None, impl=None, reduction='mean'):
+    """salt_loss_reference's (loss, ce, kd), chunk_size tokens at a time. student_hidden (N, H) or (B, T, H),
+    student_weight (V_padded, H), targets (N,) or (B, T); the teacher's (N, H_t) and (V_padded_t, H_t) get no
+    gradients, and with them the KD term is computed (and returned) even if kd_weight is 0. impl: None
+    ('triton' on CUDA for the forward KL, 'autograd' for any other divergence, else 'torch'), 'torch',
+    'triton' or 'autograd'. reduction='none' (evaluation, no gradients): per position (ce, kd) shaped like
+    targets, 0 where ignored."""
+    _check_arguments(student_hidden, student_weight, targets, teacher_hidden, teacher_weight, kd_weight,
+                     temperature, vocab_size, kd_loss, reduction)
+    hidden, positions = student_hidden.reshape(-1, student_hidden.shape[-1]), targets.shape
     targets = targets.reshape(-1).long()
-    if targets.shape[0] != hidden.shape[0]:
-        raise ValueError(f"targets has {targets.shape[0]} positions, student_hidden has {hidden.shape[0]}")
-    vocab_size = student_weight.shape[0] if vocab_size is None else vocab_size
-    if vocab_size > student_weight.shape[0]:
-        raise ValueError(f"vocab_size={vocab_size} exceeds the {student_weight.shape[0]} rows of student_weight")
-    if has_teacher:
-        teacher_hidden = teacher_hidden.detach().reshape(hidden.shape[0], -1)
+    if teacher_hidden is not None:
+        teacher_hidden = teacher_hidden.detach().reshape(len(targets), -1)
         teacher_weight = teacher_weight.detach()
-        if vocab_size > teacher_weight.shape[0]:
-            raise ValueError(f"vocab_size={vocab_size} exceeds the {teacher_weight.shape[0]} rows of teacher_weight")
-
-    device = hidden.device
+    device, padded_vocab = hidden.device, student_weight.shape[0]
+    # w reaches the arithmetic as a tensor: under torch.compile a Python float that changes every step (the
+    # linear schedule) would be a guard, and each new value a recompilation of the whole forward
+    kd_weight = torch.as_tensor(kd_weight, dtype=torch.float32, device=device)
     config = _LossConfig(
-        kd_weight=float(kd_weight),
-        temperature=float(temperature),
-        vocab_size=vocab_size,
-        ignore_index=ignore_index,
-        chunk_size=chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], student_weight.shape[0], device.type),
-        impl=_pick_impl(impl, device),
-        autocast_dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None,
-    )
-    if reduction == "none":
-        per_row = [torch.zeros(hidden.shape[0], dtype=torch.float32, device=device) for _ in range(2)]
+        temperature=float(temperature), vocab_size=vocab_size or padded_vocab,
+        ignore_index=ignore_index, kd_loss=kd_loss, impl=_pick_impl(impl, kd_loss, device),
+        chunk_size=chunk_size or default_chunk_size(len(hidden), hidden.shape[1], padded_vocab, device.type),
+        autocast_dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+        else None)
+    if reduction == 'none':
+        per_row = [torch.zeros(len(hidden), dtype=torch.float32, device=device) for _ in range(2)]
         with torch.no_grad():
-            _fused_forward(hidden, student_weight, targets, teacher_hidden, teacher_weight, config,
+            _fused_forward(hidden, student_weight, targets, teacher_hidden, teacher_weight, kd_weight, config,
                            need_grad_hidden=False, need_grad_weight=False, per_row=per_row)
         return tuple(rows.view(positions) for rows in per_row)
     if torch.is_grad_enabled() and (hidden.requires_grad or student_weight.requires_grad):
-        loss, ce_mean, kl_mean = _SaltLossFunction.apply(hidden, student_weight, targets, teacher_hidden, teacher_weight, config)
-    else:  # evaluation: skip the backward GEMMs (autograd.Function would not tell us)
-        loss, ce_mean, kl_mean, _, _ = _fused_forward(hidden, student_weight, targets, teacher_hidden, teacher_weight, config,
-                                                      need_grad_hidden=False, need_grad_weight=False)
-    return (loss, ce_mean, kl_mean) if return_parts else loss
+        return _SaltLossFunction.apply(hidden, student_weight, targets, teacher_hidden, teacher_weight,
+                                       kd_weight, config)
+    # evaluation: skip the backward GEMMs (autograd.Function would not tell us)
+    return _fused_forward(hidden, student_weight, targets, teacher_hidden, teacher_weight, kd_weight, config,
+                          need_grad_hidden=False, need_grad_weight=False)[:3]
+
+
+def describe_choices(device):
+    """What salt_loss runs on `device` unless told otherwise, in words (for a benchmark's record)."""
+    impl = _pick_impl(None, 'forward_kl', device)
+    version = f" (triton {triton.__version__})" if impl == 'triton' else ''
+    gemm = ('16-bit GEMMs accumulate into fp32 (out_dtype)' if out_dtype_gemm(device)
+            else '16-bit GEMMs round, then convert to fp32 (no out_dtype GEMM here)')
+    return (f"forward_kl by impl={impl!r}{version}, other divergences by 'autograd', chunks of "
+            f"{default_chunk_size(1, 1, 1, device.type)} to 2048 rows; {gemm}")
+
+
+_OUT_DTYPE_GEMM = {}  # str(device) -> whether mm/addmm take out_dtype there: probed once, then a constant
+
+
+def out_dtype_gemm(device):
+    """Whether this PyTorch build's mm and addmm take out_dtype=float32 for bf16 operands on `device` (CUDA,
+    PyTorch 2.10 or later). Probed by a tiny call the first time, outside any compiled region (describe_choices
+    at start-up): a compiled graph only reads the answer; one that finds none takes the fp32 product path."""
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return False
+    if str(device) not in _OUT_DTYPE_GEMM and not torch.compiler.is_compiling():
+        _OUT_DTYPE_GEMM[str(device)] = _probe_out_dtype_gemm(device)
+    return _OUT_DTYPE_GEMM.get(str(device), False)
+
+
+def _probe_out_dtype_gemm(device):
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        out = torch.zeros(2, 2, device=device)
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):  # an older build, or one without the kernels
+        return False
 
 
 def default_chunk_size(n_rows, hidden_size, padded_vocab, device_type):
@@ -109,22 +170,52 @@ def default_chunk_size(n_rows, hidden_size, padded_vocab, device_type):
 
 
 @dataclass(frozen=True)
-class _LossConfig:
-    kd_weight: float
+class _LossConfig:  # what stays the same for a whole run (kd_weight changes by the step: a tensor apart)
     temperature: float
     vocab_size: int
     ignore_index: int
+    kd_loss: str
     chunk_size: int
     impl: str
     autocast_dtype: torch.dtype | None  # GEMM dtype forced by an enclosing autocast region
 
 
-def _pick_impl(impl, device):
+def _check_arguments(student_hidden, student_weight, targets, teacher_hidden, teacher_weight, kd_weight,
+                     temperature, vocab_size, kd_loss, reduction):
+    """A ValueError naming the argument that makes no sense. A tensor kd_weight (training, where it changes
+    by the step) is the caller's to check: reading its value would sync and break a compiled graph."""
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("pass both teacher_hidden and teacher_weight, or neither")
+    if isinstance(kd_weight, torch.Tensor):
+        kd_weight = 0.0 if teacher_hidden is None else 0.5  # stands for "some valid weight" below
+    if teacher_hidden is None and kd_weight != 0:
+        raise ValueError(f"kd_weight={kd_weight} needs a teacher: pass teacher_hidden and teacher_weight")
+    if targets.numel() * student_hidden.shape[-1] != student_hidden.numel():
+        raise ValueError(f"targets has {targets.numel()} positions, student_hidden "
+                         f"{tuple(student_hidden.shape)}")
+    for name, weight in (('student_weight', student_weight), ('teacher_weight', teacher_weight)):
+        if weight is not None and (vocab_size or 0) > weight.shape[0]:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the {weight.shape[0]} rows of {name}")
+    for name, value, ok, expected in [
+            ('kd_weight', kd_weight, 0.0 <= kd_weight <= 1.0, 'in [0, 1]'),
+            ('temperature', temperature, temperature > 0, 'positive'),
+            ('kd_loss', kd_loss, kd_loss in DIVERGENCES, f"one of {', '.join(DIVERGENCES)}"),
+            ('reduction', reduction, reduction in ('mean', 'none'), "'mean' or 'none'")]:
+        if not ok:
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _pick_impl(impl, kd_loss, device):
     if impl is None:
-        return "triton" if device.type == "cuda" and triton is not None else "torch"
-    if impl not in ("torch", "triton"):
-        raise ValueError(f"impl must be None, 'torch' or 'triton', got {impl!r}")
-    if impl == "triton" and triton is None:
+        if kd_loss != 'forward_kl':
+            return 'autograd'
+        return 'triton' if device.type == 'cuda' and triton is not None else 'torch'
+    if impl not in ('torch', 'triton', 'autograd'):
+        raise ValueError(f"impl must be None, 'torch', 'triton' or 'autograd', got {impl!r}")
+    if impl != 'autograd' and kd_loss != 'forward_kl':
+        raise ValueError(f"impl={impl!r} computes the forward KL only: kd_loss={kd_loss!r} takes "
+                         f"impl='autograd'")
+    if impl == 'triton' and triton is None:
         raise ValueError("impl='triton' but triton is not installed")
     return impl
 
@@ -132,18 +223,18 @@ def _pick_impl(impl, device):
 class _SaltLossFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, config):
-        loss, ce_mean, kl_mean, grad_hidden, grad_weight = _fused_forward(
-            hidden, weight, targets, teacher_hidden, teacher_weight, config,
+    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, kd_weight, config):
+        loss, ce_mean, kd_mean, grad_hidden, grad_weight = _fused_forward(
+            hidden, weight, targets, teacher_hidden, teacher_weight, kd_weight, config,
             need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.backward_done = False
-        ctx.mark_non_differentiable(ce_mean, kl_mean)
-        return loss, ce_mean, kl_mean
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return loss, ce_mean, kd_mean
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_ce_unused, grad_kl_unused):
+    def backward(ctx, grad_loss, grad_ce_unused, grad_kd_unused):
         # The stored gradients are scaled in place, so there is never a second (V, H) copy;
         # hence a graph kept with retain_graph=True must not be backpropagated twice.
         if ctx.backward_done:
@@ -154,13 +245,13 @@ class _SaltLossFunction(torch.autograd.Function):
             grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, config, need_grad_hidden, need_grad_weight,
-                   per_row=None):
-    """Loop over token chunks; returns the loss, its parts and the (not yet grad_output-scaled) grads, and
-    writes each row's CE and KL into per_row = [ce, kl] when given."""
+def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, kd_weight, config, need_grad_hidden,
+                   need_grad_weight, per_row=None):
+    """Loop over token chunks; returns the loss, its two terms and the (not yet grad_output-scaled) grads, and
+    writes each row's CE and KD term into per_row = [ce, kd] when given."""
     # Dtypes are chosen explicitly below; autocast would also turn the KL's fp32 bmm into bf16.
     with torch.autocast(hidden.device.type, enabled=False):
         student_dtype = _gemm_dtype(hidden, weight, config)
@@ -174,10 +265,10 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, conf
         n_counted = (targets != config.ignore_index).sum()
         grad_scale = 1.0 / n_counted.clamp(min=1).to(row_dtype)
         ce_sum = torch.zeros((), dtype=row_dtype, device=hidden.device)
-        kl_sum = torch.zeros((), dtype=row_dtype, device=hidden.device)
+        kd_sum = torch.zeros((), dtype=row_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=row_dtype, device=weight.device) if need_grad_weight else None
-        chunk_rows = _rows_triton if config.impl == "triton" else _rows_torch
+        chunk_rows = dict(torch=_rows_torch, triton=_rows_triton, autograd=_rows_autograd)[config.impl]
 
         for start in range(0, hidden.shape[0], config.chunk_size):
             rows = slice(start, start + config.chunk_size)
@@ -187,11 +278,12 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, conf
             teacher_logits = None
             if teacher_hidden is not None:
                 teacher_logits = _matmul(teacher_hidden[rows], teacher_weight.T, row_dtype)
-            ce, kl = chunk_rows(logits, teacher_logits, targets[rows], grad_scale, config)  # logits := dloss/dlogits
+            # logits := dloss/dlogits
+            ce, kd = chunk_rows(logits, teacher_logits, targets[rows], grad_scale, kd_weight, config)
             ce_sum += ce.sum()
-            kl_sum += kl.sum()
+            kd_sum += kd.sum()
             if per_row is not None:
-                per_row[0][rows], per_row[1][rows] = ce, kl
+                per_row[0][rows], per_row[1][rows] = ce, kd
             del teacher_logits  # free before the backward GEMMs allocate
 
             grad_logits = logits.to(student_dtype)
@@ -202,19 +294,19 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, conf
             # On CUDA, free this chunk's (chunk, V) buffers before the next chunk allocates its own: the
             # caching allocator hands the same blocks back, and the names would otherwise hold 1.5 logits
             # buffers more at the peak. Not on a CPU: there a freed buffer goes back to the OS and the next
-            # one faults its pages in again, ~25% of the loss's time (demo SLM, 8 chunks of 64 rows).
+            # one would fault its pages in again.
             if logits.is_cuda:
                 del logits, grad_logits
 
-        w = config.kd_weight
-        loss = ((1.0 - w) * ce_sum + w * kl_sum) * grad_scale
-        return loss, ce_sum * grad_scale, kl_sum * grad_scale, grad_hidden, grad_weight
+        w = kd_weight.to(row_dtype)
+        loss = ((1.0 - w) * ce_sum + w * kd_sum) * grad_scale
+        return loss, ce_sum * grad_scale, kd_sum * grad_scale, grad_hidden, grad_weight
 
 
 def _matmul(a, b, out_dtype):
     """a @ b with the result in out_dtype. On CUDA a 16-bit GEMM hands over its fp32
     accumulator directly, rather than rounding the logits to 16 bits and converting back."""
-    if a.is_cuda and a.dtype in _HALF_DTYPES and out_dtype == torch.float32:
+    if a.is_cuda and a.dtype in _HALF_DTYPES and out_dtype == torch.float32 and out_dtype_gemm(a.device):
         return torch.mm(a, b, out_dtype=out_dtype)
     return (a @ b).to(out_dtype)
 
@@ -222,19 +314,20 @@ def _matmul(a, b, out_dtype):
 def _accumulate_matmul(out, a, b):
     """out += a @ b, out being grad_weight (fp32, or fp64) and a, b the chunk's GEMM operands.
 
-    The sum happens inside the GEMM (cuBLAS beta = 1), so no (V, H) product is allocated: at
-    V = 50304, H = 2048 that would be 393 MiB more memory and ~1.2 GB more traffic per chunk.
-    16-bit operands on CUDA take addmm's out_dtype overload (16-bit product, fp32 accumulator
-    and result, written over `out`); its fp32 `self` needs PyTorch 2.10 or later (the CUDA builds
-    of 2.10, 2.11 and 2.13 check "self dtype must match either out_dtype or mat1 dtype"; earlier
-    ones wanted a 16-bit `self`). CPUs have no out_dtype GEMMs, and 16-bit training on a CPU is
-    not what this is for: there the product stays a temporary."""
+    The sum happens inside the GEMM (cuBLAS beta = 1), so no (V, H) product is allocated per chunk.
+    16-bit operands on CUDA take addmm's out_dtype overload (16-bit product, fp32 accumulator and
+    result, written over `out`), whose fp32 `self` needs PyTorch 2.10 or later (out_dtype_gemm). CPUs have no
+    out_dtype GEMMs, and 16-bit training on a CPU is not what this is for: there the product stays
+    a temporary."""
     if a.dtype == out.dtype:
         out.addmm_(a, b)
-    elif a.is_cuda and a.dtype in _HALF_DTYPES and out.dtype == torch.float32:
+    elif a.is_cuda and a.dtype in _HALF_DTYPES and out.dtype == torch.float32 and out_dtype_gemm(a.device):
         torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
     else:
         out += _matmul(a, b, out.dtype)
+
+
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _gemm_dtype(hidden, weight, config):
@@ -248,13 +341,34 @@ def _gemm_dtype(hidden, weight, config):
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _rows_torch(logits, teacher_logits, targets, grad_scale, config):
-    """
-    Per-row CE and KL of one chunk (zero on ignored rows), and overwrite `logits` in place
-    with d(loss)/d(logits) = (p - (1-w) onehot(y) - w q) / n_counted, zero in padded columns.
-    See the comment above _salt_rows_kernel for the derivation.
-    """
-    vocab, w = config.vocab_size, config.kd_weight
+# ----------------------------------------------------------------------------------------------------------
+# One chunk's rows: each returns the rows' CE and KD term (zero on ignored rows) and overwrites `logits` with
+# d(loss)/d(logits) / n_counted, zero in the padded columns.
+
+
+def _rows_autograd(logits, teacher_logits, targets, grad_scale, kd_weight, config):
+    """Any divergence: the rows' loss as salt_loss_reference defines it, differentiated by autograd; only this
+    chunk's (rows, V) tensors are ever alive."""
+    vocab, w = config.vocab_size, kd_weight.to(logits.dtype)
+    valid = targets != config.ignore_index
+    z = logits[:, :vocab].detach().requires_grad_()
+    with torch.enable_grad():
+        log_p = F.log_softmax(z, dim=-1)
+        ce = F.nll_loss(log_p, torch.where(valid, targets, 0), reduction='none')
+        kd = torch.zeros_like(ce)
+        if teacher_logits is not None:
+            log_q = F.log_softmax(teacher_logits[:, :vocab].div_(config.temperature), dim=-1)
+            kd = DIVERGENCES[config.kd_loss](log_p, log_q, targets)
+        grad, = torch.autograd.grad((1.0 - w) * ce + w * kd, z, torch.where(valid, grad_scale, 0.0))
+    logits[:, :vocab] = grad
+    logits[:, vocab:].zero_()
+    return torch.where(valid, ce.detach(), 0.0), torch.where(valid, kd.detach(), 0.0)
+
+
+def _rows_torch(logits, teacher_logits, targets, grad_scale, kd_weight, config):
+    """The forward KL, its gradient by hand (see the comment above _salt_rows_kernel for the
+    derivation): d(loss)/d(logits) = (p - (1-w) onehot(y) - w q) / n_counted."""
+    vocab, w = config.vocab_size, kd_weight.to(logits.dtype)
     z = logits[:, :vocab]
     valid = targets != config.ignore_index
     safe_targets = torch.where(valid, targets, 0).unsqueeze(1)  # ignored rows: any column, masked below
@@ -275,15 +389,15 @@ def _rows_torch(logits, teacher_logits, targets, grad_scale, config):
 
     grad = z.sub_(lse).exp_()  # p = softmax(z_s), written over the logits
     if q is not None:
-        grad.sub_(q, alpha=w)
-    grad.scatter_add_(1, safe_targets, torch.full_like(lse, -(1.0 - w)))
+        grad.addcmul_(q, w, value=-1.0)  # w a tensor: sub_'s alpha takes numbers only; no (chunk, V) temporary
+    grad.scatter_add_(1, safe_targets, (w - 1.0).expand_as(lse))
     grad.mul_(torch.where(valid, grad_scale, 0.0).unsqueeze(1))
     logits[:, vocab:].zero_()
     return torch.where(valid, ce, 0.0), torch.where(valid, kl, 0.0)
 
 
-def _rows_triton(logits, teacher_logits, targets, grad_scale, config):
-    """Same contract as _rows_torch, one Triton program per row."""
+def _rows_triton(logits, teacher_logits, targets, grad_scale, kd_weight, config):
+    """The forward KL in a Triton kernel, one program per row."""
     n_rows, padded_width = logits.shape
     ce = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     kl = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -294,11 +408,15 @@ def _rows_triton(logits, teacher_logits, targets, grad_scale, config):
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
         _salt_rows_kernel[(n_rows,)](
             logits, logits.stride(0), teacher, teacher.stride(0), targets, ce, kl, grad_scale,
-            config.vocab_size, padded_width, config.ignore_index, config.kd_weight, 1.0 / config.temperature,
+            config.vocab_size, padded_width, config.ignore_index, kd_weight, 1.0 / config.temperature,
             HAS_TEACHER=has_teacher, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
         )
     return ce, kl
 
+
+# Vocabulary block walked by one Triton program step. A module attribute so tests can shrink it
+# and exercise the online softmax over many blocks with a tiny vocabulary.
+TRITON_BLOCK_V = 4096
 
 # Per-row math, with z = student logits row, p = softmax(z), z' = teacher logits / tau,
 # q = softmax(z'), lse_s = logsumexp(z), lse_t = logsumexp(z'):
@@ -316,9 +434,10 @@ if triton is not None:
 
     @triton.jit
     def _salt_rows_kernel(logits_ptr, logits_stride, teacher_ptr, teacher_stride, targets_ptr, ce_ptr, kl_ptr,
-                          grad_scale_ptr, vocab_size, padded_width, ignore_index, kd_weight, inv_temperature,
+                          grad_scale_ptr, vocab_size, padded_width, ignore_index, kd_weight_ptr, inv_temperature,
                           HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        kd_weight = tl.load(kd_weight_ptr)  # a pointer, not a number: w changes by the step without a host sync
         logits_ptr += row * logits_stride
         teacher_ptr += row * teacher_stride
         target = tl.load(targets_ptr + row)

@@ -3,9 +3,9 @@ The network: a GPT in the GPT-2 architecture (pre-LayerNorm blocks, learned posi
 input/output embeddings), written to be read in one sitting.
 
 Two things differ from a textbook GPT because of SALT:
-- forward(idx, targets) returns the loss with the teacher's KL term (kernels.salt_loss), which computes the LM
-  head chunk by chunk and never holds (tokens x vocab) logits; forward can also return the final hidden states
-  (what a teacher hands over) instead of logits;
+- forward(idx, targets, **loss_args) returns the loss of kernels.salt_loss, whose KD term takes the teacher's
+  final hidden states and LM head (what forward(idx, return_hidden=True) gives) and which computes the LM head
+  chunk by chunk, never holding (tokens x vocab) logits;
 - the vocabulary is padded to a multiple of 64 for fast GEMMs, and the padded columns never take part in a
   loss or a sample (logits() slices them off; salt_loss masks them).
 """
@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import salt_loss
+from kernels import default_chunk_size, salt_loss
 
 # Presets by name, from a CPU demo to the paper's pair (a ~1.5B teacher and a ~2.8B student).
 # (n_layer, n_head, n_embd); the paper does not publish its exact shapes, these are GPT-2/Pythia-like.
@@ -169,16 +169,16 @@ class GPT(nn.Module):
     def num_params(self, non_embedding=True):
         return self.config.n_params(non_embedding)
 
-    def forward(self, idx, targets=None, *, return_hidden=False, logits_at=None, teacher=None, kd_weight=0.0,
-                temperature=1.0, reduction='mean'):
-        """idx (B, T) token ids -> logits (B, T, vocab_size); or the final hidden states (B, T, n_embd) with
-        return_hidden=True; or fp32 logits (N, vocab_size) at N positions only, logits_at = (batch indices,
-        time indices), for scoring continuations; or, given targets (B, T), the loss as nanoGPT's
-        forward(idx, targets) returns it:
-        (loss, ce, kl) of kernels.salt_loss, (1-w) CE + w KL(teacher || student) with w = kd_weight, where
-        teacher = (hidden states, LM head weight) of the teacher on the same idx (SALT's stage 1) or None.
-        The loss is computed here, not by the caller, because under FSDP the LM head's weight is whole only
-        inside this forward. reduction='none': per-token (ce, kl) instead, for evaluation (no gradients)."""
+    def forward(self, idx, targets=None, *, return_hidden=False, logits_at=None, **loss_args):
+        """idx (B, T) token ids -> logits (B, T, vocab_size); or
+        - return_hidden=True: the final hidden states (B, T, n_embd), what a teacher hands to its student;
+        - logits_at=(batch indices, time indices): fp32 logits (N, vocab_size) at those N positions only, to
+          score continuations;
+        - targets (B, T): the loss, as nanoGPT's forward(idx, targets): kernels.salt_loss(hidden states, LM
+          head, targets, **loss_args), i.e. (loss, ce, kd); SALT's stage 1 passes the teacher's hidden states
+          and LM head as teacher_hidden and teacher_weight, with kd_weight and temperature. It is computed
+          here, not by the caller, because under FSDP the LM head's weight is whole only inside this
+          forward."""
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
@@ -193,10 +193,7 @@ class GPT(nn.Module):
                 return self.logits(x[logits_at].float())
         if targets is None:
             return x if return_hidden else self.logits(x)
-        teacher_hidden, teacher_weight = teacher if teacher is not None else (None, None)
-        return salt_loss(x, self.lm_head.weight, targets, teacher_hidden, teacher_weight, kd_weight=kd_weight,
-                         temperature=temperature, vocab_size=self.config.vocab_size, return_parts=True,
-                         reduction=reduction)
+        return salt_loss(x, self.lm_head.weight, targets, vocab_size=self.config.vocab_size, **loss_args)
 
     def logits(self, hidden):
         return self.lm_head(hidden)[..., :self.config.vocab_size]  # padded columns are not tokens
@@ -259,7 +256,7 @@ GiB = 2 ** 30
 
 
 def memory_plan(student, teacher, *, tokens, world_size, compute_bytes, checkpointing=False, shard_teacher=False,
-                chunk_rows=2048):
+                device_type='cuda'):
     """{what: (bytes under ddp, bytes under fsdp)} per device for training `student` (a GPTConfig) with AdamW on
     micro-batches of `tokens` tokens, and, in SALT's stage 1, a frozen `teacher` (a GPTConfig, or None) kept in
     the compute dtype; compute_bytes: 2 for bf16 autocast, 4 for fp32. An estimate from the shapes: fp32
@@ -268,6 +265,8 @@ def memory_plan(student, teacher, *, tokens, world_size, compute_bytes, checkpoi
     prefetched) and the root's embeddings, whole from the forward to the backward."""
     n, vocab, hidden = student.n_params(non_embedding=False), student.padded_vocab_size, student.n_embd
     block = 12 * hidden * hidden + 13 * hidden
+    # the rows a chunk of the loss really has: the kernel's own choice, no more than the micro-batch's tokens
+    chunk_rows = min(tokens, default_chunk_size(tokens, hidden, vocab, device_type))
     plan = {
         'weights (fp32)': (4 * n, 4 * n / world_size),
         'gradients (fp32)': (4 * n, 4 * n / world_size),

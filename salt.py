@@ -28,6 +28,7 @@ import shutil
 import time
 import warnings
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 import tiktoken
@@ -36,7 +37,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from data import ENCODING, InputError, TokenSequences, atomic_write, report_input_errors, write_json
+from common import InputError, atomic_write, compute_init, report_input_errors, write_json
+from data import ENCODING, TokenSequences
+import hf_gpt2
 from model import GPT, GPT2_NAMES, GPTConfig
 
 SCORE_COLUMNS = ('median_score', 'mean_loss', 'learnable_fraction')
@@ -44,19 +47,30 @@ SCORE_COLUMNS = ('median_score', 'mean_loss', 'learnable_fraction')
 warnings.filterwarnings('ignore', message='torch.distributed is .*assuming the intent is to (load|save) in a single')
 
 # ----------------------------------------------------------------------------------------------------------
-# Stage 1 -> stage 2: the KD weight over training
+# Stage 1 -> stage 2: the schedule
 
 
-def kd_weight_at(step, kd_steps, kd_weight, schedule='constant'):
-    """The weight w of the KD term at `step` (0-based). Stage 1 is steps [0, kd_steps): w constant, or
-    decaying linearly from kd_weight towards 0 with schedule='linear'. Stage 2 (step >= kd_steps): 0."""
+class Stage(NamedTuple):
+    """What one training step does."""
+    kd_weight: float  # w: the loss is (1 - w) CE + w KD(teacher || student); 0 is plain next-token training
+    teacher: bool     # the teacher's forward runs, for the KD term
+    selection: bool   # the loader reads SALT_DS's selected sequences only (when the run has a selection)
+
+
+def stage_at(step, kd_steps, kd_weight, schedule='constant'):
+    """SALT's schedule at `step` (0-based): the one place that knows where stage 1 ends. Stage 1, steps
+    [0, kd_steps): KD from the teacher with weight kd_weight, constant (the paper's hard switch) or decaying
+    linearly towards 0 (schedule='linear'), on the selected sequences. Stage 2: plain next-token training on
+    every sequence, no teacher. A baseline is kd_steps = 0."""
     if step >= kd_steps:
-        return 0.0
+        return Stage(kd_weight=0.0, teacher=False, selection=False)
     if schedule == 'constant':
-        return kd_weight
-    if schedule == 'linear':
-        return kd_weight * (1.0 - step / kd_steps)
-    raise InputError(f"kd_schedule={schedule!r}: expected 'constant' or 'linear'")
+        w = kd_weight
+    elif schedule == 'linear':
+        w = kd_weight * (1.0 - step / kd_steps)
+    else:
+        raise InputError(f"kd_schedule={schedule!r}: expected 'constant' or 'linear'")
+    return Stage(kd_weight=w, teacher=w > 0, selection=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,19 +97,24 @@ def read_checkpoint_meta(ckpt):
 
 
 def teacher_id(ckpt):
-    """What identifies the teacher's weights in score files: its training run and step (or a GPT-2 name)."""
+    """What identifies the teacher's weights in score files: its training run and step (or a GPT-2 name, or a hash
+    of a transformers directory's files)."""
     if _is_gpt2_name(ckpt):
         return ckpt
+    if hf_gpt2.is_directory(ckpt):
+        return hf_gpt2.identity(ckpt)
     meta = read_checkpoint_meta(ckpt)
     return f"{meta['run_id']}@step{meta['step']}"
 
 
 def load_model(ckpt, device):
-    """A trained GPT from a train.py checkpoint (or a GPT-2 name: 'gpt2', ..., through transformers), frozen:
-    eval mode, no gradients. A checkpoint written by any number of ranks, under ddp or fsdp, loads whole here;
-    under torchrun every rank reads it on its own."""
+    """A trained GPT from a train.py checkpoint (or a GPT-2 name: 'gpt2', ..., through transformers; or a
+    transformers GPT-2 directory: hf_gpt2.py), frozen: eval mode, no gradients. A checkpoint written by any number
+    of ranks, under ddp or fsdp, loads whole here; under torchrun every rank reads it on its own."""
     if _is_gpt2_name(ckpt):
         model = GPT.from_pretrained(ckpt)
+    elif hf_gpt2.is_directory(ckpt):  # exported by export_hf.py, or a user's own GPT-2-family model
+        model = hf_gpt2.load(ckpt)
     else:
         model = GPT(GPTConfig(**read_checkpoint_meta(ckpt)['model_args']))
         state = {'model': get_model_state_dict(model)}
@@ -108,7 +127,8 @@ def load_teacher(ckpt, device, student_config, tokenizer=None):
     """The SLM as KD teacher. It must share the student's tokenizer (`tokenizer`: the student data's tiktoken
     encoding, when known) and vocabulary: KL over the next-token distribution only makes sense token for
     token."""
-    teacher_tokenizer = ENCODING if _is_gpt2_name(ckpt) else read_checkpoint_meta(ckpt).get('tokenizer')
+    gpt2 = _is_gpt2_name(ckpt) or hf_gpt2.is_directory(ckpt)  # a directory's vocabulary: checked by hf_gpt2.load
+    teacher_tokenizer = ENCODING if gpt2 else read_checkpoint_meta(ckpt).get('tokenizer')
     if tokenizer and teacher_tokenizer and teacher_tokenizer != tokenizer:
         raise InputError(f"teacher {ckpt!r} was trained on {teacher_tokenizer!r} tokens but the student's data is "
                          f"{tokenizer!r}: KD needs one tokenizer for both")
@@ -148,8 +168,7 @@ def token_losses(model, hidden, targets, top_k, chunk_rows=None):
 
     The fp32 logits are made chunk_rows rows at a time into two buffers reused chunk after chunk, so memory
     does not grow with N. On a CPU the default 64 rows keep both buffers (26 MB at V = 50K) in the L3 cache
-    through the passes over them: 13K tokens/s on 2 cores against 5.7K with 1024 rows (the demo SLM); on a
-    GPU 2048-row GEMMs keep it busy."""
+    through the passes over them; on a GPU 2048-row GEMMs keep it busy."""
     chunk_rows = chunk_rows or (64 if hidden.device.type == 'cpu' else 2048)
     vocab, weight = model.config.vocab_size, model.lm_head.weight
     logits_buffer = torch.empty(min(len(targets), chunk_rows), weight.size(0), device=hidden.device)
@@ -396,16 +415,16 @@ def example_sections(scores, sequences, n_examples):
     """Decoded examples from the top, the middle and the bottom of the ranking, as markdown."""
     order, enc = ranking(scores), tiktoken.get_encoding(ENCODING)
     n_examples = min(n_examples, len(order))
-    parts = []
+    sections = []
     for title, first in (('top', 0), ('middle', (len(order) - n_examples) // 2), ('bottom', len(order) - n_examples)):
-        parts.append(f"### {title} of the ranking\n")
+        sections.append(f"### {title} of the ranking\n")
         for rank in range(first, first + n_examples):
             i = order[rank]
             median, loss, learnable = scores[i]
             text = enc.decode(sequences.get([i])[0].tolist())
-            parts.append(f"sequence {i} (rank {rank + 1:,}): median score {median:.3f}, mean loss {loss:.3f}, "
-                         f"learnable {learnable:.1%}\n\n{example_block(text)}\n")
-    return '\n'.join(parts)
+            sections.append(f"sequence {i} (rank {rank + 1:,}): median score {median:.3f}, mean loss "
+                            f"{loss:.3f}, learnable {learnable:.1%}\n\n{example_block(text)}\n")
+    return '\n'.join(sections)
 
 
 def plot_score_histogram(scores, selected, threshold, path):
@@ -436,13 +455,8 @@ def plot_score_histogram(scores, selected, threshold, path):
 def score_main(args):
     """`python salt.py score`: one pass of the SLM over the training data (any number of ranks); rerun after
     a kill, it resumes."""
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else 'cpu'
-    if ddp:
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    distributed, rank, world_size, device = compute_init()
     if device.startswith('cuda'):
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 LM head GEMM of the scores
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else None
 
@@ -456,7 +470,7 @@ def score_main(args):
         scores = np.load(args.out)
         print(f"wrote {args.out}: {len(scores):,} sequences, median score {np.median(scores[:, 0]):.3f}, "
               f"learnable {scores[:, 2].mean():.1%}")
-    if ddp:
+    if distributed:
         dist.destroy_process_group()
 
 
@@ -472,7 +486,7 @@ def report_main(args):
     ties = int((scores[:, 0] == threshold).sum() - (scores[selected, 0] == threshold).sum())
     try:
         subsets = subset_table(*sequences.domains(), selected)
-    except ValueError as e:  # a data dir made before data.py recorded subsets
+    except ValueError as e:  # a data dir made before subsets were recorded
         subsets = f"Subset shares unavailable: {e}"
     stats = '\n'.join(f"| {name} | {len(rows):,} | {rows[:, 0].mean():.4f} | {rows[:, 1].mean():.4f} | "
                       f"{rows[:, 2].mean():.1%} |" for name, rows in (('all', scores), ('selected', scores[selected])))
@@ -511,8 +525,9 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     score = commands.add_parser('score', help='score every training sequence with the SLM (SALT_DS); resumes')
-    score.add_argument('--ckpt', required=True, help='the SLM: a train.py checkpoint, or a GPT-2 name')
-    score.add_argument('--data_dir', required=True, help='tokenized data (python data.py ...)')
+    score.add_argument('--ckpt', required=True,
+                       help='the SLM: a train.py checkpoint, a transformers GPT-2 directory, or a GPT-2 name')
+    score.add_argument('--data_dir', required=True, help='tokenized data (python prepare.py ...)')
     score.add_argument('--block_size', type=int, required=True, help="the student's block size")
     score.add_argument('--max_sequences', type=int, default=0, help='score only the first N sequences (0 = all)')
     score.add_argument('--out', required=True, help='the score file to write (.npy, with a .json beside it)')

@@ -16,7 +16,8 @@ import tiktoken
 import torch
 
 import salt
-from data import ENCODING, EOT, InputError, report_input_errors
+from common import InputError, report_input_errors
+from data import ENCODING, EOT
 
 
 def start_text(start):

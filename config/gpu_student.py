@@ -6,7 +6,7 @@
 # five runs (baseline, SALT, SALT_DS, and the last two on 70% of the steps) ~4 min with their evaluations,
 # plus the SLM, scoring, tokenizing and each run's start-up: ~6.5 min.
 out_dir = 'out/gpu/baseline'
-data_dir = 'data/python'     # python data.py tree --python --include '*.py' '*.md' '*.rst' '*.txt' --out_dir data/python
+data_dir = 'data/python'     # python prepare.py tree --python --include '*.py' '*.md' '*.rst' '*.txt' --out_dir data/python
 train_sequences = 65536      # the pool: 33.5M tokens, which the SLM scores; a run reads half of it
 block_size = 512
 batch_size = 64              # 32K tokens a step

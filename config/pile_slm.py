@@ -1,5 +1,5 @@
 # The paper's teacher: a ~1.5B GPT (gpt2-xl shape) on the Pile. 8 GPUs:
-#   python data.py pile /path/to/pile/train/*.jsonl.zst --out_dir data/pile
+#   python prepare.py pile /path/to/pile/train/*.jsonl.zst --out_dir data/pile
 #   torchrun --standalone --nproc_per_node=8 train.py config/pile_slm.py
 # Alternatively a pretrained GPT-2 XL can be the SLM: teacher_ckpt='gpt2-xl' in the student config
 # (needs `pip install transformers` and the hub).

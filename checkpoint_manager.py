@@ -1,0 +1,284 @@
+"""
+What a training run leaves in out_dir to be continued from: its checkpoints and its metrics.jsonl.
+
+out_dir/ckpt is a torch.distributed.checkpoint (DCP) directory that every rank writes its part of in
+parallel (a rank's shard under fsdp; under ddp the replicated tensors are spread over the ranks), and that
+loads on any number of ranks, or whole in one process (salt.load_model); ckpt/meta.pt, written by rank 0,
+holds the rest: the step, the config, the loader's position, the RNG state. It is written as ckpt.tmp, then
+renamed; the previous one stays as ckpt.prev, which a run falls back to if ckpt is incomplete or damaged
+(meta.pt records every other file's size and checksum, verified before loading). A run whose
+out_dir holds a checkpoint continues from it, so that a job killed at any moment is restarted with the same
+command; a run with other settings is refused.
+"""
+import hashlib
+import io
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+import salt
+from common import InputError, atomic_write
+
+# settings a resumed run may change without changing what it computes (grad_accum_steps: with the number of
+# processes, see check_resumable)
+RESUMABLE_CHANGES = {'out_dir', 'init_from', 'max_steps', 'eval_interval', 'eval_batches', 'log_interval',
+                     'ckpt_interval', 'wandb_log', 'wandb_project', 'eval_tasks', 'eval_shots',
+                     'eval_fewshot_files', 'compile', 'device', 'dtype', 'peak_flops', 'ddp_timeout',
+                     'skip_nonfinite', 'parallelism', 'shard_teacher', 'activation_checkpointing',
+                     'grad_accum_steps'}
+# paths a resumed run compares by what they hold (fingerprints, kept in meta.pt as 'inputs'), not by name
+MOVABLE = {'data_dir': 'data', 'teacher_ckpt': 'teacher', 'score_file': 'SALT_DS selection'}
+# settings younger than some checkpoints, with the value the runs that wrote those had
+ADDED_SETTINGS = {'kd_loss': 'forward_kl'}
+
+
+def checkpoint_paths(out_dir):
+    return [os.path.join(out_dir, 'ckpt'), os.path.join(out_dir, 'ckpt.prev')]  # newest first
+
+
+def latest(out_dir):
+    """(path, meta) of the newest intact checkpoint in out_dir, or (None, None) when there is none. Under
+    torchrun every rank checks its share of the files and all take the same checkpoint: a rank that loaded
+    another would train on other weights."""
+    paths = checkpoint_paths(out_dir)
+    for path in paths:
+        if os.path.isdir(path):
+            meta, error = None, None
+            try:
+                meta = salt.read_checkpoint_meta(path)
+                verify(path, meta)
+            except InputError as damage:  # whatever is wrong with it, the previous one may be fine
+                error = str(damage)
+            error = next((e for e in gather(error) if e), None)
+            if error is None:
+                return path, meta
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"warning: {error}; trying the previous checkpoint")
+    if any(os.path.exists(path) for path in paths):
+        raise InputError(f"no checkpoint in {out_dir} is intact (see the warnings above): move them away "
+                         f"to start over")
+    return None, None
+
+
+def my_share(files):
+    """This rank's share of a checkpoint's files to hash (all of them in one process): hashing at save and
+    verifying at load are spread over the ranks like the writing and the reading."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return sorted(files)[rank::world_size]
+
+
+def digest(file):
+    with open(file, 'rb') as f:  # sha1: fast, and damage, not an attacker, is what it must catch
+        return hashlib.file_digest(f, 'sha1').hexdigest()
+
+
+def file_digests(path):
+    """{name: [size, sha1]} of a written checkpoint's files but meta.pt, gathered from every rank's share."""
+    files = my_share(name for name in os.listdir(path) if name != 'meta.pt')
+    digests = {name: [os.path.getsize(os.path.join(path, name)), digest(os.path.join(path, name))]
+               for name in files}
+    return {name: value for share in gather(digests) for name, value in share.items()}
+
+
+def verify(path, meta):
+    """Raise InputError naming the first damaged file of this rank's share: its size and checksum as meta.pt
+    recorded them."""
+    if 'files' not in meta:
+        return verify_sizes(path)
+    for name in my_share(meta['files']):
+        file, (size, checksum) = os.path.join(path, name), meta['files'][name]
+        if not os.path.isfile(file):
+            raise InputError(f"{file!r} is missing: the checkpoint is damaged")
+        if os.path.getsize(file) != size:
+            raise InputError(f"{file!r} has {os.path.getsize(file)} bytes, not {size}: the checkpoint is damaged")
+        if digest(file) != checksum:
+            raise InputError(f"{file!r} does not match its checksum: the checkpoint is damaged")
+
+
+def verify_sizes(path):
+    """A checkpoint older than the checksums, checked as far as its .metadata allows: every file it points
+    into exists and is long enough."""
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as error:  # whatever is wrong with the file, the remedy is the same
+        raise InputError(f"{os.path.join(path, '.metadata')!r} does not load ({type(error).__name__}): the "
+                         f"checkpoint is damaged") from error
+    ends = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name in my_share(ends):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) or os.path.getsize(file) < ends[name]:
+            raise InputError(f"{file!r} is missing or shorter than {ends[name]} bytes: the checkpoint is damaged")
+
+
+def fingerprints(config, data_fingerprint, selected_ids, meta=None):
+    """What a run reads, by content, {key of MOVABLE: a hash or an id}: a resumed run may find its data, teacher
+    or scores moved or copied elsewhere (a new path), not changed. A teacher at the path it had is the same one
+    and is not read again: stage 2 may have deleted it."""
+    teacher = config['teacher_ckpt']
+    if meta and meta['config']['teacher_ckpt'] == teacher:
+        teacher_id = meta['inputs']['teacher_ckpt']
+    else:
+        teacher_id = salt.teacher_id(teacher) if teacher else ''
+    selection = hashlib.sha256(selected_ids.tobytes()).hexdigest() if selected_ids is not None else ''
+    return dict(data_dir=data_fingerprint, score_file=selection, teacher_ckpt=teacher_id)
+
+
+def check_resumable(meta, config, fingerprints, world_size):
+    """Refuse to continue a run with other settings; paths may differ where they hold the same thing."""
+    saved = {**ADDED_SETTINGS, **meta['config']}
+    changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in config.items()
+               if key not in RESUMABLE_CHANGES | set(MOVABLE) and saved.get(key) != value]
+    changed += [f"{key}={config[key]!r} (the run read another {what} from {saved[key]!r})"
+                for key, what in MOVABLE.items() if fingerprints[key] != meta['inputs'][key]]
+    # the global batch: on other processes, grad_accum_steps must keep it (the loader reads the same batches)
+    if saved['grad_accum_steps'] * meta['world_size'] != config['grad_accum_steps'] * world_size:
+        changed.append(f"grad_accum_steps x processes = {saved['grad_accum_steps']} x {meta['world_size']} "
+                       f"(now {config['grad_accum_steps']} x {world_size})")
+    if changed:
+        raise InputError(f"{config['out_dir']} holds a checkpoint of a run with other settings: "
+                         f"{', '.join(changed)}. Continue that run with its settings, or give this one "
+                         f"another out_dir.")
+
+
+def restore(path, meta, model, optimizer, loader):
+    """Put the model, optimizer, loader and RNG where the checkpoint left them: each rank reads the part it
+    holds, whatever number of ranks wrote it."""
+    state = dict(zip(('model', 'optimizer'), get_state_dict(model, optimizer)))
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
+    loader.load_state_dict(meta['loader'])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # each rank's own state (a checkpoint older than them holds rank 0's only); a rank beyond those that wrote
+    # it keeps the seed train.py gave it
+    cpu_states = meta.get('rng_cpu_ranks', [meta['rng_cpu']])
+    if rank < len(cpu_states):
+        torch.set_rng_state(cpu_states[rank])
+    cuda_states = meta.get('rng_cuda_ranks', [meta['rng_cuda']] if 'rng_cuda' in meta else [])
+    if torch.cuda.is_available() and rank < len(cuda_states):
+        torch.cuda.set_rng_state(cuda_states[rank])
+
+
+def save(out_dir, model, optimizer, master, distributed, **meta):
+    """Every rank writes its part of ckpt.tmp (DCP fsyncs its files), rank 0 adds meta.pt (meta and the RNG
+    state), then moves ckpt to ckpt.prev and ckpt.tmp to ckpt: a kill at any moment leaves at least one
+    complete checkpoint. meta.pt holds only tensors and plain values, so torch.load(weights_only=True) reads
+    it. Returns what to call the checkpoint in messages."""
+    meta['rng_cpu_ranks'] = gather(torch.get_rng_state())  # each rank draws its own dropout masks
+    meta['rng_cpu'] = meta['rng_cpu_ranks'][0]  # what the code before rng_cpu_ranks reads
+    if next(model.parameters()).is_cuda:
+        meta['rng_cuda_ranks'] = gather(torch.cuda.get_rng_state())
+        meta['rng_cuda'] = meta['rng_cuda_ranks'][0]
+    newest, previous = checkpoint_paths(out_dir)
+    tmp = newest + '.tmp'
+    if master and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # a killed run's
+    if distributed:
+        dist.barrier()
+    # a rank whose write failed ends the run on every rank, not in a collective's timeout
+    failed = next((f for f in gather(write(tmp, model, optimizer, master, meta)) if f), None)
+    if failed:
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what it took; ckpt and ckpt.prev are untouched
+        raise InputError(f"could not write the checkpoint {tmp!r} ({failed}): {newest!r} and {previous!r} are "
+                         f"as they were; free some space (or raise the quota) and rerun the same command to "
+                         f"resume")
+    if master:
+        if os.path.exists(previous):
+            shutil.rmtree(previous)
+        if os.path.exists(newest):
+            os.replace(newest, previous)
+        os.replace(tmp, newest)
+        directory = os.open(out_dir, os.O_RDONLY)  # make the renames themselves durable
+        os.fsync(directory)
+        os.close(directory)
+    return f"{newest} (step {meta['step']})"
+
+
+def gather(value):
+    """[every rank's value], in rank order; [value] in one process."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def write(tmp, model, optimizer, master, meta):
+    """Write the checkpoint into tmp; returns None, or what stopped the write when the disk did (no space, a
+    quota, a file-size limit): any other failure is a bug and raises."""
+    try:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({'model': model_state, 'optimizer': optimizer_state}, checkpoint_id=tmp)
+        meta['files'] = file_digests(tmp)  # checked before the checkpoint is trusted (verify)
+        if master:
+            buffer = io.BytesIO()
+            torch.save(meta, buffer)
+            atomic_write(os.path.join(tmp, 'meta.pt'), [buffer.getvalue()])
+    except (OSError, RuntimeError, CheckpointException) as error:
+        disk = disk_error(error)
+        if disk is None:
+            raise
+        return os.strerror(disk.errno) if disk.errno else str(disk)
+    return None
+
+
+def disk_error(error):
+    """The OSError behind a failed write, or None. dcp gathers each rank's exception into one
+    CheckpointException (a BaseException), and torch.save's zip writer turns the OSError of a full disk into
+    a RuntimeError whose context it is."""
+    causes = [cause for cause, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
+    for cause in causes:
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            return cause
+    return None
+
+
+def nonfinite(step, loss, grad_norm, skipped, allowed, last_good, master):
+    """A step whose loss or gradient is not finite: its batch is skipped while no more than `allowed` were
+    (returns the new count), else the run stops, naming the last good checkpoint, which is kept."""
+    skipped += 1
+    if skipped > allowed:
+        raise SystemExit(f"step {step}: loss {loss.item()}, gradient norm {grad_norm.item()}: not finite, "
+                         f"stopping. The last good checkpoint is {last_good or 'none (none was written yet)'}."
+                         f" Lower learning_rate, or set skip_nonfinite=N to skip up to N such batches.")
+    if master:
+        print(f"step {step}: non-finite loss or gradient, batch skipped ({skipped}/{allowed})")
+    return skipped
+
+
+class Metrics:
+    """out_dir/metrics.jsonl, one JSON record a line, the first a header (the config, the code version, the
+    device), so that any number in it can be traced to what produced it; and Weights & Biases, given a
+    project. On resume it keeps the records up to the checkpoint's step only: a killed job may have logged
+    steps after its last checkpoint, which are about to be trained again, and may have left half a line."""
+
+    def __init__(self, out_dir, step, header, wandb_project=''):
+        path, kept = os.path.join(out_dir, 'metrics.jsonl'), []
+        if step > 0 and os.path.isfile(path):
+            with open(path) as f:
+                kept = [line for line in f if line.endswith('\n') and json.loads(line).get('step', 0) <= step]
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(kept + [json.dumps(header) + '\n'])
+        os.replace(path + '.tmp', path)
+        self.file, self.wandb = open(path, 'a'), None
+        if wandb_project:
+            import wandb  # only the runs that log there need it
+            wandb.init(project=wandb_project, name=os.path.basename(out_dir.rstrip('/')), id=header['run_id'],
+                       resume='allow', config=header['config'])
+            self.wandb = wandb
+
+    def log(self, record):
+        self.file.write(json.dumps(record) + '\n')
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(record, step=record['step'])

@@ -1,0 +1,99 @@
+"""
+train.py's configuration, nanoGPT's way: train.py's globals are the defaults, a config file (plain Python,
+e.g. config/demo_student.py) sets any of them, and `--key=value` overrides them, the value read as a Python
+literal (or kept as a string):
+
+  python train.py config/demo_student.py --teacher_ckpt=out/demo/slm/ckpt --kd_steps=60
+
+Stricter than nanoGPT's: a key that is not a default, a value of another type than the default's, and a
+setting that makes no sense (a learning rate <= 0, kd_weight outside [0, 1], ...) are each refused with one
+line naming the key, before anything runs.
+"""
+import ast
+import os
+
+from common import InputError
+from kernels import DIVERGENCES
+from model import GPT2_NAMES, PRESETS
+
+
+def configure(defaults, argv):
+    """The config: {key: value} of the defaults' plain values (ints, floats, bools, strings; not modules,
+    functions or private names), overridden by argv's config files and --key=value arguments, checked."""
+    config = {k: v for k, v in defaults.items()
+              if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+    for arg in argv:
+        if not arg.startswith('--'):
+            if not os.path.isfile(arg):
+                raise InputError(f"config file {arg!r} does not exist")
+            scope = {}
+            exec(open(arg).read(), scope)
+            for key, value in scope.items():
+                if not key.startswith('__'):
+                    set_key(config, key, value, arg)
+        else:
+            key, sep, text = arg[2:].partition('=')
+            if not sep:
+                raise InputError(f"argument {arg!r}: expected --key=value")
+            try:
+                value = ast.literal_eval(text)
+            except (SyntaxError, ValueError):
+                value = text
+            set_key(config, key, value, arg)
+    check(config)
+    return config
+
+
+def set_key(config, key, value, source):
+    if key not in config:
+        raise InputError(f"{source}: unknown config key {key!r} (known: {', '.join(sorted(config))})")
+    default = config[key]
+    if type(default) is float and type(value) is int:
+        value = float(value)
+    if type(value) is not type(default):
+        raise InputError(f"{source}: {key}={value!r} is a {type(value).__name__}, expected a "
+                         f"{type(default).__name__} like the default {default!r}")
+    config[key] = value
+
+
+def check(c):
+    """Refuse, naming the key, settings that make no sense, rather than train on them."""
+    steps = c['lr_decay_steps'] or c['max_steps']
+    counts = ('batch_size', 'block_size', 'grad_accum_steps', 'max_steps', 'eval_interval', 'eval_batches',
+              'log_interval')
+    rules = [(key, c[key] >= 1, '>= 1') for key in counts]
+    rules += [
+        ('ckpt_interval', c['ckpt_interval'] >= 0, '>= 0 (0 = no checkpoint)'),
+        ('learning_rate', c['learning_rate'] > 0, '> 0'),
+        ('min_lr', 0 <= c['min_lr'] <= c['learning_rate'], 'in [0, learning_rate]'),
+        ('lr_decay_steps', c['lr_decay_steps'] >= 0, '>= 0 (0 = max_steps)'),
+        ('warmup_steps', 0 <= c['warmup_steps'] <= steps, 'in [0, lr_decay_steps or max_steps]'),
+        ('weight_decay', c['weight_decay'] >= 0, '>= 0'), ('beta1', 0 <= c['beta1'] < 1, 'in [0, 1)'),
+        ('beta2', 0 <= c['beta2'] < 1, 'in [0, 1)'), ('grad_clip', c['grad_clip'] >= 0, '>= 0 (0 = off)'),
+        ('dropout', 0 <= c['dropout'] < 1, 'in [0, 1)'),
+        ('train_sequences', c['train_sequences'] >= 0, '>= 0 (0 = all)'),
+        ('kd_weight', 0 <= c['kd_weight'] <= 1, 'in [0, 1]'),
+        ('teacher_temperature', c['teacher_temperature'] > 0, '> 0'),
+        ('kd_loss', c['kd_loss'] in DIVERGENCES, f"one of {', '.join(DIVERGENCES)} (kernels.DIVERGENCES)"),
+        ('select_fraction', 0 < c['select_fraction'] <= 1, 'in (0, 1]'),
+        ('kd_schedule', c['kd_schedule'] in ('constant', 'linear'), "'constant' or 'linear'"),
+        ('model_size', c['model_size'] in PRESETS, f"one of {', '.join(PRESETS)}"),
+        ('init_from', c['init_from'] in ('scratch', 'resume') + GPT2_NAMES,
+         f"'scratch', 'resume' or one of {GPT2_NAMES}"),
+        # float16 would need loss scaling (a GradScaler); every GPU this is for has bfloat16
+        ('dtype', c['dtype'] in ('float32', 'bfloat16'), "'float32' or 'bfloat16' (not float16)"),
+        ('parallelism', c['parallelism'] in ('ddp', 'fsdp'), "'ddp' or 'fsdp'"),
+        ('shard_teacher', not c['shard_teacher'] or c['parallelism'] == 'fsdp',
+         "False unless parallelism='fsdp'"),
+        ('eval_shots', c['eval_shots'] >= 0 and (c['eval_tasks'] or not c['eval_shots']),
+         '>= 0, with eval_tasks'),
+        ('skip_nonfinite', c['skip_nonfinite'] >= 0, '>= 0'), ('kd_steps', c['kd_steps'] >= 0, '>= 0'),
+        ('ddp_timeout', c['ddp_timeout'] > 0, '> 0'), ('peak_flops', c['peak_flops'] > 0, '> 0'),
+    ]
+    for key, ok, expected in rules:
+        if not ok:
+            raise InputError(f"{key}={c[key]!r}: expected {expected}")
+    if c['teacher_ckpt'] and not 0 < c['kd_steps'] <= steps:
+        raise InputError(f"kd_steps={c['kd_steps']}: with a teacher, 0 < kd_steps <= the run's {steps} steps")
+    if c['score_file'] and not c['teacher_ckpt']:
+        raise InputError("score_file is set but teacher_ckpt is not: SALT_DS selects data for the KD stage")

@@ -1,0 +1,725 @@
+"""
+Text -> the token shards that data.py reads (GPT-2 BPE via tiktoken, EOT before every document), as nanoGPT's
+data/*/prepare.py do:
+
+    python prepare.py stdlib [--out_dir data/stdlib]        # default corpus: this Python's stdlib .py files
+    python prepare.py text FILE... --out_dir DIR            # plain text files, one document each
+    python prepare.py pile SHARD.jsonl.zst... --out_dir DIR # Pile-format jsonl / jsonl.zst shards
+    python prepare.py tree DIR... --include '*.py' '*.md' [--exclude '*/tests/*'] --out_dir DIR  # under DIRs
+    python prepare.py tree --python --include '*.py' '*.md' '*.rst' '*.txt' --out_dir data/python
+                                                            # this Python's stdlib and installed packages
+    python prepare.py tree ... --max_bytes 50000000         # the first 50 MB of files of the tree's order
+    common flags: --val_fraction 0.05 --shard_tokens 100000000
+
+`pile` tokenizes its input files in parallel, one worker process per file (as many at a time as this process
+may use CPUs), each streaming its file; run again after an interruption, it skips the files already done, with
+the same result. `tree` does the same with groups of files. stdlib and text are one input, tokenized in this
+process.
+
+`tree` reads the files under directories (name the DIRs before the patterns; --python adds this Python's
+sysconfig "stdlib", "purelib" and "platlib" directories):
+- which: those whose name matches an --include pattern and whose path under its DIR matches no --exclude
+  pattern (shell-style, case-sensitive; `*` matches "/" too: '*/tests/*' leaves out every tests folder below
+  the top level, 'test/*' the top-level one). A DIR inside another (site-packages in the stdlib) is read only
+  as itself.
+- order: one document per file, by crc32 of its path under its DIR, then that path, then the DIR's place on
+  the command line: as with stdlib, any prefix of the corpus samples all of it. Val split: by a hash of that path.
+- budget: --max_bytes N takes the files in that order while their sizes add up to at most N bytes, and stops
+  at the first that would go over (meta.json records N and what it left out).
+- symlinks are followed, but no directory is walked and no file read twice (same device and inode): real
+  paths first, then the symlinks met, in sorted order, round after round; the path with fewest symlinks wins.
+- skipped, each counted and named with its reason in meta.json: broken symlink, symlink loop, reached twice (a
+  file or directory reached already by another path), not a regular file (a FIFO, a device), unreadable
+  (permission or I/O error), not text (a NUL byte, or not UTF-8: stdlib keeps its few deliberately non-UTF-8
+  files, with U+FFFD for the bad bytes, but a tree may hold anything, and a file that is not UTF-8 is most
+  likely not text).
+- inputs: the ordered files cut into contiguous groups of about --input_bytes (at most 1000 groups), from the
+  file list alone, so a rerun finds the same inputs; an input's manifest records a hash of its files' paths,
+  sizes and mtimes, so a changed tree is tokenized again, not resumed.
+
+Files written to DIR, each atomically (a name never shows a half-written file):
+- {split}_{k:06d}.bin, k = input * 1000 + part: at most shard_tokens tokens of one input, in the llm.c shard
+  format (256 int32 header [MAGIC, VERSION, token_count, 0...] then uint16 tokens). Sorted names follow the
+  inputs' order, so the split's documents are in input order, whatever order the workers finish in.
+- {split}_{k:06d}.docs.npy: int64 rows (offset of the document's EOT in the shard, subset index into its
+  input's "subsets") of each document that starts in the shard; a shard may begin with the end of a document
+  started in the previous shard of its input.
+- input_{i:03d}.json: input i's manifest (what it was made from, its subsets, shards, token and document
+  counts; for tree, the files read and skipped), written after its shards: it marks the input done.
+- meta.json, written last: encoding, source (for tree: the roots, patterns, files and bytes read, tokens, and
+  the files skipped, counted per reason with the first 100 paths of each), "subsets" (every subset name,
+  sorted), per split the shards and counts, and "inputs", the manifests. Subsets: the Pile's
+  meta.pile_set_name ("unknown" when absent); the stdlib file's top-level package ("stdlib" for a top-level
+  module); the tree file's top-level package, the first component of its path under its DIR ("torch",
+  "numpy-2.4.6.dist-info"), or the DIR's own name for a file directly in it ("site-packages"), a name being
+  one subset whichever DIR it comes from; "text" for text files.
+
+Training reads them back with data.py's TokenSequences and BatchLoader.
+"""
+import argparse
+import errno
+import fnmatch
+import glob
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import signal
+import stat
+import sysconfig
+import threading
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import numpy as np
+import tiktoken
+
+from common import InputError, atomic_write, report_input_errors, write_json
+from data import ENCODING, EOT, HEADER_INTS, MAGIC, VERSION, VOCAB_SIZE, docs_path
+
+SHARD_TOKENS = 100_000_000
+SPLITS = ("train", "val")
+PARTS = 1000  # output shard k = input * PARTS + part: six digits hold 1000 inputs of up to 1000 shards each
+BATCH_CHARS = 1 << 22  # characters per encode_ordinary_batch call: big enough to keep all threads busy
+INPUT_BYTES = 1 << 22  # tree: bytes of files per input, the unit of parallel work and of resuming (~1M tokens)
+SKIPPED_PATHS = 100  # tree: paths listed per reason for skipping a file in meta.json (the counts are complete)
+
+# -----------------------------------------------------------------------------
+# shard files
+
+
+def write_bin(path, tokens):
+    """Write tokens as one shard: 256 int32 header, then uint16 tokens."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16):
+        raise InputError(f"{path}: tokens must lie in [0, 65536) to be stored as uint16")
+    if tokens.size >= 1 << 31:
+        raise InputError(f"{path}: {tokens.size} tokens do not fit the int32 header count")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, tokens.size
+    atomic_write(path, [header.tobytes(), tokens.astype("<u2").tobytes()])
+
+
+def _write_npy(path, array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write(path, [buffer.getvalue()])
+
+
+# -----------------------------------------------------------------------------
+# document sources: each yields (split, text) in a deterministic order
+
+
+def _is_val(key, val_fraction):
+    """Split by a hash of a stable key, so adding documents never moves existing ones."""
+    # round(): 0.07 * 1000 is 70.00000000000001, which would also admit bucket 70
+    # surrogateescape: a file name that is not UTF-8 comes from os as lone surrogates; valid text is unchanged
+    return zlib.crc32(key.encode("utf-8", "surrogateescape")) % 1000 < round(val_fraction * 1000)
+
+
+def _read_text(path):
+    # errors="replace": 4 stdlib files are deliberately not UTF-8 (source-encoding tests); keeping them with
+    # U+FFFD is deterministic and keeps the file set equal to "every .py file". Bytes, so no newline translation.
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def stdlib_files(root=None):
+    """Relative paths (posix) of every .py file of the stdlib, without site-/dist-packages, in a fixed
+    pseudo-random order (by crc32 of the path): any prefix of the corpus, such as the first train_sequences
+    of train.py, is then a sample of the whole library rather than of its first letters."""
+    root = root or sysconfig.get_paths()["stdlib"]
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages")]
+        rel = os.path.relpath(folder, root)
+        paths += [os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/") for f in files if f.endswith(".py")]
+    return sorted(paths, key=lambda p: (zlib.crc32(p.encode("utf-8")), p))
+
+
+def stdlib_documents(val_fraction=0.05, root=None, subsets=False):
+    """(split, text) of each stdlib file; with subsets=True (split, text, subset), the subset being the file's
+    top-level package ("asyncio", "test", ...) or "stdlib" for a top-level module."""
+    root = root or sysconfig.get_paths()["stdlib"]
+    for rel in stdlib_files(root):
+        split, text = ("val" if _is_val(rel, val_fraction) else "train"), _read_text(os.path.join(root, rel))
+        yield (split, text, rel.split("/")[0] if "/" in rel else "stdlib") if subsets else (split, text)
+
+
+def text_documents(paths, val_fraction=0.05):
+    """Each file is one document, split by a hash of its basename. A single file would land wholly in one
+    split, so instead its last val_fraction (cut at a line start) becomes the val document (as nanoGPT's
+    shakespeare prepare does)."""
+    if len(paths) == 1:
+        text = _read_text(paths[0])
+        target = round(len(text) * (1 - val_fraction))
+        cut = len(text) if val_fraction == 0 else (text.rfind("\n", 0, target) + 1 or target)
+        yield "train", text[:cut]
+        if cut < len(text):
+            yield "val", text[cut:]
+        return
+    for path in paths:
+        yield ("val" if _is_val(os.path.basename(path), val_fraction) else "train"), _read_text(path)
+
+
+def _jsonl_lines(path):
+    """Binary lines of a .jsonl or .jsonl.zst file, streamed (never the whole file in memory). Bytes, not text:
+    each line is decoded on its own, so a UTF-8 error names its exact line; so does corrupt compressed data."""
+    with open(path, "rb") as raw:
+        if not path.endswith(".zst"):
+            yield from raw
+            return
+        import zstandard  # here, not at the top: only .zst inputs need it
+        number = 0
+        try:
+            for number, line in enumerate(io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)), 1):
+                yield line
+        except zstandard.ZstdError as e:  # met while reading the next line
+            raise InputError(f"{path}: line {number + 1}: {e}") from e
+
+
+def pile_documents(paths, val_fraction=0.05, subsets=False):
+    """Pile format: one JSON object a line with "text" and "meta": {"pile_set_name": ...}. Yields (split, text),
+    or (split, text, pile_set_name) with subsets=True ("unknown" when a line has none). A document goes to val
+    by a hash of f"{basename}:{line_number}"."""
+    for path in paths:
+        name = os.path.basename(path)
+        for number, line in enumerate(_jsonl_lines(path), 1):
+            if line.strip():  # tolerate blank lines (e.g. a trailing newline)
+                text, subset = _pile_record(path, number, line)
+                split = "val" if _is_val(f"{name}:{number}", val_fraction) else "train"
+                yield (split, text, subset) if subsets else (split, text)
+
+
+def _pile_record(path, number, line):
+    try:
+        doc = json.loads(line.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError or JSONDecodeError
+        raise InputError(f"{path}: line {number}: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+        raise InputError(f'{path}: line {number}: expected a JSON object with a string "text"')
+    meta = doc.get("meta") or {}
+    subset = meta.get("pile_set_name", "unknown") if isinstance(meta, dict) else None
+    if not isinstance(subset, str):
+        raise InputError(f'{path}: line {number}: "meta" must be an object whose "pile_set_name" is a string')
+    return doc["text"], subset
+
+
+# a tree of files (the rules are at the top of this file)
+
+
+def python_roots():
+    """This Python's standard library and site-packages directories (sysconfig's "stdlib", "purelib" and
+    "platlib"), each once, those that exist."""
+    paths = sysconfig.get_paths()
+    return [p for p in dict.fromkeys(paths[key] for key in ("stdlib", "purelib", "platlib")) if os.path.isdir(p)]
+
+
+def tree_roots(roots):
+    """The roots as absolute paths, each directory once (under the first path given to it)."""
+    if not roots:
+        raise InputError("tree: name the directories to read (DIR ...), or --python")
+    unique = {}
+    for root in roots:
+        if not os.path.isdir(root):
+            raise InputError(f"{root}: {'not a directory' if os.path.exists(root) else 'no such directory'}")
+        unique.setdefault(os.path.realpath(root), os.path.abspath(root))
+    return list(unique.values())
+
+
+def tree_files(roots, include, exclude=()):
+    """What `tree` reads: ([(path, rel, subset, bytes, mtime_ns)] of the files in corpus order, and
+    {reason: {"count": n, "paths": [first paths]}} of those skipped so far), rel being the path under its root
+    (posix). Files that are not text are found only when read (tree_documents)."""
+    roots = tree_roots(roots)
+    if not include:
+        raise InputError("tree: no --include pattern: name the files to read, e.g. --include '*.py' '*.md'")
+    walk = _TreeWalk(roots, include, exclude)
+    for i, root in enumerate(roots):
+        walk.walk(i, root)
+    while walk.links:  # each round follows the symlinks met in the one before, in sorted order
+        links, walk.links = sorted(walk.links), []
+        for i, path in links:
+            walk.follow(i, path)
+    if not walk.files:
+        skipped = "".join(f", {v['count']} {reason}" for reason, v in sorted(walk.skipped.items()))
+        raise InputError(f"no file to read under {' '.join(roots)} matches --include {' '.join(include)}"
+                         + (f" and no --exclude {' '.join(exclude)}" if exclude else "") + skipped)
+    files = sorted(walk.files, key=lambda f: (zlib.crc32(f[2].encode("utf-8", "surrogateescape")), f[2], f[0]))
+    return [f[1:] for f in files], walk.skipped
+
+
+class _TreeWalk:
+    """The walk of tree_files: the directories walked and files taken, by (device, inode), so that nothing is
+    read twice and no symlink loop is followed; symlinks met are kept in self.links for the next round."""
+
+    def __init__(self, roots, include, exclude):
+        self.roots, self.include, self.exclude = roots, include, exclude
+        self.root_ids = {_inode(os.stat(root)) for root in roots}
+        self.seen, self.taken = set(self.root_ids), set()  # directories walked, files taken
+        self.files, self.skipped, self.links = [], {}, []
+
+    def walk(self, i, top):
+        """Walk directory top of root i, real paths only."""
+        for folder, dirs, names in os.walk(top, onerror=lambda e: _skip(self.skipped, "unreadable", e.filename)):
+            kept = []
+            for name in sorted(dirs):  # sorted: which of two paths to a directory wins must not depend on listdir
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    self.links.append((i, path))
+                    continue
+                st, reason = _stat(path)
+                if reason:
+                    _skip(self.skipped, reason, path)
+                elif _inode(st) in self.root_ids:
+                    pass  # a root is read as itself, not as part of another
+                elif _inode(st) in self.seen:
+                    _skip(self.skipped, "reached twice", path)  # e.g. a bind mount
+                else:
+                    self.seen.add(_inode(st))
+                    kept.append(name)
+            dirs[:] = kept
+            for name in sorted(names):
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    self.links.append((i, path))
+                else:
+                    self.take(i, path, *_stat(path))
+
+    def follow(self, i, path):
+        """Follow a symlink of root i met in the previous round: walk its directory, or take its file."""
+        st, reason = _stat(path)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            self.take(i, path, st, reason)
+        elif _inode(st) in self.seen:
+            target, here = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
+            loop = os.path.commonpath([target, here]) == target  # it points at a directory that holds it
+            _skip(self.skipped, "symlink loop" if loop else "reached twice", path)
+        else:
+            self.seen.add(_inode(st))
+            self.walk(i, path)
+
+    def take(self, i, path, st, reason):
+        """Take file path of root i (st: its os.stat, or None and the reason it failed) if the patterns want it."""
+        rel = os.path.relpath(path, self.roots[i]).replace(os.sep, "/")
+        if (not any(fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], p) for p in self.include)
+                or any(fnmatch.fnmatchcase(rel, p) for p in self.exclude)):
+            return
+        if reason is None and not stat.S_ISREG(st.st_mode):
+            reason = "not a regular file"  # reading a FIFO would wait forever
+        elif reason is None and _inode(st) in self.taken:
+            reason = "reached twice"
+        if reason:
+            return _skip(self.skipped, reason, path)
+        self.taken.add(_inode(st))
+        subset = rel.split("/")[0] if "/" in rel else os.path.basename(self.roots[i]) or self.roots[i]
+        self.files.append((i, path, rel, subset, st.st_size, st.st_mtime_ns))
+
+
+def _inode(st):
+    return st.st_dev, st.st_ino
+
+
+def _stat(path):
+    """(os.stat of path, following symlinks, None), or (None, the reason to skip it)."""
+    try:
+        return os.stat(path), None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, "symlink loop"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR) and os.path.islink(path):
+            return None, "broken symlink"
+        return None, "unreadable"
+
+
+def _skip(skipped, reason, path):
+    entry = skipped.setdefault(reason, {"count": 0, "paths": []})
+    entry["count"] += 1
+    if len(entry["paths"]) < SKIPPED_PATHS:  # bounded: a tree may hold a million binaries named *.txt
+        entry["paths"].append(path)
+
+
+def tree_documents(files, val_fraction=0.05, read=None, val_files=()):
+    """(split, text, subset) of each text file of files [(path, rel, subset), ...], in order; a file goes to val
+    by a hash of rel, or when its rel is in val_files (_val_files). The others are skipped: unreadable, or not text (a NUL byte, or not UTF-8). With a dict
+    `read`, count in it, as they are read, the files and bytes read and those skipped."""
+    read = {} if read is None else read
+    read.update(files=0, bytes=0, skipped={})
+    for path, rel, subset in files:
+        try:
+            with open(path, "rb") as f:  # bytes: no newline translation
+                raw = f.read()
+        except OSError:
+            raw = None
+        text, reason = _decode_text(raw) if raw is not None else (None, "unreadable")
+        if reason:
+            _skip(read["skipped"], reason, path)
+            continue
+        read["files"] += 1
+        read["bytes"] += len(raw)
+        yield ("val" if _is_val(rel, val_fraction) or rel in val_files else "train"), text, subset
+
+
+def _decode_text(raw):
+    """(text, None) for UTF-8 without NUL bytes, else (None, the reason it is not text)."""
+    if b"\0" in raw:
+        return None, "not text (NUL byte)"  # binary: text has no use for NUL
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, "not text (not UTF-8)"
+
+
+# -----------------------------------------------------------------------------
+# tokenization into shards
+
+
+class ShardWriter:
+    """One split of one input -> {split}_{k:06d}.bin shards of shard_tokens tokens, k = input * PARTS + part,
+    each with its .docs.npy: (EOT offset, subset index) of every document that starts in it."""
+
+    def __init__(self, out_dir, split, index, shard_tokens):
+        self.out_dir, self.split, self.index, self.shard_tokens = out_dir, split, index, shard_tokens
+        self.pending, self.pending_tokens, self.pending_docs = [], 0, []
+        self.shards, self.tokens, self.documents = [], 0, 0
+
+    def add(self, document_tokens, subset):
+        self.pending_docs.append((self.pending_tokens, subset))
+        self.pending.append(np.array([EOT] + document_tokens, dtype=np.uint16))  # EOT separates documents
+        self.pending_tokens += len(document_tokens) + 1
+        self.tokens += len(document_tokens) + 1
+        self.documents += 1
+        while self.pending_tokens >= self.shard_tokens:  # a document may continue in the next shard
+            self._write(self.shard_tokens)
+
+    def close(self):
+        if self.pending_tokens:
+            self._write(self.pending_tokens)
+
+    def _write(self, n):
+        """Write the first n pending tokens as the next shard, with the documents that start in them."""
+        part = len(self.shards)
+        if part == PARTS:
+            raise InputError(f"input {self.index} needs more than {PARTS} {self.split} shards: raise --shard_tokens")
+        buffer, docs = np.concatenate(self.pending), np.array(self.pending_docs, dtype=np.int64).reshape(-1, 2)
+        name = f"{self.split}_{self.index * PARTS + part:06d}"
+        write_bin(os.path.join(self.out_dir, name + ".bin"), buffer[:n])
+        _write_npy(os.path.join(self.out_dir, name + ".docs.npy"), docs[docs[:, 0] < n])
+        self.shards.append(name + ".bin")
+        # copy: a view would keep the whole written buffer alive
+        self.pending, self.pending_tokens = [buffer[n:].copy()], len(buffer) - n
+        self.pending_docs = (docs[docs[:, 0] >= n] - [n, 0]).tolist()
+
+
+def _batches(documents, max_chars=BATCH_CHARS):
+    batch, chars = [], 0
+    for document in documents:
+        batch.append(document)
+        chars += len(document[1])
+        if chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _manifest_path(out_dir, index):
+    return os.path.join(out_dir, f"input_{index:03d}.json")
+
+
+def _tokenize_input(index, documents, out_dir, shard_tokens, job, threads, read=None):
+    """Tokenize input `index`'s (split, text, subset) documents into its shards, then write its manifest: the
+    manifest exists only once every shard of the input does. `job` records what the input was made from;
+    `read`, if given, what the documents' reader counted while they were read (tree_documents)."""
+    enc = tiktoken.get_encoding(ENCODING)
+    writers = {split: ShardWriter(out_dir, split, index, shard_tokens) for split in SPLITS}
+    subsets = {}  # name -> index, in order of first appearance in this input
+    start = last_print = time.time()
+    for batch in _batches(documents):
+        encoded = enc.encode_ordinary_batch([text for _, text, _ in batch], num_threads=threads)
+        for (split, _, subset), tokens in zip(batch, encoded):
+            writers[split].add(tokens, subsets.setdefault(subset, len(subsets)))
+        if time.time() - last_print >= 60:
+            last_print, total = time.time(), sum(w.tokens for w in writers.values())
+            print(f"{out_dir} input {index}: {total:,} tokens, {total / (last_print - start):,.0f} tokens/s",
+                  flush=True)
+    for w in writers.values():
+        w.close()
+    manifest = {"job": job, "subsets": list(subsets),
+                "splits": {s: {"shards": w.shards, "tokens": w.tokens, "documents": w.documents}
+                           for s, w in writers.items()}}
+    if read is not None:
+        manifest["read"] = read
+    write_json(_manifest_path(out_dir, index), manifest)
+    return manifest
+
+
+def _is_done(out_dir, index, job):
+    """Whether an earlier run finished input `index` from the same job and its shards are still there."""
+    path = _manifest_path(out_dir, index)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        manifest = json.load(f)
+    shards = [os.path.join(out_dir, name) for split in manifest["splits"].values() for name in split["shards"]]
+    return manifest["job"] == job and all(os.path.exists(p) and os.path.exists(docs_path(p)) for p in shards)
+
+
+def _begin(out_dir, shard_tokens):
+    if not 0 < shard_tokens < 1 << 31:
+        raise InputError(f"shard_tokens must be in [1, 2**31), got {shard_tokens}")
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, "meta.json")):  # meta.json marks a complete directory
+        os.remove(os.path.join(out_dir, "meta.json"))
+    return time.time()
+
+
+def _read_manifests(out_dir, n_inputs):
+    manifests = []
+    for index in range(n_inputs):
+        with open(_manifest_path(out_dir, index)) as f:
+            manifests.append(json.load(f))
+    return manifests
+
+
+def _finish(out_dir, source, manifests, tokenized, start):
+    """Gather the inputs' manifests into meta.json (written last), after deleting what this run did not make:
+    shards of an earlier, larger run, which would otherwise be read as part of a split, and the temporary
+    files of a killed one. `tokenized`: the inputs tokenized by this run, for the speed report."""
+    splits = {s: {"shards": [name for m in manifests for name in m["splits"][s]["shards"]],
+                  "tokens": sum(m["splits"][s]["tokens"] for m in manifests),
+                  "documents": sum(m["splits"][s]["documents"] for m in manifests)} for s in SPLITS}
+    for split, counts in splits.items():  # every document is an EOT and its text: only EOTs = no text at all
+        if counts["tokens"] == counts["documents"] and (split == "train" or source.get("val_fraction", 1) > 0):
+            raise InputError(f"{out_dir}: the {split} split got no text from the {source['kind']} input: an empty "
+                             f"corpus, or too little of it for a {split} split (see --val_fraction)")
+    keep = {os.path.basename(_manifest_path(out_dir, i)) for i in range(len(manifests))}
+    keep |= {name for s in splits.values() for shard in s["shards"] for name in (shard, docs_path(shard))}
+    patterns = ["input_*.json", ".*.tmp"] + [f"{s}_*{ext}" for s in SPLITS for ext in (".bin", ".docs.npy")]
+    for path in sum((glob.glob(os.path.join(out_dir, p)) for p in patterns), []):
+        if os.path.basename(path) not in keep:
+            os.remove(path)
+    meta = {"encoding": ENCODING, "vocab_size": VOCAB_SIZE, "eot": EOT, "source": source,
+            "subsets": sorted({name for m in manifests for name in m["subsets"]}), "splits": splits,
+            "inputs": manifests}
+    write_json(os.path.join(out_dir, "meta.json"), meta)
+    new_tokens = sum(manifests[i]["splits"][s]["tokens"] for i in tokenized for s in SPLITS)
+    seconds = time.time() - start
+    print(f"{out_dir}: done, {len(tokenized)} of {len(manifests)} inputs tokenized now, {new_tokens:,} tokens in "
+          f"{seconds:.1f}s ({new_tokens / seconds:,.0f} tokens/s); " +
+          ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} documents" for s, v in splits.items()))
+    return meta
+
+
+def _cpus():
+    """The CPUs this process may run on: its affinity (a job scheduler's or taskset's limit), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def tokenize(documents, out_dir, source, shard_tokens=SHARD_TOKENS):
+    """Tokenize documents as one input, in this process, into shards under out_dir and write meta.json; returns
+    the meta dict. documents: (split, text, subset) triples, or (split, text) pairs of subset source["kind"]."""
+    start = _begin(out_dir, shard_tokens)
+    triples = (doc if len(doc) == 3 else (*doc, source["kind"]) for doc in documents)
+    _tokenize_input(0, triples, out_dir, shard_tokens, dict(source, shard_tokens=shard_tokens), _cpus())
+    return _finish(out_dir, source, _read_manifests(out_dir, 1), [0], start)
+
+
+def _end_with_parent():
+    """Pool worker initializer: a worker whose parent is gone, even killed by SIGKILL (which runs no cleanup),
+    exits within a second instead of tokenizing on as an orphan. The parent is whoever started the worker (this
+    process, or multiprocessing's fork server, which exits with it); an orphan is re-parented."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _tokenize_in_pool(task, inputs, jobs, out_dir, shard_tokens, start):
+    """Tokenize input i by task(i, inputs[i], out_dir, shard_tokens, jobs[i], threads) -> its manifest, in worker
+    processes, as many at a time as there are CPUs, for every input that an earlier run did not finish from the
+    same job; returns the inputs tokenized now. task must be a module-level function (it is pickled)."""
+    todo = [i for i, job in enumerate(jobs) if not _is_done(out_dir, i, job)]
+    print(f"{out_dir}: {len(jobs) - len(todo)} of {len(jobs)} inputs already done", flush=True)
+    workers = max(1, min(_cpus(), len(todo)))
+    others = multiprocessing.active_children()  # not ours to kill below
+    with ProcessPoolExecutor(workers, initializer=_end_with_parent) as pool:
+        futures = [pool.submit(task, i, inputs[i], out_dir, shard_tokens, jobs[i], max(1, _cpus() // workers))
+                   for i in todo]
+        try:
+            tokens = 0
+            for done, future in enumerate(as_completed(futures), 1):
+                tokens += sum(split["tokens"] for split in future.result()["splits"].values())
+                print(f"{out_dir}: {done} of {len(todo)} inputs tokenized, {tokens:,} tokens, "
+                      f"{tokens / (time.time() - start):,.0f} tokens/s", flush=True)
+        except BaseException:  # an input failed, or Ctrl-C: stop now (the executor would run every input queued)
+            for worker in set(multiprocessing.active_children()) - set(others):
+                worker.kill()  # not terminate(): the SIGTERM handler of __main__ would only interrupt their task
+            raise
+    return todo
+
+
+def _tokenize_pile_file(index, path, out_dir, shard_tokens, job, threads):
+    documents = pile_documents([path], job["val_fraction"], subsets=True)
+    return _tokenize_input(index, documents, out_dir, shard_tokens, job, threads)
+
+
+def tokenize_pile(paths, out_dir, source, val_fraction=0.05, shard_tokens=SHARD_TOKENS):
+    """Tokenize Pile-format files into shards under out_dir, file i being input i, one worker process per file
+    and one per CPU at a time; write meta.json and return it. A file finished by an earlier run with the same
+    settings (same size and mtime too) is skipped, so a re-run resumes an interrupted one: the files written
+    are the same either way."""
+    if len(paths) > PARTS:
+        raise InputError(f"{len(paths)} input files: at most {PARTS} per directory; concatenate some")
+    jobs = [{"file": os.path.abspath(p), "bytes": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns,
+             "val_fraction": val_fraction, "shard_tokens": shard_tokens, "encoding": ENCODING} for p in paths]
+    start = _begin(out_dir, shard_tokens)
+    todo = _tokenize_in_pool(_tokenize_pile_file, paths, jobs, out_dir, shard_tokens, start)
+    return _finish(out_dir, source, _read_manifests(out_dir, len(paths)), todo, start)
+
+
+def _tokenize_tree_files(index, files, out_dir, shard_tokens, job, threads):
+    read = {}  # filled in by tree_documents as it reads
+    documents = tree_documents(files, job["val_fraction"], read, job.get("val_files", ()))
+    return _tokenize_input(index, documents, out_dir, shard_tokens, job, threads, read)
+
+
+def tokenize_tree(roots, include, out_dir, exclude=(), val_fraction=0.05, shard_tokens=SHARD_TOKENS,
+                  input_bytes=INPUT_BYTES, max_bytes=0):
+    """Tokenize the text files under directories (the rules are at the top of this file) into shards under
+    out_dir, in parallel and resumably as tokenize_pile does; write meta.json and return it. max_bytes: the
+    budget (0 = none)."""
+    if input_bytes < 1 or max_bytes < 0:
+        raise InputError(f"input_bytes must be positive and max_bytes >= 0: {input_bytes} and {max_bytes}")
+    roots = tree_roots(roots)
+    files, skipped = tree_files(roots, include, exclude)
+    files, left_out = _within_budget(files, max_bytes)
+    inputs = _tree_inputs(files, input_bytes)
+    jobs = [_tree_job(files, val_fraction, shard_tokens) for files in inputs]
+    forced = _val_files(files, val_fraction)
+    if forced:  # the key only then: the outputs of the runs before it stay valid for resuming
+        for job in jobs:
+            job["val_files"] = forced
+    start = _begin(out_dir, shard_tokens)
+    todo = _tokenize_in_pool(_tokenize_tree_files, [[f[:3] for f in files] for files in inputs], jobs, out_dir,
+                             shard_tokens, start)
+    manifests = _read_manifests(out_dir, len(jobs))
+    for manifest in manifests:  # the walk's skips first, then the readers', in corpus order
+        for reason, entry in manifest["read"]["skipped"].items():
+            total = skipped.setdefault(reason, {"count": 0, "paths": []})
+            total["count"] += entry["count"]
+            total["paths"] = (total["paths"] + entry["paths"])[:SKIPPED_PATHS]
+    source = {"kind": "tree", "roots": roots, "include": list(include), "exclude": list(exclude),
+              "val_fraction": val_fraction, "input_bytes": input_bytes, "max_bytes": max_bytes,
+              "left_out_by_max_bytes": left_out, "files": sum(m["read"]["files"] for m in manifests),
+              "bytes": sum(m["read"]["bytes"] for m in manifests),
+              "tokens": sum(m["splits"][s]["tokens"] for m in manifests for s in SPLITS),
+              "skipped": dict(sorted(skipped.items()))}
+    meta = _finish(out_dir, source, manifests, todo, start)
+    skips = ", ".join(f"{entry['count']:,} {reason}" for reason, entry in source["skipped"].items())
+    print(f"{out_dir}: read {source['files']:,} files ({source['bytes'] / 1e6:,.1f} MB); skipped {skips or 'none'} "
+          f"(see meta.json)")
+    return meta
+
+
+def _within_budget(files, max_bytes):
+    """The first files of the corpus order whose sizes add up to at most max_bytes (all of them for 0), and
+    what the budget left out: {"files": count, "bytes": their sizes' sum}."""
+    sizes = np.cumsum([f[3] for f in files])
+    n = int(np.searchsorted(sizes, max_bytes, side="right")) if max_bytes else len(files)
+    if n == 0:
+        raise InputError(f"--max_bytes {max_bytes}: the first file of the tree's order, {files[0][0]}, "
+                         f"alone has {files[0][3]:,} bytes")
+    return files[:n], {"files": len(files) - n, "bytes": int(sizes[-1] - sizes[n - 1])}
+
+
+def _tree_inputs(files, input_bytes):
+    """Cut the ordered files into inputs: ceil(bytes / input_bytes) contiguous groups (at most PARTS) of about
+    equal bytes, a file going to the group where its first byte falls. Depends on the file list alone, never on
+    the machine, so that a rerun finds the same inputs."""
+    total = sum(f[3] for f in files)
+    n = max(1, min(PARTS, len(files), -(-total // input_bytes)))
+    inputs, before = [[] for _ in range(n)], 0
+    for f in files:
+        inputs[min(n - 1, before * n // max(total, 1))].append(f)  # n - 1: empty files at the end
+        before += f[3]
+    return [files for files in inputs if files]  # a file larger than a group leaves the next ones empty
+
+
+def _val_files(files, val_fraction):
+    """[rel] of the file that goes to val although its hash does not send it there: the one with the lowest
+    hash, when two or more files were found and the hash sends none (a small tree at a small val_fraction)."""
+    rels = [f[1] for f in files]
+    if val_fraction == 0 or len(rels) < 2 or any(_is_val(rel, val_fraction) for rel in rels):
+        return []
+    return [min(rels, key=lambda rel: (zlib.crc32(rel.encode("utf-8", "surrogateescape")) % 1000, rel))]
+
+
+def _tree_job(files, val_fraction, shard_tokens):
+    """What an input of tree is made from: its files, by a hash of their paths, sizes and mtimes."""
+    listing = "".join(f"{path}\0{rel}\0{size}\0{mtime_ns}\n" for path, rel, _, size, mtime_ns in files)
+    return {"files": len(files), "bytes": sum(f[3] for f in files), "first": files[0][0], "last": files[-1][0],
+            "files_sha256": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest(),
+            "val_fraction": val_fraction, "shard_tokens": shard_tokens, "encoding": ENCODING}
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--val_fraction", type=float, default=0.05, help="share of documents for val (0.001 steps)")
+    common.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="max tokens per .bin shard")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="source", required=True)
+    p = sub.add_parser("stdlib", parents=[common], help="this interpreter's standard library .py files")
+    p.add_argument("--out_dir", default="data/stdlib")
+    p = sub.add_parser("text", parents=[common], help="plain text files, one document each")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out_dir", required=True)
+    p = sub.add_parser("pile", parents=[common], help="Pile-format .jsonl / .jsonl.zst shards")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out_dir", required=True)
+    p = sub.add_parser("tree", parents=[common], help="the text files under directories, one document each")
+    p.add_argument("roots", nargs="*", metavar="DIR", help="directories to read (before the patterns)")
+    p.add_argument("--python", action="store_true", help="read this Python's stdlib and site-packages too")
+    p.add_argument("--include", nargs="*", metavar="PATTERN", help="file names to read, e.g. '*.py' (quoted)")
+    p.add_argument("--exclude", nargs="*", metavar="PATTERN", help="paths under DIR to leave out: '*/tests/*'")
+    p.add_argument("--input_bytes", type=int, default=INPUT_BYTES, help="bytes of files per parallel input")
+    p.add_argument("--max_bytes", type=int, default=0, help="the first files of the order up to N bytes")
+    p.add_argument("--out_dir", required=True)
+    args = parser.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+
+    if args.source == "pile":
+        source = {"kind": "pile", "files": args.files, "val_fraction": args.val_fraction}
+        return tokenize_pile(args.files, args.out_dir, source, args.val_fraction, args.shard_tokens)
+    if args.source == "tree":
+        if args.exclude == []:  # --exclude and nothing after it: a pattern lost to the shell?
+            raise InputError("tree: --exclude without a pattern")
+        roots = args.roots + (python_roots() if args.python else [])
+        return tokenize_tree(roots, args.include or [], args.out_dir, args.exclude or [], args.val_fraction,
+                             args.shard_tokens, args.input_bytes, args.max_bytes)
+    if args.source == "stdlib":
+        root = sysconfig.get_paths()["stdlib"]
+        source = {"kind": "stdlib", "root": root, "python": sys.version.split()[0]}
+        documents = stdlib_documents(args.val_fraction, root, subsets=True)
+    else:
+        source = {"kind": "text", "files": args.files}
+        documents = text_documents(args.files, args.val_fraction)  # pairs: their subset is "text"
+    source["val_fraction"] = args.val_fraction
+    return tokenize(documents, args.out_dir, source, args.shard_tokens)
+
+
+if __name__ == "__main__":
+    report_input_errors()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the workers too, as Ctrl-C does
+    main()
