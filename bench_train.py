@@ -2,17 +2,18 @@
 The speed of a training step: tokens/s and MFU of train.py itself, plain and in SALT's KD stage, next to the
 FLOP count's prediction of what the teacher's forward adds.
 
-    python bench_train.py                         # on a GPU: gpt2-medium and gpt2, block 1024, compile on and off
+    python bench_train.py                         # on a GPU: gpt2-medium and gpt2, block 1024, compiled and not
     python bench_train.py --pairs demo-student:demo-slm --block_size 64 --batch_size 4 --steps 8   # a CPU
 
 Each STUDENT:TEACHER pair (model.PRESETS; the defaults' teachers have half their student's blocks) runs
-`train.py` for --steps steps of SALT, the first half in the KD stage, once per --compile setting (the teacher
-is compiled when the student is), on --data_dir (the standard library, tokenized first if missing). Its
-metrics.jsonl gives, per stage, the median tokens/s and MFU over the logged steps; train.py leaves the first
-step of the run and of stage 2, where torch.compile compiles, out of them. The teacher is a checkpoint of its
-preset after one training step: its weights do not matter for speed; the student writes no checkpoint. MFU
-counts the student's training FLOPs (`mfu`) or those and the teacher's forward (`mfu_with_teacher`), over
---peak_flops (H100/H200 SXM dense bf16 by default).
+`train.py` for --steps steps of SALT, the first half in the KD stage, once per --compile setting ('off', or
+train.py's compile_scope: 'blocks' or 'model'; the teacher is compiled when the student is), on --data_dir (the
+standard library, tokenized first if missing). Its metrics.jsonl gives, per stage, the median tokens/s and MFU
+over the logged steps; train.py leaves the first step of the run and of stage 2, where torch.compile compiles,
+out of them and logs their time apart ('first step s', compilation included). The teacher is a checkpoint of
+its preset after one training step: its weights do not matter for speed; the student writes no checkpoint.
+MFU counts the student's training FLOPs (`mfu`) or those and the teacher's forward (`mfu_with_teacher`),
+over --peak_flops (H100/H200 SXM dense bf16 by default).
 
 Every row is printed and written to --out as soon as it is measured. A run that fails is a "failed: reason"
 row and the next run goes on; stopped by SIGTERM (a time limit), the run in progress still gives the rows of
@@ -33,7 +34,8 @@ from model import GPTConfig, PRESETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = ['student', 'stage', 'tokens/s', 'MFU', 'MFU with the teacher', 'KD step / plain step',
-          'predicted by FLOPs', 'note']
+          'predicted by FLOPs', 'first step s', 'note']
+COMPILE_NAMES = {'off': 'eager', 'blocks': 'compiled per block', 'model': 'compiled whole'}
 
 
 class Stopped(Exception):
@@ -64,17 +66,23 @@ def train(out_dir, *settings):
 
 
 def stage_medians(out_dir):
-    """{'kd' | 'plain': {metric: median over the stage's logged steps}} from a run's metrics.jsonl, for the
-    stages that logged a step (a stopped run may have logged none of stage 2)."""
+    """{'kd' | 'plain': {metric: median over the stage's logged steps, and compile_s: the stage's first step}}
+    from a run's metrics.jsonl, for the stages that logged a step (a stopped run may have logged none of
+    stage 2)."""
     path = os.path.join(out_dir, 'metrics.jsonl')
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
         records = [json.loads(line) for line in f if line.endswith('\n')]
-    records = [r for r in records if 'tokens_per_s' in r]
+    records = [r for r in records if 'kd_weight' in r]  # the steps' records, not the header or step 0's eval
     stages = {'kd': [r for r in records if r['kd_weight'] > 0], 'plain': [r for r in records if r['kd_weight'] == 0]}
-    return {stage: {key: statistics.median(r[key] for r in rows) for key in rows[0]
-                    if key in ('tokens_per_s', 'mfu', 'mfu_with_teacher')} for stage, rows in stages.items() if rows}
+    medians = {}
+    for stage, rows in stages.items():
+        timed = [r for r in rows if 'tokens_per_s' in r]
+        medians[stage] = {key: statistics.median(r[key] for r in timed) for key in (timed or [{}])[0]
+                          if key in ('tokens_per_s', 'mfu', 'mfu_with_teacher')}
+        medians[stage].update({'compile_s': r['compile_s'] for r in rows if 'compile_s' in r})  # one a stage
+    return {stage: values for stage, values in medians.items() if values}
 
 
 def predicted_kd_cost(student, teacher, block_size):
@@ -84,7 +92,7 @@ def predicted_kd_cost(student, teacher, block_size):
     return 1 + teacher_config.flops_per_token(block_size, backward=False) / student_config.flops_per_token(block_size)
 
 
-def bench_pair(student, teacher, compiled, args, run_dir):
+def bench_pair(student, teacher, compile_scope, args, run_dir):
     """One SALT run of the pair, into run_dir; its medians per stage come from its metrics.jsonl."""
     common = [f'--data_dir={args.data_dir}', f'--block_size={args.block_size}', f'--batch_size={args.batch_size}',
               '--warmup_steps=1', '--eval_batches=1', '--log_interval=1', f'--peak_flops={args.peak_flops}']
@@ -93,12 +101,13 @@ def bench_pair(student, teacher, compiled, args, run_dir):
         train(teacher_dir, *common, f'--model_size={teacher}', '--max_steps=1')
     train(run_dir, *common, f'--model_size={student}', f'--teacher_ckpt={os.path.join(teacher_dir, "ckpt")}',
           f'--kd_steps={args.steps // 2}', f'--max_steps={args.steps}', f'--eval_interval={args.steps}',
-          '--ckpt_interval=0', f'--compile={compiled}')
+          '--ckpt_interval=0', *([] if compile_scope == 'off' else
+                                 ['--compile=True', f'--compile_scope={compile_scope}']))
 
 
 def table_rows(record):
     """The table's two lines (plain, KD) of one run's record; '-' where a stage has no median."""
-    medians, name = record['medians'], f"{record['student']} ({'compiled' if record['compile'] else 'eager'})"
+    medians, name = record['medians'], f"{record['student']} ({COMPILE_NAMES[record['compile']]})"
 
     def value(stage, key, form):
         return form.format(medians[stage][key]) if key in medians.get(stage, {}) else '-'
@@ -107,9 +116,10 @@ def table_rows(record):
         measured = f"{medians['plain']['tokens_per_s'] / medians['kd']['tokens_per_s']:.2f}"
     note = record.get('note', '')
     return [[name, 'plain', value('plain', 'tokens_per_s', '{:,.0f}'), value('plain', 'mfu', '{:.1%}'), '-', '', '',
-             note],
+             value('plain', 'compile_s', '{:.1f}'), note],
             [name, f"KD from {record['teacher']}", value('kd', 'tokens_per_s', '{:,.0f}'), value('kd', 'mfu', '{:.1%}'),
-             value('kd', 'mfu_with_teacher', '{:.1%}'), measured, f"{record['predicted']:.2f}", note]]
+             value('kd', 'mfu_with_teacher', '{:.1%}'), measured, f"{record['predicted']:.2f}",
+             value('kd', 'compile_s', '{:.1f}'), note]]
 
 
 def emit(record, out):
@@ -132,7 +142,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--pairs', type=parse_pair, nargs='+', metavar='STUDENT:TEACHER',
                         default=[('gpt2-medium', 'gpt2-medium-half'), ('gpt2', 'gpt2-half')])
-    parser.add_argument('--compile', choices=['off', 'on', 'both'], default='both')
+    parser.add_argument('--compile', choices=COMPILE_NAMES, nargs='+', default=['blocks', 'off'],
+                        help="each an own run: 'off', or train.py's compile_scope ('blocks', 'model')")
     parser.add_argument('--block_size', type=int, default=1024)
     parser.add_argument('--batch_size', type=int, default=16, help='sequences per step')
     parser.add_argument('--steps', type=int, default=20, help='steps per run, half of them in the KD stage')
@@ -160,14 +171,13 @@ def main():
         subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), 'stdlib', f'--out_dir={args.data_dir}'],
                        check=True, stdout=subprocess.DEVNULL)
     # in the order asked: on a GPU under a time limit, the first run is the one that matters most (the MFU target)
-    runs = [(student, teacher, compiled) for student, teacher in args.pairs
-            for compiled in {'off': [False], 'on': [True], 'both': [True, False]}[args.compile]]
-    for student, teacher, compiled in runs:
-        run_dir = os.path.join(args.work_dir, f"{student}-{'compiled' if compiled else 'eager'}")
-        record = dict(student=student, teacher=teacher, compile=compiled,
+    runs = [(student, teacher, scope) for student, teacher in args.pairs for scope in args.compile]
+    for student, teacher, scope in runs:
+        run_dir = os.path.join(args.work_dir, f"{student}-{COMPILE_NAMES[scope].replace(' ', '-')}")
+        record = dict(student=student, teacher=teacher, compile=scope,
                       predicted=predicted_kd_cost(student, teacher, args.block_size))
         try:
-            bench_pair(student, teacher, compiled, args, run_dir)
+            bench_pair(student, teacher, scope, args, run_dir)
         except Stopped:
             emit(dict(record, medians=stage_medians(run_dir), note='stopped by the time limit'), out)
             sys.exit(124)

@@ -83,6 +83,7 @@ def check(c):
         # float16 would need loss scaling (a GradScaler); every GPU this is for has bfloat16
         ('dtype', c['dtype'] in ('float32', 'bfloat16'), "'float32' or 'bfloat16' (not float16)"),
         ('parallelism', c['parallelism'] in ('ddp', 'fsdp'), "'ddp' or 'fsdp'"),
+        ('compile_scope', c['compile_scope'] in ('blocks', 'model'), "'blocks' or 'model'"),
         ('shard_teacher', not c['shard_teacher'] or c['parallelism'] == 'fsdp',
          "False unless parallelism='fsdp'"),
         ('eval_shots', c['eval_shots'] >= 0 and (c['eval_tasks'] or not c['eval_shots']),

@@ -91,6 +91,11 @@ def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teac
     ('triton' on CUDA for the forward KL, 'autograd' for any other divergence, else 'torch'), 'torch',
     'triton' or 'autograd'. reduction='none' (evaluation, no gradients): per position (ce, kd) shaped like
     targets, 0 where ignored."""
+    if torch.compiler.is_compiling() and student_hidden.device.type in _LOSS_OUTSIDE_COMPILE:
+        return _LOSS_OUTSIDE_COMPILE[student_hidden.device.type](  # compile_loss_or_not found it cannot compile
+            student_hidden, student_weight, targets, teacher_hidden, teacher_weight, kd_weight=kd_weight,
+            temperature=temperature, vocab_size=vocab_size, ignore_index=ignore_index, kd_loss=kd_loss,
+            chunk_size=chunk_size, impl=impl, reduction=reduction)
     _check_arguments(student_hidden, student_weight, targets, teacher_hidden, teacher_weight, kd_weight,
                      temperature, vocab_size, kd_loss, reduction)
     hidden, positions = student_hidden.reshape(-1, student_hidden.shape[-1]), targets.shape
@@ -120,6 +125,39 @@ def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teac
     # evaluation: skip the backward GEMMs (autograd.Function would not tell us)
     return _fused_forward(hidden, student_weight, targets, teacher_hidden, teacher_weight, kd_weight, config,
                           need_grad_hidden=False, need_grad_weight=False)[:3]
+
+
+_LOSS_OUTSIDE_COMPILE = {}  # device type -> salt_loss under torch.compiler.disable, where it could not be compiled
+
+
+def compile_loss_or_not(device, kd_loss='forward_kl', autocast_dtype=None, backend='inductor'):
+    """Whether a whole-model torch.compile may compile salt_loss on `device`, decided once at start-up by
+    compiling it (forward and backward, with a teacher, under the run's autocast) on a tiny input, where a
+    failure costs seconds rather than the run: inductor has never seen some of what it holds (the Triton launch,
+    out_dtype GEMMs) on every PyTorch version. If it fails, salt_loss runs outside every compiled graph from
+    then on (torch.compiler.disable: the model around it stays compiled). Returns the choice in words."""
+    device = torch.device(device)
+    _LOSS_OUTSIDE_COMPILE.pop(device.type, None)
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight, teacher_hidden, teacher_weight = (
+        torch.randn(shape, generator=generator).to(device) for shape in ((64, 32), (128, 32), (64, 16), (128, 16)))
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    targets = torch.randint(0, 100, (64,), generator=generator).to(device)
+    if autocast_dtype is not None:  # a frozen teacher is kept in the compute dtype (train.py)
+        teacher_hidden, teacher_weight = teacher_hidden.to(autocast_dtype), teacher_weight.to(autocast_dtype)
+
+    def loss(*inputs):
+        return salt_loss(*inputs, kd_weight=torch.tensor(0.5, device=device), vocab_size=100, kd_loss=kd_loss)[0]
+    try:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            torch.compile(loss, backend=backend)(hidden, weight, targets, teacher_hidden, teacher_weight).backward()
+    except Exception as error:  # whatever inductor raises: the run goes on with the loss uncompiled
+        error = getattr(error, 'inner_exception', None) or error  # dynamo's wrapper says only which backend
+        _LOSS_OUTSIDE_COMPILE[device.type] = torch.compiler.disable(salt_loss)  # a graph break: runs as in eager
+        reason = f"{type(error).__name__}: {error}".split('\n')[0][:200]
+        return f"salt_loss runs outside the compiled graph (compiling it failed: {reason})"
+    return "salt_loss is compiled with the model"
 
 
 def describe_choices(device):

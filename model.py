@@ -14,6 +14,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -135,36 +136,61 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, device='cpu'):
+        """A GPT with its initial weights (init_weights) on `device`; device='meta': the shapes alone, no memory and
+        nothing drawn, for train.py to shard under fsdp before each rank makes (to_empty) and fills its shards."""
         super().__init__()
         self.config = config
         V = config.padded_vocab_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(V, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        with torch.device('meta'):  # the layers' constructors draw nothing here: init_weights draws every weight
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(V, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ))
+            self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         self.activation_checkpointing = False  # set by train.py: trade a second forward per block for memory
         # weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them
         self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
+        if device != 'meta':
+            self.to_empty(device=device)
+            self.init_weights()
+
+    def to_empty(self, *, device, recurse=True):
+        """nn.Module's, which makes a new tensor of each parameter and so unties the embedding and the LM head: tied
+        again here, to wte's (the one that FSDP, meeting it first, keeps)."""
+        super().to_empty(device=device, recurse=recurse)
+        self.lm_head.weight = self.transformer.wte.weight
+        return self
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Draw the initial weights from the default (CPU) generator, each parameter's whole tensor in turn, and
+        keep it, or under FSDP this rank's shard of it: sharded or whole, a GPT gets the same weights, bit for
+        bit, from the same seed. The draws are nanoGPT's on a GPT built whole, as every earlier version built
+        it: the layers' constructors' own init (then replaced), N(0, 0.02) for every Linear and Embedding (the
+        tied matrix twice, as wte and as lm_head), then the residual projections again."""
+        for module in self.modules():  # the constructors' draws, made again and thrown away
+            if isinstance(module, nn.Linear):
+                nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device='cpu')
+            elif isinstance(module, nn.Embedding):
+                nn.Embedding(module.num_embeddings, module.embedding_dim, device='cpu')
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                _fill(module.weight, lambda w: w.normal_(0.0, 0.02))
+            elif isinstance(module, nn.LayerNorm):
+                _fill(module.weight, nn.init.ones_)
+            elif [*module.parameters(recurse=False), *module.buffers(recurse=False)]:  # to_empty left it undefined
+                raise TypeError(f"GPT.init_weights has no init for the tensors of a {type(module).__name__}")
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                _fill(module.bias, nn.init.zeros_)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance
         # does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight'):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                _fill(p, lambda w: w.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer)))
 
     def num_params(self, non_embedding=True):
         return self.config.n_params(non_embedding)
@@ -244,6 +270,29 @@ class GPT(nn.Module):
         return cls.from_hf_state_dict(hf.state_dict(), config)
 
 
+def _fill(param, init):
+    """param := init(an empty CPU tensor of param's whole shape); under FSDP (a DTensor) only this rank's shard of
+    it, cut as FSDP cuts it (src_data_rank=None: from this rank's own copy, no communication)."""
+    whole = init(torch.empty(param.shape, dtype=param.dtype))
+    if isinstance(param, DTensor):
+        whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param = param.to_local()
+    param.copy_(whole)
+
+
+def compiled(model, scope='blocks', **options):
+    """A GPT under torch.compile (options: its keyword arguments). scope='blocks' compiles each transformer block
+    in place: identical blocks share one graph, so a cold compile is one block's, the switch to SALT's stage 2
+    (another loss, no teacher) recompiles nothing, and the parameters keep their names; the embeddings and the
+    loss (kernels.py, already fused) run uncompiled. scope='model' compiles the whole forward, the loss
+    included, which may fuse across the blocks' edges."""
+    if scope == 'model':
+        return torch.compile(model, **options)
+    for block in model.transformer.h:
+        block.compile(**options)
+    return model
+
+
 def model_args(config):
     """The config as a plain dict (stored in checkpoints, loadable with torch.load(weights_only=True))."""
     return asdict(config)
@@ -288,12 +337,26 @@ def memory_plan(student, teacher, *, tokens, world_size, compute_bytes, checkpoi
     return plan
 
 
-def memory_table(plan, world_size, device_bytes=None):
-    """The plan as a markdown table in GiB, with the device's memory when known."""
-    lines = [f"| per device (estimate) | ddp | fsdp over {world_size} |", "|---|---|---|"]
-    lines += [f"| {what} | {ddp / GiB:.1f} GiB | {fsdp / GiB:.1f} GiB |" for what, (ddp, fsdp) in plan.items()]
+def start_memory(student, world_size):
+    """(bytes under ddp, bytes under fsdp) per device while train.py builds the student (a GPTConfig), before
+    training: a ddp rank holds the whole fp32 weights; an fsdp rank its shard of them (the student is built on the
+    meta device and sharded first), and the one parameter init_weights has whole at a time, drawn on the CPU and
+    cut on the device, the largest of which is the embedding (or an MLP matrix, or the positions)."""
+    n, hidden = student.n_params(non_embedding=False), student.n_embd
+    largest = max(student.padded_vocab_size, student.block_size, 4 * hidden) * hidden
+    return 4 * n, 4 * n / world_size + 4 * largest
+
+
+def memory_table(plan, world_size, device_bytes=None, at_start=None):
+    """The plan as a markdown table in GiB; under its total, the peak while the student is built (at_start:
+    start_memory's) and the device's memory, when given."""
+    rows = dict(plan)
+    if at_start:
+        rows['at start, building the student (not in the total)'] = at_start
     if device_bytes:
-        lines.append(f"| device memory | {device_bytes / GiB:.1f} GiB | {device_bytes / GiB:.1f} GiB |")
+        rows['device memory'] = (device_bytes, device_bytes)
+    lines = [f"| per device (estimate) | ddp | fsdp over {world_size} |", "|---|---|---|"]
+    lines += [f"| {what} | {ddp / GiB:.1f} GiB | {fsdp / GiB:.1f} GiB |" for what, (ddp, fsdp) in rows.items()]
     return "\n".join(lines)
 
 
@@ -319,4 +382,4 @@ if __name__ == '__main__':
     plan = memory_plan(student, teacher, tokens=args.batch_size * args.block_size, world_size=args.world_size,
                        compute_bytes=2 if args.dtype == 'bfloat16' else 4, checkpointing=args.activation_checkpointing,
                        shard_teacher=args.shard_teacher)
-    print(memory_table(plan, args.world_size))
+    print(memory_table(plan, args.world_size, at_start=start_memory(student, args.world_size)))

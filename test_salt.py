@@ -55,7 +55,7 @@ import prepare  # noqa: E402
 import salt  # noqa: E402
 import sample  # noqa: E402
 from kernels import salt_loss  # noqa: E402
-from model import GPT, GPTConfig, memory_plan, model_args  # noqa: E402
+from model import GPT, GPTConfig, compiled, memory_plan, memory_table, model_args, start_memory  # noqa: E402
 
 
 def python_documentation_text():
@@ -1724,6 +1724,41 @@ def test_fsdp_killed_anywhere_resumes_to_the_uninterrupted_losses(tmp_path, text
     assert np.load(tmp_path / 'scores.npy').shape == (64, 3)
 
 
+# a GPT built on the meta device, sharded, and drawn by each rank (train.py under fsdp): 7 positions make an uneven cut
+SHARDED_INIT = """
+import sys
+import torch
+sys.path.insert(0, {repo!r})
+from common import compute_init, fsdp_shard
+from model import GPT, GPTConfig
+_, rank, _, _ = compute_init('cpu')
+torch.manual_seed(1337)
+model = GPT(GPTConfig(block_size=7, vocab_size=101, n_layer=2, n_head=2, n_embd=18), device='meta')
+fsdp_shard(model, bf16=False)
+model.to_empty(device='cpu')
+model.init_weights()
+torch.save(dict(weights={{name: p.full_tensor() for name, p in model.named_parameters()}},
+                positions=tuple(model.transformer.wpe.weight.to_local().shape),
+                tied=model.lm_head.weight is model.transformer.wte.weight), f'{out}/rank{{rank}}.pt')
+"""
+
+
+def test_fsdp_ranks_draw_their_shards_of_the_whole_builds_weights(tmp_path):
+    """Under fsdp no rank holds the whole student: each draws its shards (GPT.init_weights). Gathered, they are the
+    weights of the GPT built whole from the same seed (what ddp and 1 process train), bit for bit, with the
+    embedding and the LM head one tensor still."""
+    (tmp_path / 'init.py').write_text(SHARDED_INIT.format(repo=REPO, out=tmp_path))
+    run_script(str(tmp_path / 'init.py'), nproc=2)
+    torch.manual_seed(1337)
+    whole = GPT(GPTConfig(block_size=7, vocab_size=101, n_layer=2, n_head=2, n_embd=18))
+    for rank, positions in ((0, (4, 18)), (1, (3, 18))):  # torch.chunk's cut: 4 rows and 3
+        sharded = torch.load(tmp_path / f'rank{rank}.pt', weights_only=True)
+        assert sharded['tied'] and sharded['positions'] == positions
+        assert list(sharded['weights']) == [name for name, _ in whole.named_parameters()]
+        for name, p in whole.named_parameters():
+            assert torch.equal(sharded['weights'][name], p), (rank, name)
+
+
 def test_activation_checkpointing_leaves_the_gradients_unchanged():
     """Recomputing each block in the backward gives the gradients of keeping its activations, KD term included."""
     torch.manual_seed(0)
@@ -1763,6 +1798,7 @@ def test_the_loss_runs_in_the_autocast_dtype(monkeypatch):
 def test_memory_plan_is_printed_and_adds_up(tmp_path, text_data):
     result = train(text_data, tmp_path, '--max_steps=2', '--ckpt_interval=0')
     assert '| per device (estimate) | ddp | fsdp over 1 |' in result.stdout and '| total |' in result.stdout
+    assert '| at start, building the student (not in the total) |' in result.stdout
     assert not os.path.exists(tmp_path / 'ckpt') and sorted(step_records(tmp_path)) == [1, 2]  # 0: no checkpoint
     student, teacher = GPTConfig.from_preset('salt-2.8b', block_size=2048), GPTConfig.from_preset('gpt2-xl', block_size=2048)
     plan = memory_plan(student, teacher, tokens=8192, world_size=8, compute_bytes=2)
@@ -1771,6 +1807,18 @@ def test_memory_plan_is_printed_and_adds_up(tmp_path, text_data):
     assert plan['total'] == tuple(map(sum, zip(*[v for k, v in plan.items() if k != 'total'])))
     assert plan['total'][1] < plan['total'][0] - 12 * n * 7 / 8  # fsdp saves 7/8 of 16 bytes a parameter, less what it gathers
     assert plan['teacher (frozen, stage 1)'][0] == 2 * teacher.n_params(non_embedding=False)
+
+
+def test_the_memory_plan_shows_that_no_fsdp_rank_holds_the_whole_student_at_start():
+    """At start a ddp rank holds the whole fp32 student; an fsdp rank its shard and the one parameter being drawn
+    (the embedding): a row under the total, which it is not part of."""
+    student = GPTConfig.from_preset('salt-2.8b', block_size=2048)
+    plan = memory_plan(student, None, tokens=8192, world_size=8, compute_bytes=2)
+    n, embedding = student.n_params(non_embedding=False), student.padded_vocab_size * student.n_embd
+    assert start_memory(student, 8) == (4 * n, 4 * n / 8 + 4 * embedding)
+    lines = memory_table(plan, 8, at_start=start_memory(student, 8)).splitlines()
+    assert lines[-2].startswith('| total |') and lines[-2] == memory_table(plan, 8).splitlines()[-1]
+    assert lines[-1] == '| at start, building the student (not in the total) | 9.9 GiB | 1.7 GiB |'
 
 
 def test_val_loss_per_subset_and_few_shot_tasks_are_logged(tmp_path, pile, files):
@@ -2675,15 +2723,21 @@ def test_gpu_check_dry_run_fits_eight_files_and_states_every_target(tmp_path):
         assert ': exit status 0,' in section, section
     assert re.search(r'^test_salt\.py::\S+ SKIPPED', sections[2], re.M), sections[2]  # each test's outcome
     assert re.search(r'\n=+ \d+ skipped, \d+ deselected in', sections[2]), sections[2]
-    assert '| demo-student (compiled) | KD from demo-slm |' in sections[0] and '| 512 | 64 | compiled |' in sections[3]
+    assert '| demo-student (compiled per block) | KD from demo-slm |' in sections[0] and '| 512 | 64 | compiled |' in sections[3]
     header, *rows = [json.loads(line) for line in open(out / 'loss_grid.jsonl')]  # bench.py's own record
     assert header['type'] == 'header' and header['device'] == 'cpu' and header['config']['n'] == [256, 512]
     assert [(row['n'], row['impl']) for row in rows] == [(n, impl) for n in (256, 512) for impl in ('eager', 'fused', 'gemm')]
     [row] = [json.loads(line) for line in open(out / 'train_mfu.jsonl')][1:]
-    assert (row['student'], row['compile']) == ('demo-student', True) and row['medians']['kd']['tokens_per_s'] > 0
+    assert (row['student'], row['compile']) == ('demo-student', 'blocks') and row['medians']['kd']['tokens_per_s'] > 0
+    assert row['medians']['kd']['compile_s'] > 0 and row['medians']['plain']['compile_s'] > 0  # the first steps apart
     with tarfile.open(out / 'logs.tar.gz') as tar:
         names = tar.getnames()
-    for name in ('train_mfu.log', 'cuda_tests.log', 'runs/demo-student-compiled/metrics.jsonl',
+        run = [json.loads(line) for line in tar.extractfile('./runs/demo-student-compiled-per-block/metrics.jsonl')]
+    # per block, train.py compiles the student's block with and without gradients (evaluation) and the teacher's,
+    # all before step 1; the switch to stage 2 and every later step compile nothing
+    assert run[0]['compile_choice'].startswith('salt_loss runs uncompiled')
+    assert {r['compiled_graphs'] for r in run if 'loss' in r} == {3} and len(run) == 10
+    for name in ('train_mfu.log', 'cuda_tests.log', 'runs/demo-student-compiled-per-block/metrics.jsonl',
                  'runs/demo-student-eager/train.log'):
         assert f'./{name}' in names, names
     assert not [name for name in names if 'ckpt' in name or name.startswith('./data/')]  # heavy files stay behind
@@ -2732,7 +2786,7 @@ def test_a_failing_implementation_or_run_is_its_row_and_the_others_are_measured(
     assert rows['eager']['type'] == rows['fused']['type'] == 'result'
     assert re.search(r'^\| 64 \| 32 \| compiled \| failed: .*InvalidCxxCompiler', result.stdout, re.M)
     result = subprocess.run([sys.executable, 'bench_train.py', '--pairs', 'demo-student:demo-slm', '--block_size', '32',
-                             '--batch_size', '2', '--steps', '6', '--data_dir', stdlib_dir,
+                             '--batch_size', '2', '--steps', '6', '--compile', 'model', 'off', '--data_dir', stdlib_dir,
                              '--work_dir', str(tmp_path / 'runs'), '--out', str(tmp_path / 'train.jsonl')],
                             cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -3070,18 +3124,21 @@ def test_the_memory_plan_counts_the_rows_a_loss_chunk_really_has():
 # (dynamo's guards and the autograd graph) without its code generation, which would take minutes on a CPU.
 
 
-def test_linear_kd_schedule_compiles_each_graph_once():
+@pytest.mark.parametrize('scope, graphs', [('model', 5), ('blocks', 3)])
+def test_linear_kd_schedule_compiles_each_graph_once(scope, graphs):
     """A tiny student and teacher, compiled, through 3 steps of linear KD, 2 of plain training and an evaluation
-    forward at each step. The graphs are the expected set: the teacher's forward; the student's loss with a
-    teacher and without one (stage 2), each with and without gradients. kd_weight changes every stage-1 step
-    and recompiles nothing; passed as a Python float (the guard kd_weight == 0.667) the same run compiles 8."""
+    forward at each step. The graphs are the expected set. Whole models: the teacher's forward; the student's
+    loss with a teacher and without one (stage 2), each with and without gradients. Per block: the teacher's
+    block, the student's with and without gradients, and nothing new at stage 2. kd_weight changes every
+    stage-1 step and recompiles nothing; passed as a Python float (the guard kd_weight == 0.667) the
+    whole-model run compiles 8."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     config = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32)
     student, teacher = GPT(config), GPT(GPTConfig(**{**vars(config), 'n_embd': 16})).requires_grad_(False)
-    model, compiled_teacher = (torch.compile(m, backend='aot_eager') for m in (student, teacher))
+    model, compiled_teacher = (compiled(m, scope, backend='aot_eager') for m in (student, teacher))
     x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
     for step in range(5):
         current = salt.stage_at(step, 3, 0.667, 'linear')
@@ -3093,7 +3150,45 @@ def test_linear_kd_schedule_compiles_each_graph_once():
         model(x, y, **loss_args)[0].backward()
         with torch.no_grad():  # an evaluation: the switch of grad mode compiles once per stage
             model(x, y, **loss_args)
-    assert counters['stats']['unique_graphs'] == 5
+    assert counters['stats']['unique_graphs'] == graphs
+
+
+def test_loss_runs_outside_the_compiled_model_where_inductor_cannot_compile_it(monkeypatch):
+    """The start-up probe (train.py, compile_scope='model') compiles salt_loss once on a tiny input: where the
+    backend fails on it, the reason is reported, and a compiled model runs the loss outside its graph, with the
+    eager loss and gradients; where the backend works, the loss is inside the graph."""
+    monkeypatch.setattr(kernels, '_LOSS_OUTSIDE_COMPILE', {})
+    graphs = []
+
+    def recording(gm, example_inputs):  # the graphs dynamo hands a backend, run as they are
+        graphs.append({str(node.target) for node in gm.graph.nodes})
+        return gm.forward
+
+    def failing(gm, example_inputs):
+        raise RuntimeError("no kernel for this op\n(more lines of a compiler's error)")
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32)
+    student, teacher = GPT(config), GPT(GPTConfig(**{**vars(config), 'n_embd': 16})).requires_grad_(False)
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+
+    def loss_and_grads(model):
+        student.zero_grad()
+        loss_args = dict(teacher_hidden=teacher(x, return_hidden=True), teacher_weight=teacher.lm_head.weight,
+                         kd_weight=torch.tensor(0.5))
+        loss = model(x, y, **loss_args)[0]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in student.parameters()]
+    eager_loss, eager_grads = loss_and_grads(student)
+    for backend, expected in ((failing, 'runs outside the compiled graph (compiling it failed: RuntimeError: no '
+                                        'kernel for this op)'), (recording, 'is compiled with the model')):
+        assert kernels.compile_loss_or_not('cpu', backend=backend).endswith(expected)
+        torch._dynamo.reset()
+        graphs.clear()
+        loss, grads = loss_and_grads(compiled(student, 'model', backend=recording))
+        assert loss == eager_loss and all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
+        loss_in_graph = any('_SaltLossFunction' in target or 'autograd_function_apply' in target
+                            for graph in graphs for target in graph)
+        assert loss_in_graph == (backend is recording), graphs
 
 
 def test_gemm_without_out_dtype_takes_the_fp32_product_path(monkeypatch):

@@ -30,10 +30,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint_manager
 import configurator
 import evaluate
+import kernels
 import salt
 from common import InputError, compute_init, fsdp_shard, git_commit, report_input_errors
 from data import BatchLoader, TokenSequences
-from model import GPT, GPT2_NAMES, GPTConfig, memory_plan, memory_table, model_args
+from model import GPT, GPT2_NAMES, GPTConfig, compiled, memory_plan, memory_table, model_args, start_memory
 
 report_input_errors()  # bad input (a file, a key, a value) ends in one line naming it, not a traceback
 # ----------------------------------------------------------------------------------------------------------
@@ -84,7 +85,9 @@ eval_fewshot_files = ''      # 'hellaswag:PATH,lambada:PATH': where the shots co
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype ('float32' = no autocast)
-compile = False              # torch.compile the model (and the teacher)
+compile = False              # torch.compile the student (and the teacher)
+compile_scope = 'blocks'     # 'blocks': each transformer block apart, in place (identical blocks share one compiled
+                             # graph; the loss runs uncompiled); 'model': the whole forward, the loss included
 parallelism = 'ddp'          # under torchrun: 'ddp' (a replica per GPU) or 'fsdp' (parameters, gradients and
                              # optimizer state sharded over the GPUs)
 shard_teacher = False        # fsdp: shard the teacher's blocks too (default: a frozen replica per GPU)
@@ -145,25 +148,39 @@ def make_loader(step):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# model and teacher: from out_dir's checkpoint if there is one. Built whole on every rank (the same init from
-# the same seed), then sharded under fsdp, where each rank loads its part of a checkpoint's weights
+# model and teacher: from out_dir's checkpoint if there is one. Under ddp the student is built whole on every rank
+# (the same init from the same seed). Under fsdp no rank ever holds it whole: it is built on the meta device
+# (shapes only) and sharded, then each rank makes its shards and draws them (GPT.init_weights: the whole build's
+# weights, bit for bit) or, resuming, has checkpoint_manager.restore load them
 ckpt_path, checkpoint = checkpoint_manager.latest(out_dir)
 data_fingerprint = f"{train_fingerprint}/{val_data.fingerprint()}"
 fingerprints = checkpoint_manager.fingerprints(config, data_fingerprint, selected_ids, checkpoint)  # content hashes
+pretrained = init_from in GPT2_NAMES and not checkpoint  # OpenAI's weights: loaded whole, even under fsdp (1.5B)
 if checkpoint:
     checkpoint_manager.check_resumable(checkpoint, config, fingerprints, world_size)
-    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model_config = GPTConfig(**checkpoint['model_args'])
     if master:
         print(f"resuming from {ckpt_path} at step {checkpoint['step']}")
 elif init_from == 'resume':
     raise InputError(f"init_from=resume but {out_dir} holds no checkpoint")
-elif init_from in GPT2_NAMES:
-    model = GPT.from_pretrained(init_from)
+elif not pretrained:
+    model_config = GPTConfig.from_preset(model_size, block_size=block_size, dropout=dropout)
+if pretrained:
+    model = GPT.from_pretrained(init_from).to(device)
+elif parallelism == 'fsdp':
+    model = GPT(model_config, device='meta')
 else:
-    model = GPT(GPTConfig.from_preset(model_size, block_size=block_size, dropout=dropout))
+    model = GPT(model_config).to(device)
 model_config = model.config
 model.activation_checkpointing = activation_checkpointing
-model.to(device)
+raw_model = model  # the GPT itself (under fsdp, sharded in place): weights, checkpoints, evaluation
+bf16 = device_type == 'cuda' and dtype == 'bfloat16'  # fsdp's compute dtype (gradients reduced in fp32)
+if parallelism == 'fsdp':
+    fsdp_shard(model, bf16)
+    if not pretrained:
+        model.to_empty(device=device)  # this rank's shards, undefined until drawn or loaded
+        if not checkpoint:  # before the teacher is built, which draws from the same generator
+            model.init_weights()
 step = checkpoint['step'] if checkpoint else 0
 run_id = checkpoint['run_id'] if checkpoint else uuid.uuid4().hex[:12]
 last_good = f"{ckpt_path} (step {step})" if checkpoint else None  # for the message if the loss goes non-finite
@@ -181,15 +198,9 @@ if master:  # what this run should need per device, under ddp and fsdp (an estim
                        world_size=world_size, compute_bytes=2 if dtype == 'bfloat16' else 4,
                        checkpointing=activation_checkpointing, shard_teacher=shard_teacher, device_type=device_type)
     print(memory_table(plan, world_size, torch.cuda.get_device_properties(device).total_memory
-                       if device_type == 'cuda' else None))
-
-
-raw_model = model  # the GPT itself (under fsdp, sharded in place): weights, checkpoints, evaluation
-if parallelism == 'fsdp':
-    bf16 = device_type == 'cuda' and dtype == 'bfloat16'
-    fsdp_shard(model, bf16)
-    if teacher is not None and shard_teacher:
-        fsdp_shard(teacher, bf16, blocks_only=True)  # the root stays whole: its head feeds the student's loss
+                       if device_type == 'cuda' else None, at_start=start_memory(model_config, world_size)))
+if teacher is not None and shard_teacher:  # (fsdp only) the root stays whole: its head feeds the student's loss
+    fsdp_shard(teacher, bf16, blocks_only=True)
 # the weights were drawn alike on every rank; from here on each rank draws its own dropout masks (a resumed
 # run then takes each rank's RNG state from the checkpoint)
 torch.manual_seed(seed + rank)
@@ -205,10 +216,15 @@ loader = make_loader(step)
 if checkpoint:
     checkpoint_manager.restore(ckpt_path, checkpoint, raw_model, optimizer, loader)
     checkpoint = None  # free the memory
+compile_choice = None  # what torch.compile does to the loss, decided once here and logged
 if compile:
-    model = torch.compile(model)
+    compile_choice = "salt_loss runs uncompiled, after the compiled blocks" if compile_scope == 'blocks' else \
+        kernels.compile_loss_or_not(device, kd_loss, None if dtype == 'float32' else getattr(torch, dtype))
+    if master:
+        print(f"torch.compile per {'block' if compile_scope == 'blocks' else 'model'}: {compile_choice}")
+    model = compiled(model, compile_scope)
     if teacher is not None:
-        teacher = torch.compile(teacher)
+        teacher = compiled(teacher, compile_scope)
 if distributed and parallelism == 'ddp':
     # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy beside them
     model = DDP(model, device_ids=[torch.device(device).index] if device_type == 'cuda' else None,
@@ -271,6 +287,7 @@ if master:
         type='header', run_id=run_id, resumed_at=step, config=config, git_commit=git_commit(),
         device=torch.cuda.get_device_name() if device_type == 'cuda' else 'cpu', torch=torch.__version__,
         world_size=world_size, n_params=raw_model.num_params(), time=time.strftime('%Y-%m-%d %H:%M:%S'),
+        compile_choice=compile_choice,
         val_tokens=int(len(val_ids) * block_size),
         val_tokens_subsets={name: int(n) for name, n in zip(subset_names, val_tokens) if n}),
         wandb_project=wandb_project if wandb_log else '')
