@@ -115,8 +115,8 @@ def load_model(ckpt, device):
         model = GPT.from_pretrained(ckpt)
     elif hf_gpt2.is_directory(ckpt):  # exported by export_hf.py, or a user's own GPT-2-family model
         model = hf_gpt2.load(ckpt)
-    else:
-        model = GPT(GPTConfig(**read_checkpoint_meta(ckpt)['model_args']))
+    else:  # the shapes, made on the device, then the checkpoint's weights read into them: no init drawn, no copy
+        model = GPT(GPTConfig(**read_checkpoint_meta(ckpt)['model_args']), device='meta').to_empty(device=device)
         state = {'model': get_model_state_dict(model)}
         dcp.load(state, checkpoint_id=ckpt, no_dist=True)
         set_model_state_dict(model, state['model'])

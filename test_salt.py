@@ -1,11 +1,12 @@
 """
-The evidence: `pytest test_salt.py` (offline, CPU, a few minutes on 2 cores); on a GPU machine,
-`pytest -m cuda test_salt.py` runs the tests that need one (skipped elsewhere).
+The evidence: `pytest -n 2 --dist worksteal test_salt.py` (offline, CPU, two workers, under 20 minutes on 2 cores;
+plain `pytest test_salt.py` runs them in one); on a GPU machine, `pytest -m cuda test_salt.py` runs the tests that
+need one (skipped elsewhere).
 
 Sections follow the files: model, data and prepare, kernels (every implementation, on the CPU and the GPU),
 salt (schedule, scores, selection), train (configurator, two stages, DDP, FSDP, checkpoint_manager's resume),
 the end-to-end experiment, evaluation and sampling, and the GPU checks, the heaviest last. Scripts are run as a
-user runs them, in a subprocess.
+user runs them, each in a process of its own (run_script).
 """
 import argparse
 import copy
@@ -18,6 +19,7 @@ import math
 import os
 import re
 import resource
+import select
 import shutil
 import signal
 import statistics
@@ -84,12 +86,92 @@ def zst(raw):
     return zstandard.ZstdCompressor().compress(raw)
 
 
-def run_script(*args, nproc=1, check=True, cwd=REPO):
-    """Run one of the project's scripts as a user would, in a fresh interpreter (or under torchrun)."""
-    start = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                                 f'--nproc_per_node={nproc}']
-    env = dict(os.environ, OMP_NUM_THREADS='1') if nproc > 1 else os.environ  # don't oversubscribe the cores
-    result = subprocess.run(start + list(args), cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+# A script started afresh spends ~5 s importing torch and the other libraries, and the suite runs hundreds of
+# commands: they start instead as forks of one interpreter that has imported those libraries (and nothing of the
+# project) once. Each is still a process of its own, with its own argv, environment, working directory, stdin
+# (empty), stdout, stderr and exit status; torchrun's and the shell scripts' processes start as a user's do.
+FORK_SERVER = r"""
+import json, os, runpy, signal, sys, warnings
+warnings.filterwarnings('ignore', '.*use of fork', DeprecationWarning)  # numpy's BLAS thread is fork-safe
+import numpy, tiktoken, torch, torch.distributed.checkpoint, triton  # the seconds each start would spend
+
+
+def become(job):  # this fork turns into `python SCRIPT ARGS...` and exits as that would (SystemExit, a traceback)
+    os.chdir(job['cwd'])
+    os.environ.clear()
+    os.environ.update(job['env'])
+    if 'OMP_NUM_THREADS' in os.environ:  # read by torch at import, here already done
+        torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, job['stdout'], os.O_WRONLY | os.O_CREAT),
+                            (2, job['stderr'], os.O_WRONLY | os.O_CREAT)):
+        os.dup2(os.open(path, flags), fd)
+    script = os.path.abspath(job['argv'][0])
+    sys.argv, sys.path[0] = job['argv'], os.path.dirname(script)
+    runpy.run_path(script, run_name='__main__')
+    sys.exit()
+
+
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the supervisors below
+for line in sys.stdin:
+    job = json.loads(line)
+    if os.fork() == 0:  # a supervisor: forks the command, waits for it, and reports its exit status
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        pid = os.fork()
+        if pid == 0:
+            become(job)
+        returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        os.write(1, (json.dumps(dict(id=job['id'], returncode=returncode)) + '\n').encode())
+        os._exit(0)
+"""
+
+
+class Forks:
+    """Commands started by FORK_SERVER, several at a time if need be: start() them, then wait() for each."""
+
+    def __init__(self):
+        self.server = subprocess.Popen([sys.executable, '-c', FORK_SERVER], cwd=REPO, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, bufsize=0)  # unbuffered: select() sees every line
+        self.outputs = tempfile.mkdtemp(prefix='salt-tests-')
+        self.started, self.returncodes = 0, {}
+
+    def start(self, args, cwd=REPO, env=None):
+        self.started += 1
+        job = dict(id=self.started, argv=[str(arg) for arg in args], cwd=str(cwd), env=dict(env or os.environ),
+                   stdout=os.path.join(self.outputs, f'{self.started}.out'),
+                   stderr=os.path.join(self.outputs, f'{self.started}.err'))
+        self.server.stdin.write((json.dumps(job) + '\n').encode())
+        return job
+
+    def wait(self, job, timeout=600):
+        """The command's subprocess.CompletedProcess, once it has ended."""
+        deadline = time.time() + timeout
+        while job['id'] not in self.returncodes:
+            assert time.time() < deadline, f"{job['argv']} still running after {timeout} s"
+            if select.select([self.server.stdout], [], [], 1.0)[0]:
+                report = json.loads(self.server.stdout.readline() or b'{"id": 0}')
+                assert report['id'], f"the fork server stopped (exit status {self.server.wait()})"
+                self.returncodes[report['id']] = report['returncode']
+        outputs = []
+        for path in (job['stdout'], job['stderr']):
+            with open(path, encoding='utf-8', errors='replace') as f:
+                outputs.append(f.read())
+            os.remove(path)
+        return subprocess.CompletedProcess(job['argv'], self.returncodes.pop(job['id']), *outputs)
+
+
+@functools.cache
+def forks():
+    return Forks()
+
+
+def run_script(*args, nproc=1, check=True, cwd=REPO, env=None):
+    """Run one of the project's scripts as a user would: a process of its own (or torchrun's processes)."""
+    if nproc == 1:
+        result = forks().wait(forks().start(args, cwd, env))
+    else:
+        start = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+        env = dict(os.environ, OMP_NUM_THREADS='1')  # don't oversubscribe the cores
+        result = subprocess.run(start + list(args), cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     if check:
         assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
@@ -254,10 +336,7 @@ def test_pile_zst_through_cli_decodes_back(tmp_path):
     shard = tmp_path / "00.jsonl.zst"
     shard.write_bytes(zst(("\n".join(lines) + "\n").encode("utf-8")))
     out = tmp_path / "out"
-    env = dict(os.environ)
-    subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), "pile", str(shard), "--out_dir", str(out),
-                    "--val_fraction", "0.1", "--shard_tokens", "20000"], check=True, env=env,
-                   capture_output=True)
+    run_script("prepare.py", "pile", shard, "--out_dir", out, "--val_fraction", "0.1", "--shard_tokens", "20000")
     meta = json.load(open(out / "meta.json"))
     expected = {"train": [], "val": []}
     for number, doc in enumerate(docs, 1):
@@ -1651,32 +1730,46 @@ def first_step_gradients(out_dir):
     return {name: state['exp_avg'] / (1 - beta1) for name, state in optimizer['state'].items()}
 
 
+def two_rank_salt_run(slm_and_scores, files):
+    tasks = f"--eval_tasks=hellaswag:{files['hellaswag']},lambada:{files['lambada']}"  # scored on every rank too
+    return [f'--teacher_ckpt={slm_and_scores[0]}', '--kd_steps=2', '--lr_decay_steps=4', tasks]
+
+
+@pytest.fixture(scope='module')
+def one_process_salt_run(tmp_path_factory, text_data, slm_and_scores, files):
+    """The reference of the 2-rank runs below: 1 process x 2 micro-batches, its first step's gradients and its
+    records over 4 steps (the first step, then resumed)."""
+    out = tmp_path_factory.mktemp('one_process') / 'one'
+    one_process = [*two_rank_salt_run(slm_and_scores, files), '--grad_accum_steps=2']
+    train(text_data, out, '--max_steps=1', *one_process)
+    gradients = first_step_gradients(out)
+    train(text_data, out, '--max_steps=4', *one_process)
+    return gradients, step_records(out)
+
+
 @pytest.mark.parametrize('settings', [['--parallelism=ddp'], ['--parallelism=fsdp'], [
     '--parallelism=fsdp', '--shard_teacher=True', '--activation_checkpointing=True']], ids=['ddp', 'fsdp', 'fsdp-more'])
-def test_two_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_data, slm_and_scores, files, settings):
+def test_two_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_data, slm_and_scores, files, settings,
+                                                                 one_process_salt_run):
     """2 ranks x 1 micro-batch make the same steps as 1 process x 2 micro-batches, in both stages of SALT: the
     same global batches, the gradients averaged over all of them; and so does the 2-rank run resumed on 1 process
     x 2 micro-batches. Compared where the summation order (the thread count, the CPU's BLAS) cannot matter: the
     first step's gradients, and the losses. Not the weights after AdamW steps: Adam turns rounding noise in a
     near-zero gradient into a step of about the learning rate, in either direction."""
-    tasks = f"--eval_tasks=hellaswag:{files['hellaswag']},lambada:{files['lambada']}"  # scored on every rank too
-    salt_run = [f'--teacher_ckpt={slm_and_scores[0]}', '--kd_steps=2', '--lr_decay_steps=4', tasks]
-    runs = {'one': (1, ['--grad_accum_steps=2']), 'two': (2, ['--grad_accum_steps=1', *settings])}
-    for name, (nproc, settings) in runs.items():
-        train(text_data, tmp_path / name, '--max_steps=1', *salt_run, *settings, nproc=nproc)
+    salt_run = two_rank_salt_run(slm_and_scores, files)
+    train(text_data, tmp_path / 'two', '--max_steps=1', *salt_run, '--grad_accum_steps=1', *settings, nproc=2)
     # each gradient element is a sum over the batch's 64 tokens, in an order that depends on the thread count and
     # the BLAS: float32 reassociation moves it by a few eps of the terms' size. 1000 eps of the tensor's largest
     # gradient is ~100x that; another batch, or gradients not averaged over the ranks, differ by ~its size.
-    one, two = first_step_gradients(tmp_path / 'one'), first_step_gradients(tmp_path / 'two')
+    (one, records_one), two = one_process_salt_run, first_step_gradients(tmp_path / 'two')
     assert sorted(one) == sorted(two) and len(one) > 10
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1000 * EPS32 * one[name].abs().max().item(),
                                    msg=name)
     shutil.copytree(tmp_path / 'two', tmp_path / 'moved')  # the 2-rank run, to go on in 1 process
-    runs['moved'] = (1, ['--grad_accum_steps=2'])
+    runs = {'two': (2, ['--grad_accum_steps=1', *settings]), 'moved': (1, ['--grad_accum_steps=2'])}
     for name, (nproc, settings) in runs.items():  # three more steps each, resumed: the batches go on alike
         train(text_data, tmp_path / name, '--max_steps=4', *salt_run, *settings, nproc=nproc)
-    records_one = step_records(tmp_path / 'one')
     assert sorted(records_one) == [1, 2, 3, 4]
     assert [records_one[s]['kd_weight'] > 0 for s in range(1, 5)] == [True, True, False, False]
     for name in ('two', 'moved'):
@@ -2356,15 +2449,10 @@ def test_report_on_pile_data_with_subsets(slm, tmp_path):
 # evaluate.py and sample.py
 
 def run_scripts(commands):
-    """Several scripts at once (each single-threaded), for the quick ones: {name: CompletedProcess-like}."""
+    """Several scripts at once (each single-threaded), for the quick ones: {name: CompletedProcess}."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    running = {name: subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE) for name, args in commands.items()}
-    results = {}
-    for name, process in running.items():
-        stdout, stderr = process.communicate(timeout=600)
-        results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    return results
+    running = {name: forks().start(args, env=env) for name, args in commands.items()}
+    return {name: forks().wait(job) for name, job in running.items()}
 
 
 def assert_one_line_error(result, *expected):
@@ -2777,19 +2865,15 @@ def test_bench_train_stopped_by_its_time_limit_keeps_the_rows_it_measured(tmp_pa
 def test_a_failing_implementation_or_run_is_its_row_and_the_others_are_measured(tmp_path, stdlib_dir):
     """No C++ compiler for inductor: what is compiled fails alone, as on a GPU where inductor cannot compile."""
     env = dict(os.environ, CXX='/bin/false')
-    result = subprocess.run([sys.executable, 'bench.py', '--n', '64', '--h', '32', '--v', '500', '--reps', '1',
-                             '--warmup', '0', '--impls', 'eager', 'compiled', 'fused', '--out', str(tmp_path / 'loss.jsonl')],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script('bench.py', '--n', '64', '--h', '32', '--v', '500', '--reps', '1', '--warmup', '0', '--impls',
+                        'eager', 'compiled', 'fused', '--out', tmp_path / 'loss.jsonl', env=env)
     rows = {row['impl']: row for row in map(json.loads, open(tmp_path / 'loss.jsonl')) if 'impl' in row}
     assert rows['compiled']['type'] == 'failed' and 'InvalidCxxCompiler' in rows['compiled']['error']
     assert rows['eager']['type'] == rows['fused']['type'] == 'result'
     assert re.search(r'^\| 64 \| 32 \| compiled \| failed: .*InvalidCxxCompiler', result.stdout, re.M)
-    result = subprocess.run([sys.executable, 'bench_train.py', '--pairs', 'demo-student:demo-slm', '--block_size', '32',
-                             '--batch_size', '2', '--steps', '6', '--compile', 'model', 'off', '--data_dir', stdlib_dir,
-                             '--work_dir', str(tmp_path / 'runs'), '--out', str(tmp_path / 'train.jsonl')],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script('bench_train.py', '--pairs', 'demo-student:demo-slm', '--block_size', '32', '--batch_size', '2',
+               '--steps', '6', '--compile', 'blocks', 'off', '--data_dir', stdlib_dir, '--work_dir', tmp_path / 'runs',
+               '--out', tmp_path / 'train.jsonl', env=env)
     compiled, eager = [json.loads(line) for line in open(tmp_path / 'train.jsonl')][1:]
     assert compiled['note'].startswith('failed: RuntimeError: train.py exit status 1: ') and not compiled['medians']
     assert 'note' not in eager and eager['medians']['plain']['tokens_per_s'] > 0
@@ -2982,8 +3066,7 @@ def test_bench_refuses_bad_arguments_naming_the_flag(argv, message):
 
 
 def test_bench_bad_argument_is_a_one_line_error():
-    result = subprocess.run([sys.executable, 'bench.py', '--temperature', '-1'], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = run_script('bench.py', '--temperature', '-1', check=False)
     assert result.returncode == 1
     assert result.stderr.strip() == 'error: --temperature must be positive and finite, got -1.0'
 

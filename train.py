@@ -167,10 +167,8 @@ elif not pretrained:
     model_config = GPTConfig.from_preset(model_size, block_size=block_size, dropout=dropout)
 if pretrained:
     model = GPT.from_pretrained(init_from).to(device)
-elif parallelism == 'fsdp':
-    model = GPT(model_config, device='meta')
-else:
-    model = GPT(model_config).to(device)
+else:  # fsdp: shapes only, for now; ddp and one process: built on the device, its weights drawn on the CPU
+    model = GPT(model_config, device='meta' if parallelism == 'fsdp' else device)
 model_config = model.config
 model.activation_checkpointing = activation_checkpointing
 raw_model = model  # the GPT itself (under fsdp, sharded in place): weights, checkpoints, evaluation
