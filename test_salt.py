@@ -100,8 +100,6 @@ def become(job):  # this fork turns into `python SCRIPT ARGS...` and exits as th
     os.chdir(job['cwd'])
     os.environ.clear()
     os.environ.update(job['env'])
-    if 'OMP_NUM_THREADS' in os.environ:  # read by torch at import, here already done
-        torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, job['stdout'], os.O_WRONLY | os.O_CREAT),
                             (2, job['stderr'], os.O_WRONLY | os.O_CREAT)):
         os.dup2(os.open(path, flags), fd)
@@ -129,17 +127,26 @@ class Forks:
     """Commands started by FORK_SERVER, several at a time if need be: start() them, then wait() for each."""
 
     def __init__(self):
-        self.server = subprocess.Popen([sys.executable, '-c', FORK_SERVER], cwd=REPO, stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, bufsize=0)  # unbuffered: select() sees every line
-        self.outputs = tempfile.mkdtemp(prefix='salt-tests-')
+        self.servers, self.outputs = {}, tempfile.mkdtemp(prefix='salt-tests-')
         self.started, self.returncodes = 0, {}
 
+    def server(self, threads):
+        """The fork server whose torch was imported under this OMP_NUM_THREADS (None: unset): torch sets its thread
+        count from it at import only, so a fork runs with the threads a fresh process would have."""
+        if threads not in self.servers:
+            env = {key: value for key, value in os.environ.items() if key != 'OMP_NUM_THREADS'}
+            env.update({'OMP_NUM_THREADS': threads} if threads is not None else {})
+            self.servers[threads] = subprocess.Popen([sys.executable, '-c', FORK_SERVER], cwd=REPO, env=env,
+                                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                     bufsize=0)  # unbuffered: select() sees every line
+        return self.servers[threads]
+
     def start(self, args, cwd=REPO, env=None):
-        self.started += 1
-        job = dict(id=self.started, argv=[str(arg) for arg in args], cwd=str(cwd), env=dict(env or os.environ),
+        self.started, env = self.started + 1, dict(env or os.environ)
+        job = dict(id=self.started, argv=[str(arg) for arg in args], cwd=str(cwd), env=env,
                    stdout=os.path.join(self.outputs, f'{self.started}.out'),
                    stderr=os.path.join(self.outputs, f'{self.started}.err'))
-        self.server.stdin.write((json.dumps(job) + '\n').encode())
+        self.server(env.get('OMP_NUM_THREADS')).stdin.write((json.dumps(job) + '\n').encode())
         return job
 
     def wait(self, job, timeout=600):
@@ -147,9 +154,10 @@ class Forks:
         deadline = time.time() + timeout
         while job['id'] not in self.returncodes:
             assert time.time() < deadline, f"{job['argv']} still running after {timeout} s"
-            if select.select([self.server.stdout], [], [], 1.0)[0]:
-                report = json.loads(self.server.stdout.readline() or b'{"id": 0}')
-                assert report['id'], f"the fork server stopped (exit status {self.server.wait()})"
+            server = self.server(job['env'].get('OMP_NUM_THREADS'))
+            if select.select([server.stdout], [], [], 1.0)[0]:
+                report = json.loads(server.stdout.readline() or b'{"id": 0}')
+                assert report['id'], f"the fork server stopped (exit status {server.wait()})"
                 self.returncodes[report['id']] = report['returncode']
         outputs = []
         for path in (job['stdout'], job['stderr']):
