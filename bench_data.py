@@ -71,7 +71,7 @@ def bench_loader(folder, steps=20, batches=2000):
     for step in range(steps + 3):  # 3 warm-up steps
         if step == 3:
             start = time.perf_counter()
-        loss = salt_loss(model(x, return_hidden=True), model.lm_head.weight, y, vocab_size=data.VOCAB_SIZE)[0]
+        loss = salt_loss(model(x, return_hidden=True), model.lm_head.weight, y, vocab_size=model.config.vocab_size)[0]
         loss.backward()
         model.zero_grad(set_to_none=True)
     step_seconds = (time.perf_counter() - start) / steps
@@ -85,11 +85,11 @@ def bench_score(folder, steps=20):
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset('demo-slm', block_size=64))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    seqs = torch.randint(0, data.VOCAB_SIZE, (16, 65))
+    seqs = torch.randint(0, model.config.vocab_size, (16, 65))
     x, y = seqs[:8, :-1], seqs[:8, 1:]
 
     def train_step():
-        loss = salt_loss(model(x, return_hidden=True), model.lm_head.weight, y, vocab_size=data.VOCAB_SIZE)[0]
+        loss = salt_loss(model(x, return_hidden=True), model.lm_head.weight, y, vocab_size=model.config.vocab_size)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

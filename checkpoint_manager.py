@@ -166,11 +166,12 @@ def restore(path, meta, model, optimizer, loader):
         torch.cuda.set_rng_state(cuda_states[rank])
 
 
-def save(out_dir, model, optimizer, master, distributed, **meta):
-    """Every rank writes its part of ckpt.tmp (DCP fsyncs its files), rank 0 adds meta.pt (meta and the RNG
-    state), then moves ckpt to ckpt.prev and ckpt.tmp to ckpt: a kill at any moment leaves at least one
-    complete checkpoint. meta.pt holds only tensors and plain values, so torch.load(weights_only=True) reads
-    it. Returns what to call the checkpoint in messages."""
+def save(out_dir, model, optimizer, master, distributed, files_from=None, **meta):
+    """Every rank writes its part of ckpt.tmp (DCP fsyncs its files), rank 0 adds the files of the folder
+    files_from (the data's tokenizer's, if any) and meta.pt (meta and the RNG state), then moves ckpt to ckpt.prev
+    and ckpt.tmp to ckpt: a kill at any moment leaves at least one complete checkpoint. meta.pt holds only tensors
+    and plain values, so torch.load(weights_only=True) reads it. Returns what to call the checkpoint in
+    messages."""
     meta['rng_cpu_ranks'] = gather(torch.get_rng_state())  # each rank draws its own dropout masks
     meta['rng_cpu'] = meta['rng_cpu_ranks'][0]  # what the code before rng_cpu_ranks reads
     if next(model.parameters()).is_cuda:
@@ -183,7 +184,7 @@ def save(out_dir, model, optimizer, master, distributed, **meta):
     if distributed:
         dist.barrier()
     # a rank whose write failed ends the run on every rank, not in a collective's timeout
-    failed = next((f for f in gather(write(tmp, model, optimizer, master, meta)) if f), None)
+    failed = next((f for f in gather(write(tmp, model, optimizer, master, meta, files_from)) if f), None)
     if failed:
         if master:
             shutil.rmtree(tmp, ignore_errors=True)  # frees what it took; ckpt and ckpt.prev are untouched
@@ -211,14 +212,18 @@ def gather(value):
     return values
 
 
-def write(tmp, model, optimizer, master, meta):
+def write(tmp, model, optimizer, master, meta, files_from=None):
     """Write the checkpoint into tmp; returns None, or what stopped the write when the disk did (no space, a
     quota, a file-size limit): any other failure is a bug and raises."""
     try:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({'model': model_state, 'optimizer': optimizer_state}, checkpoint_id=tmp)
         meta['files'] = file_digests(tmp)  # checked before the checkpoint is trusted (verify)
-        if master:
+        if master:  # rank 0 alone from here on: a failure here must not leave the others in a collective
+            for name in sorted(os.listdir(files_from) if files_from else []):
+                with open(os.path.join(files_from, name), 'rb') as f:
+                    atomic_write(os.path.join(tmp, name), [f.read()])
+                meta['files'][name] = [os.path.getsize(os.path.join(tmp, name)), digest(os.path.join(tmp, name))]
             buffer = io.BytesIO()
             torch.save(meta, buffer)
             atomic_write(os.path.join(tmp, 'meta.pt'), [buffer.getvalue()])

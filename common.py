@@ -82,13 +82,13 @@ def compute_init(device="", timeout_s=None):
 
 
 def fsdp_shard(model, bf16, blocks_only=False):
-    """FSDP2 on a GPT: each block its own unit, gathered whole only inside its forward and backward, so at any
-    moment a rank holds its shard of everything plus the few blocks at work; the root unit holds the
-    embeddings, the final LayerNorm and the (tied) LM head. bf16: compute in bf16, reduce gradients in
-    fp32."""
+    """FSDP2 on an LM (model.py: our GPT, or a transformers teacher): each block its own unit, gathered whole only
+    inside its forward and backward, so at any moment a rank holds its shard of everything plus the few blocks at
+    work; the root unit holds the embeddings, the final norm and the LM head. bf16: compute in bf16, reduce
+    gradients in fp32."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    for block in model.transformer.h:
+    for block in model.blocks():
         fully_shard(block, mp_policy=policy)
     if not blocks_only:
         fully_shard(model, mp_policy=policy)

@@ -2,9 +2,11 @@
 Tokens on disk -> batches: what training reads, from the shards that prepare.py writes.
 
 A split is the {split}_*.bin shards of a directory, in sorted order: the llm.c shard format (256 int32 header
-[MAGIC, VERSION, token_count, 0...], then uint16 tokens), or the single headerless {split}.bin of nanoGPT's
-prepare.py. Beside each shard prepare.py writes a .docs.npy (where each document starts, and its subset), and
-meta.json names the tokenizer and the subsets (prepare.py's docstring has the details).
+[MAGIC, VERSION, token_count, 0...], then the tokens: uint16 in version 1, uint32 in version 2, for vocabularies
+beyond 65,536 such as Llama 3's), or the single headerless uint16 {split}.bin of nanoGPT's prepare.py. Beside
+each shard prepare.py writes a .docs.npy (where each document starts, and its subset), and meta.json names the
+tokenizer (tokenizer.py), its vocabulary size and the shards of each split (prepare.py's docstring has the
+details); data without meta.json is GPT-2's.
 
 - TokenSequences: fixed windows of block_size+1 tokens, each with a stable integer id, so that SALT_DS can
   score sequences and select them by id; domains() gives each window's data subset.
@@ -13,27 +15,24 @@ meta.json names the tokenizer and the subsets (prepare.py's docstring has the de
 """
 import glob
 import hashlib
-import json
 import os
 
 import numpy as np
 import torch
 
 from common import InputError
+from tokenizer import GPT2_VOCAB_SIZE, read_data_meta
 
-ENCODING = "r50k_base"  # identical to GPT-2's BPE
-EOT = 50256  # <|endoftext|>, written before every document
-VOCAB_SIZE = 50257
 MAGIC = 20240520  # llm.c / modded-nanogpt shard magic
-VERSION = 1
+TOKEN_DTYPES = {1: "<u2", 2: "<u4"}  # shard version -> token dtype (llm.c: 1 for GPT-2's, 2 for Llama 3's)
 HEADER_INTS = 256
 EDGE_TOKENS = 32 * 1024  # tokens read from each end of a shard when opening it (64 KiB)
 
 
 def read_bin(path):
-    """Read-only uint16 token array of a shard: llm.c format, or a headerless nanoGPT uint16 file.
+    """Read-only token array of a shard: llm.c format (uint16 or uint32), or a headerless nanoGPT uint16 file.
 
-    A headerless GPT-2 file cannot be mistaken for a header: MAGIC's low uint16 is 54472 >= VOCAB_SIZE.
+    A headerless GPT-2 file cannot be mistaken for a header: MAGIC's low uint16 is 54472 >= GPT-2's 50257 tokens.
     """
     size = os.path.getsize(path)
     if size == 0:
@@ -47,17 +46,17 @@ def read_bin(path):
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size < HEADER_INTS:
         raise InputError(f"{path}: truncated header ({size} bytes)")
-    if header[1] != VERSION:
-        raise InputError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
-    count = int(header[2])
-    if size != header_bytes + 2 * count:
-        raise InputError(f"{path}: header says {count} tokens ({header_bytes + 2 * count} bytes) "
+    if header[1] not in TOKEN_DTYPES:
+        raise InputError(f"{path}: unsupported shard version {header[1]} (expected one of {sorted(TOKEN_DTYPES)})")
+    dtype, count = np.dtype(TOKEN_DTYPES[int(header[1])]), int(header[2])
+    if size != header_bytes + dtype.itemsize * count:
+        raise InputError(f"{path}: header says {count} tokens ({header_bytes + dtype.itemsize * count} bytes) "
                          f"but the file has {size} bytes (truncated or corrupt)")
     if count == 0:  # numpy cannot memory-map zero bytes
-        tokens = np.zeros(0, dtype="<u2")
+        tokens = np.zeros(0, dtype=dtype)
         tokens.flags.writeable = False
         return tokens
-    return np.memmap(path, dtype="<u2", mode="r", offset=header_bytes, shape=(count,))
+    return np.memmap(path, dtype=dtype, mode="r", offset=header_bytes, shape=(count,))
 
 
 def docs_path(shard_path):
@@ -75,6 +74,7 @@ class TokenSequences:
     Window i of a shard is tokens[i*T : i*T+T+1] (windows never cross shards); its id is the shard's
     offset + i, over the split's shards in sorted order, so ids are stable for a given data_dir.
     max_sequences keeps only ids [0, max_sequences), e.g. a small demo pool. domains() gives each id's subset.
+    vocab_size is meta.json's (GPT-2's without one): a token at or beyond it is an error naming its shard.
     """
 
     def __init__(self, data_dir, split, block_size, max_sequences=None):
@@ -87,11 +87,19 @@ class TokenSequences:
         if not self.shards:
             raise InputError(f"no {split}_*.bin shards in {data_dir!r}; prepare them first, e.g. "
                              f"`python prepare.py stdlib --out_dir {data_dir}` (see python prepare.py -h)")
+        meta = read_data_meta(data_dir)
+        self.vocab_size = meta["vocab_size"] if meta else GPT2_VOCAB_SIZE
+        if meta and "splits" in meta:  # one tokenization: meta.json lists every shard it wrote
+            for path in self.shards:
+                if os.path.basename(path) not in meta["splits"][split]["shards"]:
+                    raise InputError(f"{path} is not a shard of {os.path.join(data_dir, 'meta.json')} (made with "
+                                     f"tokenizer {meta.get('encoding')!r}): a shard of another tokenization? Move it "
+                                     f"away, or tokenize again into an empty directory")
         self.tokens = [read_bin(path) for path in self.shards]
         for path, tokens in zip(self.shards, self.tokens):
             # the ends only: reading every token is 600 GB for the Pile. A file that is not a shard of ours (a
             # wrong magic reads as a headerless file) shows at the start; get() checks every window it returns.
-            _check_vocab(path, np.concatenate([tokens[:EDGE_TOKENS], tokens[-EDGE_TOKENS:]]))
+            self._check_vocab(path, np.concatenate([tokens[:EDGE_TOKENS], tokens[-EDGE_TOKENS:]]))
         counts = [max(0, (len(t) - 1) // block_size) for t in self.tokens]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_sequences = int(self.offsets[-1]) if max_sequences is None else min(max_sequences, int(self.offsets[-1]))
@@ -109,9 +117,9 @@ class TokenSequences:
         out = np.empty((ids.size, T + 1), dtype=np.int64)
         for row, (s, i) in enumerate(zip(shard, ids - self.offsets[shard])):
             out[row] = self.tokens[s][i * T: i * T + T + 1]
-        if out.size and out.max() >= VOCAB_SIZE:  # cheap next to the copy; open checked the shards' ends only
+        if out.size and out.max() >= self.vocab_size:  # cheap next to the copy; open checked the shards' ends only
             row = int(np.argmax(out.max(axis=1)))
-            _check_vocab(f"{self.shards[shard[row]]} (sequence {ids[row]})", out[row])
+            self._check_vocab(f"{self.shards[shard[row]]} (sequence {ids[row]})", out[row])
         return torch.from_numpy(out)
 
     def domains(self):
@@ -119,10 +127,7 @@ class TokenSequences:
         A sequence's subset is that of the document its first token lies in, which may have begun in an
         earlier shard; prepare.py's docstring says what the subsets are."""
         meta_path = os.path.join(self.data_dir, "meta.json")
-        meta = {}
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
+        meta = read_data_meta(self.data_dir) or {}
         if "subsets" not in meta:
             raise InputError(f"{self.data_dir!r} has no document subsets (made before they were recorded, or "
                              f"not by prepare.py): re-tokenize it with `python prepare.py ... --out_dir "
@@ -157,10 +162,9 @@ class TokenSequences:
             h.update(np.ascontiguousarray(tokens[-EDGE_TOKENS:]).tobytes())
         return h.hexdigest()
 
-
-def _check_vocab(where, tokens):
-    if tokens.size and int(tokens.max()) >= VOCAB_SIZE:
-        raise InputError(f"{where}: token id {int(tokens.max())} >= vocab size {VOCAB_SIZE}")
+    def _check_vocab(self, where, tokens):
+        if tokens.size and int(tokens.max()) >= self.vocab_size:
+            raise InputError(f"{where}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
 
 
 class BatchLoader:

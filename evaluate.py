@@ -7,8 +7,10 @@ choice in HellaSwag's format, last-word cloze in LAMBADA's.
   python evaluate.py --ckpt gpt2 --task hellaswag:hellaswag_val.jsonl --shots 10 \
       --fewshot_file hellaswag:hellaswag_train.jsonl                       # 10-shot
   torchrun --standalone --nproc_per_node=8 evaluate.py --ckpt out/pile/student/ckpt --task ...
+  python evaluate.py --ckpt /models/pythia-1.4b --data_dir data/pile_neox --block_size 2048   # its val loss
 
---ckpt: a train.py checkpoint or a GPT-2 name ('gpt2', ...). --task TASK:PATH, repeatable (or comma-separated,
+--ckpt: a train.py checkpoint, a transformers model's directory or a GPT-2 name ('gpt2', ...), each scored with its
+own tokenizer (a checkpoint's is its data's: tokenizer.py). --task TASK:PATH, repeatable (or comma-separated,
 'hellaswag:A.jsonl,lambada:B.jsonl'); the task files are jsonl, one JSON object a line:
 - hellaswag: {"ctx": str, "endings": [str, ...], "label": int}, the label indexing the right ending
   (HellaSwag's own hellaswag_val.jsonl; any number of endings, at least 2);
@@ -20,6 +22,9 @@ joined by a blank line as lm-evaluation-harness does. They come from a separate 
 every task when K > 0; use another split than the one evaluated), drawn for each example by its own rng
 seeded with (--seed, task, example index): the same prompts for any number of ranks.
 
+--data_dir DIR --block_size N: the val loss (val_loss, as train.py logs it) on DIR's val split, in the data's
+tokens, which must be the model's (--val_sequences K: K of them, spread over the split; default all).
+
 Prints a line per task (scores, chance level, examples, contexts cut from the left to fit the block size)
 and with --out writes them to a JSON file with the settings. Under torchrun the examples are split across
 the ranks and the sums all-reduced (gloo on CPU, nccl on CUDA): the scores of one process, up to float
@@ -28,7 +33,8 @@ summation. A malformed line is an error naming its file and line.
 During training, on the model being trained, on every rank (the task files are read once):
 
   tasks = evaluate.read_tasks('hellaswag:PATH,lambada:PATH')
-  scores = evaluate.evaluate_tasks(raw_model, tasks, rank=rank, world_size=world_size, autocast=autocast)
+  scores = evaluate.evaluate_tasks(raw_model, tasks, tokenizer.of_data(data_dir), rank=rank, world_size=world_size,
+                                   autocast=autocast)
   # {'hellaswag': {'acc': ..., 'acc_norm': ..., ...}, 'lambada': {'acc': ..., 'ppl': ...}}
 """
 import argparse
@@ -41,13 +47,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
-import tiktoken
 import torch
 import torch.distributed as dist
 
 import salt
+import tokenizer
 from common import InputError, compute_init, report_input_errors, write_json
-from data import ENCODING, EOT
+from data import TokenSequences
 
 # ----------------------------------------------------------------------------------------------------------
 # The val loss
@@ -226,15 +232,17 @@ def prompt(task, index, shots, seed):
     return fewshot_prefix(task, index, shots, seed) + task.examples[index].context
 
 
-def example_rows(task, index, shots, seed, block_size, enc):
+def example_rows(task, index, shots, seed, block_size, tok):
     """The token rows of one example, one per ending: context tokens then continuation tokens, the two
-    encoded apart as llm.c does. A row longer than block_size + 1 is cut from the left, the continuation kept
-    whole: the model reads all but the last token, as in lm-evaluation-harness. Returns the rows, as
-    (tokens, number of continuation tokens scored), and whether any was cut."""
-    context = enc.encode_ordinary(prompt(task, index, shots, seed)) or [EOT]  # as lm-eval: nothing -> EOT
+    encoded apart by tok (tokenizer.py) as llm.c does (the same tokens as encoding them together, with GPT-2's
+    BPE and the byte-level BPEs of Llama 3, Qwen, SmolLM2 and Pythia, which split before " " + a word). A row
+    longer than block_size + 1 is cut from the left, the continuation kept whole: the model reads all but the
+    last token, as in lm-evaluation-harness. Returns the rows, as (tokens, number of continuation tokens
+    scored), and whether any was cut."""
+    context = tok.encode(prompt(task, index, shots, seed)) or [tok.eot]  # as lm-eval: nothing -> EOT
     rows, truncated = [], False
     for ending in task.examples[index].endings:
-        continuation = enc.encode_ordinary(' ' + ending)
+        continuation = tok.encode(' ' + ending)
         tokens = context + continuation
         truncated |= len(tokens) > block_size + 1
         # an ending longer than the block itself (a tiny model) is scored on its last block_size tokens, which
@@ -280,14 +288,15 @@ def continuation_scores(model, rows, batch_size, autocast=None):
     return scores
 
 
-def score_examples(model, task, *, shots, seed, batch_size, rank=0, world_size=1, autocast=None, progress=False):
-    """This rank's share of the task's examples (every world_size-th), scored: per example (index, per ending
-    (summed log-prob, continuation tokens, greedy), whether its context was cut)."""
-    enc, block_size = tiktoken.get_encoding(ENCODING), model.config.block_size
+def score_examples(model, task, tok, *, shots, seed, batch_size, rank=0, world_size=1, autocast=None,
+                   progress=False):
+    """This rank's share of the task's examples (every world_size-th), encoded by tok and scored: per example
+    (index, per ending (summed log-prob, continuation tokens, greedy), whether its context was cut)."""
+    block_size = model.config.block_size
     mine, scored, start, last_print = range(rank, len(task.examples), world_size), [], time.time(), time.time()
     for first in range(0, len(mine), GROUP):
         indices = mine[first:first + GROUP]
-        built = [example_rows(task, i, shots, seed, block_size, enc) for i in indices]
+        built = [example_rows(task, i, shots, seed, block_size, tok) for i in indices]
         rows = [row for example, _ in built for row in example]
         scores = iter(continuation_scores(model, rows, batch_size, autocast))
         for i, (example, truncated) in zip(indices, built):
@@ -379,9 +388,10 @@ def check_shots(tasks, shots):
 
 
 @torch.no_grad()
-def evaluate_tasks(model, tasks, *, shots=0, seed=1234, batch_size=16, rank=0, world_size=1, autocast=None,
+def evaluate_tasks(model, tasks, tok, *, shots=0, seed=1234, batch_size=16, rank=0, world_size=1, autocast=None,
                    progress=False):
-    """Score `model` (a GPT, not its DDP or compiled wrapper) on `tasks` (of read_tasks), on every rank at once
+    """Score `model` (an LM, not its DDP or compiled wrapper) on `tasks` (of read_tasks), their text encoded by tok
+    (the model's tokenizer: tokenizer.py), on every rank at once
     under torch.distributed, each rank on every world_size-th example. Returns, the same on every rank,
     {task: {'acc', 'acc_norm', 'acc_norm_tokens' (multiple choice) or 'acc', 'ppl' (cloze), 'chance',
     'examples', 'truncated'}}. The model is left in the mode it was found in (train or eval)."""
@@ -391,7 +401,7 @@ def evaluate_tasks(model, tasks, *, shots=0, seed=1234, batch_size=16, rank=0, w
     try:
         results = {}
         for task in tasks:
-            scored = score_examples(model, task, shots=shots, seed=seed, batch_size=batch_size, rank=rank,
+            scored = score_examples(model, task, tok, shots=shots, seed=seed, batch_size=batch_size, rank=rank,
                                     world_size=world_size, autocast=autocast, progress=progress)
             sums = example_sums(task, scored)
             if world_size > 1:
@@ -418,23 +428,41 @@ def result_line(name, scores):
 
 
 def main(args):
-    tasks = read_tasks(','.join(args.task), ','.join(args.fewshot_file))  # bad input fails before anything starts
+    # bad input fails before anything starts
+    tasks = read_tasks(','.join(args.task), ','.join(args.fewshot_file)) if args.task else []
     check_shots(tasks, args.shots)
+    tok = salt.model_tokenizer(args.ckpt) if tasks else None
+    if tasks and tok is None:
+        raise InputError(f"{args.ckpt}: no tokenizer files beside the model, so the tasks' text cannot be encoded")
+    val_data = TokenSequences(args.data_dir, 'val', args.block_size) if args.data_dir else None
     distributed, rank, world_size, device = compute_init(args.device)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else None
-    model = salt.load_model(args.ckpt, device)
+    if val_data:  # data in the model's vocabulary, in sequences it was made for: checked as a teacher's
+        model = salt.load_teacher(args.ckpt, device, tokenizer.data_record(args.data_dir), args.block_size)
+    else:
+        model = salt.load_model(args.ckpt, device)
     if rank == 0:
-        print(f"{args.ckpt}: block_size {model.config.block_size}, {args.shots}-shot, seed {args.seed}, "
-              f"{world_size} rank(s) on {device}", flush=True)
-    results = evaluate_tasks(model, tasks, shots=args.shots, seed=args.seed, batch_size=args.batch_size, rank=rank,
-                             world_size=world_size, autocast=autocast, progress=rank == 0)
+        print(f"{args.ckpt}: block_size {model.config.block_size}, " +
+              (f"{args.shots}-shot, seed {args.seed}, " if tasks else "") + f"{world_size} rank(s) on {device}",
+              flush=True)
+    ranks = dict(batch_size=args.batch_size, rank=rank, world_size=world_size, autocast=autocast)
+    results = {'val': val_loss(model, val_data, val_set(val_data, args.val_sequences or len(val_data)), **ranks)
+               } if val_data else {}
+    results.update(evaluate_tasks(model, tasks, tok, shots=args.shots, seed=args.seed, progress=rank == 0,
+                                  **ranks) if tasks else {})
     if rank == 0:
+        if val_data:
+            print(f"val loss {results['val']['val_loss']:.4f} (standard error {results['val']['val_loss_se']:.4f}) on "
+                  f"{min(len(val_data), args.val_sequences or len(val_data)):,} val sequences of {args.block_size} "
+                  f"tokens of {args.data_dir}")
         for name, scores in results.items():
-            print(result_line(name, scores))
+            if name != 'val':
+                print(result_line(name, scores))
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             write_json(args.out, dict(
                 ckpt=args.ckpt, shots=args.shots, seed=args.seed, batch_size=args.batch_size, world_size=world_size,
+                data_dir=args.data_dir or None, block_size=args.block_size if val_data else None,
                 device=torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu',
                 autocast='bfloat16' if autocast else 'none',
                 files={t.name: dict(path=t.path, fewshot_file=t.fewshot_path or None) for t in tasks},
@@ -447,8 +475,13 @@ def main(args):
 if __name__ == '__main__':
     report_input_errors()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--ckpt', required=True, help="a train.py checkpoint, or a GPT-2 name ('gpt2', ...)")
-    parser.add_argument('--task', action='append', required=True, help='TASK:PATH (hellaswag or lambada), repeatable')
+    parser.add_argument('--ckpt', required=True,
+                        help="a train.py checkpoint, a transformers model's directory, or a GPT-2 name ('gpt2', ...)")
+    parser.add_argument('--task', action='append', default=[], help='TASK:PATH (hellaswag or lambada), repeatable')
+    parser.add_argument('--data_dir', default='', help="the val loss on this data's val split (the model's tokenizer)")
+    parser.add_argument('--block_size', type=int, default=0, help='with --data_dir: tokens per val sequence')
+    parser.add_argument('--val_sequences', type=int, default=0,
+                        help='with --data_dir: this many sequences spread over the val split (0 = all)')
     parser.add_argument('--shots', type=int, default=0, help='solved examples put before each context')
     parser.add_argument('--fewshot_file', action='append', default=[],
                         help="TASK:PATH, the file a task's few-shot examples are drawn from (repeatable)")
@@ -459,4 +492,8 @@ if __name__ == '__main__':
     args = parser.parse_args()
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if not args.task and not args.data_dir:
+        parser.error("give a --task TASK:PATH, or --data_dir DIR (with --block_size) for the val loss")
+    if args.data_dir and args.block_size < 1 or args.val_sequences < 0:
+        parser.error(f"--data_dir needs --block_size >= 1 (got {args.block_size}) and --val_sequences >= 0")
     main(args)

@@ -4,8 +4,9 @@ dev/eval/export_hf.py is the precedent):
 
   python export_hf.py --ckpt out/demo/baseline/ckpt --out hf/baseline
 
-writes hf/baseline/ with config.json, model.safetensors and GPT-2's tokenizer (tokenizer.json,
-tokenizer_config.json), which transformers loads offline:
+writes hf/baseline/ with config.json, model.safetensors and the checkpoint's tokenizer (tokenizer.json,
+tokenizer_config.json: GPT-2's, or that of the data it was trained on: tokenizer.py), which transformers loads
+offline:
 
   GPT2LMHeadModel.from_pretrained('hf/baseline'), AutoTokenizer.from_pretrained('hf/baseline')
 
@@ -13,7 +14,7 @@ and so does lm-evaluation-harness (`lm_eval --model hf --model_args pretrained=h
 project again (`--teacher_ckpt=hf/baseline`, `salt.py score --ckpt hf/baseline`). The weights are the
 checkpoint's in float32, whatever wrote it (one process or several, ddp or fsdp); the rows of the padded
 vocabulary are dropped, the four linear layers of each block transposed into transformers' Conv1D (in, out)
-layout, and the LM head tied to the token embedding. The tokenizer is made offline from tiktoken's GPT-2 ranks.
+layout, and the LM head tied to the token embedding. GPT-2's tokenizer is made offline from tiktoken's ranks.
 
 The directory is written under a temporary name beside --out and renamed when complete. An --out that exists
 is replaced only when it is an earlier export of the same checkpoint (its run and step, which config.json
@@ -25,18 +26,17 @@ import os
 import secrets
 import shutil
 
-import hf_gpt2
 import salt
+import tokenizer
 from common import InputError, report_input_errors
-from data import ENCODING, EOT, VOCAB_SIZE
 
 
-def check_vocabulary(ckpt, meta):
-    """The checkpoint's vocabulary must be GPT-2's tokenizer's, the only one the export writes."""
-    vocab_size, tokenizer = meta['model_args']['vocab_size'], meta.get('tokenizer')
-    if vocab_size != VOCAB_SIZE or tokenizer not in (None, ENCODING):  # None: data without meta.json
-        raise InputError(f"{ckpt}: vocab_size {vocab_size} with tokenizer {tokenizer!r} does not fit GPT-2's "
-                         f"tokenizer ({ENCODING}, {VOCAB_SIZE} tokens), the one the export writes")
+def check_vocabulary(ckpt, meta, tok):
+    """The checkpoint's vocabulary must be its tokenizer's, the one the export writes beside it."""
+    vocab_size = meta['model_args']['vocab_size']
+    if vocab_size != tok.vocab_size:
+        raise InputError(f"{ckpt}: vocab_size {vocab_size} does not fit its tokenizer "
+                         f"{tokenizer.describe(tok.record())}, the one the export writes")
 
 
 def check_out(out, source):
@@ -53,16 +53,17 @@ def check_out(out, source):
                          f"or remove it")
 
 
-def transformers_model(model):
-    """Our GPT as transformers' GPT2LMHeadModel, in float32. The parameter names are the same; GPT-2's four
-    linear layers per block are Conv1D modules, which store their weight as (in, out): transposed."""
+def transformers_model(model, eot):
+    """Our GPT as transformers' GPT2LMHeadModel, in float32, eot its bos and eos token. The parameter names are the
+    same; GPT-2's four linear layers per block are Conv1D modules, which store their weight as (in, out):
+    transposed."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.pytorch_utils import Conv1D
     c = model.config
     hf = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         activation_function='gelu_new', resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-        layer_norm_epsilon=1e-5, bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=True))
+        layer_norm_epsilon=1e-5, bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True))
     ours = model.state_dict()
     conv1d = {f'{name}.weight' for name, module in hf.named_modules() if isinstance(module, Conv1D)}
     state = {}
@@ -77,13 +78,13 @@ def transformers_model(model):
     return hf.eval()
 
 
-def write_directory(model, folder, source):
+def write_directory(model, tok, folder, source):
     """config.json, model.safetensors and the tokenizer's files into folder, each fsynced: a directory renamed
     into place after a crash holds whole files."""
-    hf = transformers_model(model)
+    hf = transformers_model(model, tok.eot)
     hf.config.salt_checkpoint = source  # what check_out compares
     hf.save_pretrained(folder)  # safetensors; the tied head is stored once, as the embedding
-    hf_gpt2.gpt2_tokenizer(model.config.block_size).save_pretrained(folder)
+    tok.save(folder, model_max_length=model.config.block_size)
     for name in os.listdir(folder):
         fd = os.open(os.path.join(folder, name), os.O_RDONLY)
         os.fsync(fd)
@@ -95,7 +96,8 @@ def export(ckpt, out):
     if not os.path.exists(ckpt):
         raise InputError(f"checkpoint {ckpt} does not exist (a train.py checkpoint is out_dir/ckpt)")
     meta = salt.read_checkpoint_meta(ckpt)
-    check_vocabulary(ckpt, meta)
+    tok = salt.model_tokenizer(ckpt)
+    check_vocabulary(ckpt, meta, tok)
     source = salt.teacher_id(ckpt)
     check_out(out, source)
     model = salt.load_model(ckpt, 'cpu')
@@ -104,7 +106,7 @@ def export(ckpt, out):
     tmp = os.path.join(parent, f'.{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')  # beside out: rename is atomic
     os.mkdir(tmp)  # unlike mkdtemp, with the usual umask permissions
     try:
-        write_directory(model, tmp, source)
+        write_directory(model, tok, tmp, source)
         if os.path.exists(out):  # the earlier export of this checkpoint
             os.rename(out, tmp + '.old')
         os.rename(tmp, out)

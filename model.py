@@ -8,6 +8,9 @@ Two things differ from a textbook GPT because of SALT:
   chunk by chunk, never holding (tokens x vocab) logits;
 - the vocabulary is padded to a multiple of 64 for fast GEMMs, and the padded columns never take part in a
   loss or a sample (logits() slices them off; salt_loss masks them).
+
+That interface is LM's: a GPT is one, and so is a transformers model brought as teacher or scorer (hf_model.py),
+so that training, scoring, evaluation and sampling take either.
 """
 import math
 from dataclasses import dataclass, asdict
@@ -135,7 +138,48 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class LM(nn.Module):
+    """What the project asks of a language model: its final hidden states (hidden_states), an LM head (lm_head, whose
+    rows beyond config.vocab_size pad the vocabulary), its decoder blocks (blocks: what fsdp shards and
+    torch.compile compiles one by one), config.vocab_size and config.block_size; the rest follows."""
+
+    def forward(self, idx, targets=None, *, return_hidden=False, logits_at=None, **loss_args):
+        """idx (B, T) token ids -> logits (B, T, vocab_size); or
+        - return_hidden=True: the final hidden states (B, T, n_embd), what a teacher hands to its student;
+        - logits_at=(batch indices, time indices): fp32 logits (N, vocab_size) at those N positions only, to
+          score continuations;
+        - targets (B, T): the loss, as nanoGPT's forward(idx, targets): kernels.salt_loss(hidden states, LM
+          head, targets, **loss_args), i.e. (loss, ce, kd); SALT's stage 1 passes the teacher's hidden states
+          and LM head as teacher_hidden and teacher_weight, with kd_weight and temperature. It is computed
+          here, not by the caller, because under FSDP the LM head's weight is whole only inside this
+          forward."""
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of length {idx.size(1)} is longer than block_size {self.config.block_size}")
+        x = self.hidden_states(idx)
+        if logits_at is not None:  # fp32 whatever the autocast and weights: log-probs of 50K-way softmaxes get compared
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x[logits_at].float(), self.lm_head.weight.float())[:, :self.config.vocab_size]
+        if targets is None:
+            return x if return_hidden else self.logits(x)
+        return salt_loss(x, self.lm_head.weight, targets, vocab_size=self.config.vocab_size, **loss_args)
+
+    def logits(self, hidden):
+        return self.lm_head(hidden)[..., :self.config.vocab_size]  # padded columns are not tokens
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens continuations of idx (B, T), cropping the context to block_size."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.block_size:])[:, -1, :] / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits[logits < kth] = -float('inf')
+            next_id = torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+
+class GPT(LM):
     def __init__(self, config, device='cpu'):
         """A GPT with its initial weights (init_weights) on `device`; device='meta': the shapes alone, no memory and
         nothing drawn, for train.py to shard under fsdp before each rank makes (to_empty) and fills its shards."""
@@ -195,46 +239,19 @@ class GPT(nn.Module):
     def num_params(self, non_embedding=True):
         return self.config.n_params(non_embedding)
 
-    def forward(self, idx, targets=None, *, return_hidden=False, logits_at=None, **loss_args):
-        """idx (B, T) token ids -> logits (B, T, vocab_size); or
-        - return_hidden=True: the final hidden states (B, T, n_embd), what a teacher hands to its student;
-        - logits_at=(batch indices, time indices): fp32 logits (N, vocab_size) at those N positions only, to
-          score continuations;
-        - targets (B, T): the loss, as nanoGPT's forward(idx, targets): kernels.salt_loss(hidden states, LM
-          head, targets, **loss_args), i.e. (loss, ce, kd); SALT's stage 1 passes the teacher's hidden states
-          and LM head as teacher_hidden and teacher_weight, with kd_weight and temperature. It is computed
-          here, not by the caller, because under FSDP the LM head's weight is whole only inside this
-          forward."""
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+    def hidden_states(self, idx):
+        pos = torch.arange(idx.size(1), device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             # activation checkpointing: keep each block's input only, recompute its inside in the backward
             x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing and self.training else block(x)
-        x = self.transformer.ln_f(x)
-        if logits_at is not None:  # fp32 whatever the autocast: log-probs of 50K-way softmaxes get compared
-            with torch.autocast(x.device.type, enabled=False):
-                return self.logits(x[logits_at].float())
-        if targets is None:
-            return x if return_hidden else self.logits(x)
-        return salt_loss(x, self.lm_head.weight, targets, vocab_size=self.config.vocab_size, **loss_args)
+        return self.transformer.ln_f(x)
 
-    def logits(self, hidden):
-        return self.lm_head(hidden)[..., :self.config.vocab_size]  # padded columns are not tokens
+    def blocks(self):
+        return list(self.transformer.h)
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens continuations of idx (B, T), cropping the context to block_size."""
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, -1, :] / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits[logits < kth] = -float('inf')
-            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, next_id), dim=1)
-        return idx
+    def forward_flops_per_token(self, seq_len):
+        return self.config.flops_per_token(seq_len, backward=False)
 
     @classmethod
     def from_hf_state_dict(cls, hf_state, config):
@@ -281,14 +298,14 @@ def _fill(param, init):
 
 
 def compiled(model, scope='blocks', **options):
-    """A GPT under torch.compile (options: its keyword arguments). scope='blocks' compiles each transformer block
+    """An LM under torch.compile (options: its keyword arguments). scope='blocks' compiles each transformer block
     in place: identical blocks share one graph, so a cold compile is one block's, the switch to SALT's stage 2
     (another loss, no teacher) recompiles nothing, and the parameters keep their names; the embeddings and the
     loss (kernels.py, already fused) run uncompiled. scope='model' compiles the whole forward, the loss
     included, which may fuse across the blocks' edges."""
     if scope == 'model':
         return torch.compile(model, **options)
-    for block in model.transformer.h:
+    for block in model.blocks():
         block.compile(**options)
     return model
 
@@ -307,8 +324,9 @@ GiB = 2 ** 30
 def memory_plan(student, teacher, *, tokens, world_size, compute_bytes, checkpointing=False, shard_teacher=False,
                 device_type='cuda'):
     """{what: (bytes under ddp, bytes under fsdp)} per device for training `student` (a GPTConfig) with AdamW on
-    micro-batches of `tokens` tokens, and, in SALT's stage 1, a frozen `teacher` (a GPTConfig, or None) kept in
-    the compute dtype; compute_bytes: 2 for bf16 autocast, 4 for fp32. An estimate from the shapes: fp32
+    micro-batches of `tokens` tokens, and, in SALT's stage 1, a frozen `teacher` (an LM, or None) as it is held,
+    its parameters in their own dtype (a GPT or a transformers model; on the meta device, shapes only);
+    compute_bytes: 2 for bf16 autocast, 4 for fp32. An estimate from the shapes: fp32
     weights, gradients and AdamW's two moments are 16 bytes per parameter, whole on every ddp rank, 1/world_size
     of them on an fsdp rank, which also holds the blocks it is gathering (two at a time: one at work, one
     prefetched) and the root's embeddings, whole from the forward to the backward."""
@@ -328,13 +346,21 @@ def memory_plan(student, teacher, *, tokens, world_size, compute_bytes, checkpoi
         # the fused loss: fp32 gradient of the LM head, and a chunk's logits, teacher logits and soft labels
         'loss (LM head)': (vocab * hidden * 4 + 3 * chunk_rows * vocab * 4,) * 2,
     }
-    if teacher is not None:
-        whole = teacher.n_params(non_embedding=False) * compute_bytes
-        root = (teacher.padded_vocab_size + teacher.block_size + 2) * teacher.n_embd * compute_bytes
-        sharded = root + (whole - root) / world_size + 2 * 12 * teacher.n_embd ** 2 * compute_bytes
-        plan['teacher (frozen, stage 1)'] = (whole, sharded if shard_teacher else whole)
+    if teacher is not None:  # shard_teacher: each rank its shard of the blocks, the root whole, two blocks gathered
+        whole, root, block = teacher_bytes(teacher)
+        plan['teacher (frozen, stage 1)'] = (whole, root + (whole - root) / world_size + 2 * block if shard_teacher
+                                             else whole)
     plan['total'] = tuple(sum(column) for column in zip(*plan.values()))
     return plan
+
+
+def teacher_bytes(teacher):
+    """(all, outside the blocks, the largest block) bytes of an LM's parameters, each in its own dtype."""
+    def size(params):
+        return sum(p.numel() * p.element_size() for p in params)
+    in_blocks = {id(p) for block in teacher.blocks() for p in block.parameters()}
+    return (size(teacher.parameters()), size(p for p in teacher.parameters() if id(p) not in in_blocks),
+            max(size(block.parameters()) for block in teacher.blocks()))
 
 
 def start_memory(student, world_size):
@@ -362,11 +388,14 @@ def memory_table(plan, world_size, device_bytes=None, at_start=None):
 
 if __name__ == '__main__':
     import argparse
+    import os
     parser = argparse.ArgumentParser(description="The memory plan of a training run, per device (as train.py "
                                                  "prints it at start), e.g. the paper's sizes: --student salt-2.8b "
                                                  "--teacher gpt2-xl --batch_size 4 --block_size 2048 --world_size 8")
     parser.add_argument('--student', required=True, choices=PRESETS)
-    parser.add_argument('--teacher', choices=PRESETS, help="SALT's stage 1: a frozen teacher of this preset")
+    parser.add_argument('--vocab_size', type=int, default=50257, help="the data's vocabulary (meta.json's)")
+    parser.add_argument('--teacher', help="SALT's stage 1: a frozen teacher, a preset or a transformers model's "
+                                          "directory (its config.json: shapes only, no weights read)")
     parser.add_argument('--batch_size', type=int, required=True, help='sequences per micro-batch per device')
     parser.add_argument('--block_size', type=int, required=True)
     parser.add_argument('--world_size', type=int, default=8)
@@ -374,12 +403,21 @@ if __name__ == '__main__':
     parser.add_argument('--activation_checkpointing', action='store_true')
     parser.add_argument('--shard_teacher', action='store_true')
     args = parser.parse_args()
-    for name in ('batch_size', 'block_size', 'world_size'):
+    for name in ('batch_size', 'block_size', 'world_size', 'vocab_size'):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    student = GPTConfig.from_preset(args.student, block_size=args.block_size)
-    teacher = GPTConfig.from_preset(args.teacher, block_size=args.block_size) if args.teacher else None
-    plan = memory_plan(student, teacher, tokens=args.batch_size * args.block_size, world_size=args.world_size,
-                       compute_bytes=2 if args.dtype == 'bfloat16' else 4, checkpointing=args.activation_checkpointing,
+    if args.teacher and args.teacher not in PRESETS and not os.path.isfile(os.path.join(args.teacher, 'config.json')):
+        parser.error(f"--teacher {args.teacher}: neither a preset ({', '.join(PRESETS)}) nor a transformers directory")
+    student = GPTConfig.from_preset(args.student, block_size=args.block_size, vocab_size=args.vocab_size)
+    dtype = getattr(torch, args.dtype)
+    if args.teacher in PRESETS:
+        teacher = GPT(GPTConfig.from_preset(args.teacher, block_size=args.block_size, vocab_size=args.vocab_size),
+                      device='meta').to(dtype)
+    elif args.teacher:
+        import hf_model
+        teacher = hf_model.shapes(args.teacher, dtype)
+    plan = memory_plan(student, teacher if args.teacher else None, tokens=args.batch_size * args.block_size,
+                       world_size=args.world_size, compute_bytes=2 if args.dtype == 'bfloat16' else 4,
+                       checkpointing=args.activation_checkpointing,
                        shard_teacher=args.shard_teacher)
     print(memory_table(plan, args.world_size, at_start=start_memory(student, args.world_size)))

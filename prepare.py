@@ -1,6 +1,6 @@
 """
-Text -> the token shards that data.py reads (GPT-2 BPE via tiktoken, EOT before every document), as nanoGPT's
-data/*/prepare.py do:
+Text -> the token shards that data.py reads (GPT-2's BPE by tiktoken, or with --tokenizer DIR the tokenizer of
+a transformers model; its end-of-text token before every document), as nanoGPT's data/*/prepare.py do:
 
     python prepare.py stdlib [--out_dir data/stdlib]        # default corpus: this Python's stdlib .py files
     python prepare.py text FILE... --out_dir DIR            # plain text files, one document each
@@ -10,6 +10,7 @@ data/*/prepare.py do:
                                                             # this Python's stdlib and installed packages
     python prepare.py tree ... --max_bytes 50000000         # the first 50 MB of files of the tree's order
     common flags: --val_fraction 0.05 --shard_tokens 100000000
+                  --tokenizer DIR   # a transformers model's (or tokenizer's) directory: SmolLM2, Qwen, Pythia ...
 
 `pile` tokenizes its input files in parallel, one worker process per file (as many at a time as this process
 may use CPUs), each streaming its file; run again after an interruption, it skips the files already done, with
@@ -39,14 +40,17 @@ sysconfig "stdlib", "purelib" and "platlib" directories):
 
 Files written to DIR, each atomically (a name never shows a half-written file):
 - {split}_{k:06d}.bin, k = input * 1000 + part: at most shard_tokens tokens of one input, in the llm.c shard
-  format (256 int32 header [MAGIC, VERSION, token_count, 0...] then uint16 tokens). Sorted names follow the
-  inputs' order, so the split's documents are in input order, whatever order the workers finish in.
+  format (256 int32 header [MAGIC, VERSION, token_count, 0...] then the tokens: uint16, version 1, while the
+  vocabulary fits, else uint32, version 2). Sorted names follow the inputs' order, so the split's documents are
+  in input order, whatever order the workers finish in.
 - {split}_{k:06d}.docs.npy: int64 rows (offset of the document's EOT in the shard, subset index into its
   input's "subsets") of each document that starts in the shard; a shard may begin with the end of a document
   started in the previous shard of its input.
 - input_{i:03d}.json: input i's manifest (what it was made from, its subsets, shards, token and document
   counts; for tree, the files read and skipped), written after its shards: it marks the input done.
-- meta.json, written last: encoding, source (for tree: the roots, patterns, files and bytes read, tokens, and
+- tokenizer/: with --tokenizer, its files (save_pretrained), from which the workers and later readers load it.
+- meta.json, written last: "tokenizer" (its record: tokenizer.py), "encoding" (its name), "vocab_size" and "eot",
+  source (for tree: the roots, patterns, files and bytes read, tokens, and
   the files skipped, counted per reason with the first 100 paths of each), "subsets" (every subset name,
   sorted), per split the shards and counts, and "inputs", the manifests. Subsets: the Pile's
   meta.pile_set_name ("unknown" when absent); the stdlib file's top-level package ("stdlib" for a top-level
@@ -65,6 +69,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import signal
 import stat
@@ -75,10 +80,10 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
-import tiktoken
 
+import tokenizer
 from common import InputError, atomic_write, report_input_errors, write_json
-from data import ENCODING, EOT, HEADER_INTS, MAGIC, VERSION, VOCAB_SIZE, docs_path
+from data import HEADER_INTS, MAGIC, TOKEN_DTYPES, docs_path
 
 SHARD_TOKENS = 100_000_000
 SPLITS = ("train", "val")
@@ -91,16 +96,21 @@ SKIPPED_PATHS = 100  # tree: paths listed per reason for skipping a file in meta
 # shard files
 
 
-def write_bin(path, tokens):
-    """Write tokens as one shard: 256 int32 header, then uint16 tokens."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16):
-        raise InputError(f"{path}: tokens must lie in [0, 65536) to be stored as uint16")
+def shard_version(vocab_size):
+    """The shard version whose tokens hold a vocabulary: 1 (uint16) while it fits, else 2 (uint32)."""
+    return 1 if vocab_size <= 1 << 16 else 2
+
+
+def write_bin(path, tokens, version=1):
+    """Write tokens as one shard: 256 int32 header, then the tokens, uint16 (version 1) or uint32 (version 2)."""
+    tokens, dtype = np.asarray(tokens), np.dtype(TOKEN_DTYPES[version])
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 8 * dtype.itemsize):
+        raise InputError(f"{path}: tokens must lie in [0, {1 << 8 * dtype.itemsize}) to be stored as {dtype.name}")
     if tokens.size >= 1 << 31:
         raise InputError(f"{path}: {tokens.size} tokens do not fit the int32 header count")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, tokens.size
-    atomic_write(path, [header.tobytes(), tokens.astype("<u2").tobytes()])
+    header[:3] = MAGIC, version, tokens.size
+    atomic_write(path, [header.tobytes(), tokens.astype(dtype).tobytes()])
 
 
 def _write_npy(path, array):
@@ -379,16 +389,19 @@ def _decode_text(raw):
 
 class ShardWriter:
     """One split of one input -> {split}_{k:06d}.bin shards of shard_tokens tokens, k = input * PARTS + part,
-    each with its .docs.npy: (EOT offset, subset index) of every document that starts in it."""
+    each with its .docs.npy: (EOT offset, subset index) of every document that starts in it. The tokenizer gives
+    the EOT and, by its vocabulary, the shard version."""
 
-    def __init__(self, out_dir, split, index, shard_tokens):
+    def __init__(self, out_dir, split, index, shard_tokens, tokenizer):
         self.out_dir, self.split, self.index, self.shard_tokens = out_dir, split, index, shard_tokens
+        self.eot, self.version = tokenizer.eot, shard_version(tokenizer.vocab_size)
         self.pending, self.pending_tokens, self.pending_docs = [], 0, []
         self.shards, self.tokens, self.documents = [], 0, 0
 
     def add(self, document_tokens, subset):
         self.pending_docs.append((self.pending_tokens, subset))
-        self.pending.append(np.array([EOT] + document_tokens, dtype=np.uint16))  # EOT separates documents
+        dtype = np.uint16 if self.version == 1 else np.uint32
+        self.pending.append(np.array([self.eot] + document_tokens, dtype=dtype))  # EOT separates documents
         self.pending_tokens += len(document_tokens) + 1
         self.tokens += len(document_tokens) + 1
         self.documents += 1
@@ -406,7 +419,7 @@ class ShardWriter:
             raise InputError(f"input {self.index} needs more than {PARTS} {self.split} shards: raise --shard_tokens")
         buffer, docs = np.concatenate(self.pending), np.array(self.pending_docs, dtype=np.int64).reshape(-1, 2)
         name = f"{self.split}_{self.index * PARTS + part:06d}"
-        write_bin(os.path.join(self.out_dir, name + ".bin"), buffer[:n])
+        write_bin(os.path.join(self.out_dir, name + ".bin"), buffer[:n], self.version)
         _write_npy(os.path.join(self.out_dir, name + ".docs.npy"), docs[docs[:, 0] < n])
         self.shards.append(name + ".bin")
         # copy: a view would keep the whole written buffer alive
@@ -430,16 +443,29 @@ def _manifest_path(out_dir, index):
     return os.path.join(out_dir, f"input_{index:03d}.json")
 
 
+_TOKENIZERS = {}  # a worker's tokenizer, loaded by its first input and kept for the next ones
+
+
+def _job_tokenizer(job, out_dir, threads):
+    """The tokenizer that a job names: GPT-2's, or the one saved in out_dir/tokenizer, loaded once per process."""
+    key = json.dumps(job.get("tokenizer", job["encoding"]), sort_keys=True)
+    if key not in _TOKENIZERS:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # a transformers tokenizer's threads, at first use
+        _TOKENIZERS[key] = tokenizer.load(job.get("tokenizer", job["encoding"]), os.path.join(out_dir, "tokenizer"))
+    return _TOKENIZERS[key]
+
+
 def _tokenize_input(index, documents, out_dir, shard_tokens, job, threads, read=None):
     """Tokenize input `index`'s (split, text, subset) documents into its shards, then write its manifest: the
-    manifest exists only once every shard of the input does. `job` records what the input was made from;
-    `read`, if given, what the documents' reader counted while they were read (tree_documents)."""
-    enc = tiktoken.get_encoding(ENCODING)
-    writers = {split: ShardWriter(out_dir, split, index, shard_tokens) for split in SPLITS}
+    manifest exists only once every shard of the input does. `job` records what the input was made from, its
+    tokenizer included; `read`, if given, what the documents' reader counted while they were read
+    (tree_documents)."""
+    tok = _job_tokenizer(job, out_dir, threads)
+    writers = {split: ShardWriter(out_dir, split, index, shard_tokens, tok) for split in SPLITS}
     subsets = {}  # name -> index, in order of first appearance in this input
     start = last_print = time.time()
     for batch in _batches(documents):
-        encoded = enc.encode_ordinary_batch([text for _, text, _ in batch], num_threads=threads)
+        encoded = tok.encode_batch([text for _, text, _ in batch], threads=threads)
         for (split, _, subset), tokens in zip(batch, encoded):
             writers[split].add(tokens, subsets.setdefault(subset, len(subsets)))
         if time.time() - last_print >= 60:
@@ -468,12 +494,43 @@ def _is_done(out_dir, index, job):
     return manifest["job"] == job and all(os.path.exists(p) and os.path.exists(docs_path(p)) for p in shards)
 
 
-def _begin(out_dir, shard_tokens):
+def tokenizer_key(tok):
+    """What a job records of its tokenizer: GPT-2's by its name alone (as jobs did before other tokenizers, so that
+    their inputs still count as done), any other by its record too."""
+    record = tok.record()
+    return {"encoding": record["name"]} if record["kind"] == "tiktoken" else {"encoding": record["name"],
+                                                                             "tokenizer": record}
+
+
+def _check_one_tokenizer(out_dir, record):
+    """Refuse an out_dir that holds another tokenizer's shards (its meta.json, or an interrupted run's manifests),
+    before anything in it is touched: they may be hours of tokenizing, and one directory is one vocabulary."""
+    found = [("meta.json", tokenizer.data_record(out_dir))] if tokenizer.read_data_meta(out_dir) else []
+    for path in sorted(glob.glob(os.path.join(out_dir, "input_*.json"))):
+        with open(path) as f:
+            job = json.load(f).get("job", {})
+        found.append((os.path.basename(path), tokenizer.as_record(job.get("tokenizer", job.get("encoding")))))
+    for where, other in found:
+        if not tokenizer.same_vocabulary(other, record):
+            raise InputError(f"{out_dir} holds shards of tokenizer {tokenizer.describe(other)} ({where}), this run "
+                             f"tokenizes with {tokenizer.describe(record)}: give another --out_dir, or empty it first")
+
+
+def _begin(out_dir, shard_tokens, tok):
+    """Start a tokenization into out_dir: checked, its meta.json (which marks a complete directory) removed, and a
+    transformers tokenizer's files saved in out_dir/tokenizer for the workers and every later reader."""
     if not 0 < shard_tokens < 1 << 31:
         raise InputError(f"shard_tokens must be in [1, 2**31), got {shard_tokens}")
     os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "meta.json")):  # meta.json marks a complete directory
+    _check_one_tokenizer(out_dir, tok.record())
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
         os.remove(os.path.join(out_dir, "meta.json"))
+    if tok.kind == "transformers":
+        folder = os.path.join(out_dir, "tokenizer")
+        shutil.rmtree(folder + ".tmp", ignore_errors=True)
+        tok.save(folder + ".tmp")
+        shutil.rmtree(folder, ignore_errors=True)  # the same vocabulary (checked above), saved again
+        os.replace(folder + ".tmp", folder)
     return time.time()
 
 
@@ -485,7 +542,7 @@ def _read_manifests(out_dir, n_inputs):
     return manifests
 
 
-def _finish(out_dir, source, manifests, tokenized, start):
+def _finish(out_dir, source, manifests, tokenized, start, tok):
     """Gather the inputs' manifests into meta.json (written last), after deleting what this run did not make:
     shards of an earlier, larger run, which would otherwise be read as part of a split, and the temporary
     files of a killed one. `tokenized`: the inputs tokenized by this run, for the speed report."""
@@ -502,7 +559,9 @@ def _finish(out_dir, source, manifests, tokenized, start):
     for path in sum((glob.glob(os.path.join(out_dir, p)) for p in patterns), []):
         if os.path.basename(path) not in keep:
             os.remove(path)
-    meta = {"encoding": ENCODING, "vocab_size": VOCAB_SIZE, "eot": EOT, "source": source,
+    record = tok.record()
+    meta = {"tokenizer": record, "encoding": record["name"], "vocab_size": record["vocab_size"],
+            "eot": record["eot"], "source": source,
             "subsets": sorted({name for m in manifests for name in m["subsets"]}), "splits": splits,
             "inputs": manifests}
     write_json(os.path.join(out_dir, "meta.json"), meta)
@@ -519,13 +578,16 @@ def _cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def tokenize(documents, out_dir, source, shard_tokens=SHARD_TOKENS):
+def tokenize(documents, out_dir, source, shard_tokens=SHARD_TOKENS, tok=None):
     """Tokenize documents as one input, in this process, into shards under out_dir and write meta.json; returns
-    the meta dict. documents: (split, text, subset) triples, or (split, text) pairs of subset source["kind"]."""
-    start = _begin(out_dir, shard_tokens)
+    the meta dict. documents: (split, text, subset) triples, or (split, text) pairs of subset source["kind"].
+    tok: the tokenizer (tokenizer.py; GPT-2's by default), as for every function below."""
+    tok = tok or tokenizer.GPT2Tokenizer()
+    start = _begin(out_dir, shard_tokens, tok)
     triples = (doc if len(doc) == 3 else (*doc, source["kind"]) for doc in documents)
-    _tokenize_input(0, triples, out_dir, shard_tokens, dict(source, shard_tokens=shard_tokens), _cpus())
-    return _finish(out_dir, source, _read_manifests(out_dir, 1), [0], start)
+    job = dict(source, shard_tokens=shard_tokens, **tokenizer_key(tok))
+    _tokenize_input(0, triples, out_dir, shard_tokens, job, _cpus())
+    return _finish(out_dir, source, _read_manifests(out_dir, 1), [0], start, tok)
 
 
 def _end_with_parent():
@@ -570,18 +632,19 @@ def _tokenize_pile_file(index, path, out_dir, shard_tokens, job, threads):
     return _tokenize_input(index, documents, out_dir, shard_tokens, job, threads)
 
 
-def tokenize_pile(paths, out_dir, source, val_fraction=0.05, shard_tokens=SHARD_TOKENS):
+def tokenize_pile(paths, out_dir, source, val_fraction=0.05, shard_tokens=SHARD_TOKENS, tok=None):
     """Tokenize Pile-format files into shards under out_dir, file i being input i, one worker process per file
     and one per CPU at a time; write meta.json and return it. A file finished by an earlier run with the same
     settings (same size and mtime too) is skipped, so a re-run resumes an interrupted one: the files written
     are the same either way."""
     if len(paths) > PARTS:
         raise InputError(f"{len(paths)} input files: at most {PARTS} per directory; concatenate some")
+    tok = tok or tokenizer.GPT2Tokenizer()
     jobs = [{"file": os.path.abspath(p), "bytes": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns,
-             "val_fraction": val_fraction, "shard_tokens": shard_tokens, "encoding": ENCODING} for p in paths]
-    start = _begin(out_dir, shard_tokens)
+             "val_fraction": val_fraction, "shard_tokens": shard_tokens, **tokenizer_key(tok)} for p in paths]
+    start = _begin(out_dir, shard_tokens, tok)
     todo = _tokenize_in_pool(_tokenize_pile_file, paths, jobs, out_dir, shard_tokens, start)
-    return _finish(out_dir, source, _read_manifests(out_dir, len(paths)), todo, start)
+    return _finish(out_dir, source, _read_manifests(out_dir, len(paths)), todo, start, tok)
 
 
 def _tokenize_tree_files(index, files, out_dir, shard_tokens, job, threads):
@@ -591,7 +654,7 @@ def _tokenize_tree_files(index, files, out_dir, shard_tokens, job, threads):
 
 
 def tokenize_tree(roots, include, out_dir, exclude=(), val_fraction=0.05, shard_tokens=SHARD_TOKENS,
-                  input_bytes=INPUT_BYTES, max_bytes=0):
+                  input_bytes=INPUT_BYTES, max_bytes=0, tok=None):
     """Tokenize the text files under directories (the rules are at the top of this file) into shards under
     out_dir, in parallel and resumably as tokenize_pile does; write meta.json and return it. max_bytes: the
     budget (0 = none)."""
@@ -601,12 +664,13 @@ def tokenize_tree(roots, include, out_dir, exclude=(), val_fraction=0.05, shard_
     files, skipped = tree_files(roots, include, exclude)
     files, left_out = _within_budget(files, max_bytes)
     inputs = _tree_inputs(files, input_bytes)
-    jobs = [_tree_job(files, val_fraction, shard_tokens) for files in inputs]
+    tok = tok or tokenizer.GPT2Tokenizer()
+    jobs = [dict(_tree_job(files, val_fraction, shard_tokens), **tokenizer_key(tok)) for files in inputs]
     forced = _val_files(files, val_fraction)
     if forced:  # the key only then: the outputs of the runs before it stay valid for resuming
         for job in jobs:
             job["val_files"] = forced
-    start = _begin(out_dir, shard_tokens)
+    start = _begin(out_dir, shard_tokens, tok)
     todo = _tokenize_in_pool(_tokenize_tree_files, [[f[:3] for f in files] for files in inputs], jobs, out_dir,
                              shard_tokens, start)
     manifests = _read_manifests(out_dir, len(jobs))
@@ -621,7 +685,7 @@ def tokenize_tree(roots, include, out_dir, exclude=(), val_fraction=0.05, shard_
               "bytes": sum(m["read"]["bytes"] for m in manifests),
               "tokens": sum(m["splits"][s]["tokens"] for m in manifests for s in SPLITS),
               "skipped": dict(sorted(skipped.items()))}
-    meta = _finish(out_dir, source, manifests, todo, start)
+    meta = _finish(out_dir, source, manifests, todo, start, tok)
     skips = ", ".join(f"{entry['count']:,} {reason}" for reason, entry in source["skipped"].items())
     print(f"{out_dir}: read {source['files']:,} files ({source['bytes'] / 1e6:,.1f} MB); skipped {skips or 'none'} "
           f"(see meta.json)")
@@ -666,7 +730,7 @@ def _tree_job(files, val_fraction, shard_tokens):
     listing = "".join(f"{path}\0{rel}\0{size}\0{mtime_ns}\n" for path, rel, _, size, mtime_ns in files)
     return {"files": len(files), "bytes": sum(f[3] for f in files), "first": files[0][0], "last": files[-1][0],
             "files_sha256": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest(),
-            "val_fraction": val_fraction, "shard_tokens": shard_tokens, "encoding": ENCODING}
+            "val_fraction": val_fraction, "shard_tokens": shard_tokens}
 
 
 # -----------------------------------------------------------------------------
@@ -677,6 +741,8 @@ def main(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--val_fraction", type=float, default=0.05, help="share of documents for val (0.001 steps)")
     common.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="max tokens per .bin shard")
+    common.add_argument("--tokenizer", default="", metavar="DIR",
+                        help="a transformers model's or tokenizer's directory (default: GPT-2's BPE, by tiktoken)")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="source", required=True)
     p = sub.add_parser("stdlib", parents=[common], help="this interpreter's standard library .py files")
@@ -698,16 +764,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    tok = tokenizer.for_prepare(args.tokenizer)
 
     if args.source == "pile":
         source = {"kind": "pile", "files": args.files, "val_fraction": args.val_fraction}
-        return tokenize_pile(args.files, args.out_dir, source, args.val_fraction, args.shard_tokens)
+        return tokenize_pile(args.files, args.out_dir, source, args.val_fraction, args.shard_tokens, tok)
     if args.source == "tree":
         if args.exclude == []:  # --exclude and nothing after it: a pattern lost to the shell?
             raise InputError("tree: --exclude without a pattern")
         roots = args.roots + (python_roots() if args.python else [])
         return tokenize_tree(roots, args.include or [], args.out_dir, args.exclude or [], args.val_fraction,
-                             args.shard_tokens, args.input_bytes, args.max_bytes)
+                             args.shard_tokens, args.input_bytes, args.max_bytes, tok)
     if args.source == "stdlib":
         root = sysconfig.get_paths()["stdlib"]
         source = {"kind": "stdlib", "root": root, "python": sys.version.split()[0]}
@@ -716,7 +783,7 @@ def main(argv=None):
         source = {"kind": "text", "files": args.files}
         documents = text_documents(args.files, args.val_fraction)  # pairs: their subset is "text"
     source["val_fraction"] = args.val_fraction
-    return tokenize(documents, args.out_dir, source, args.shard_tokens)
+    return tokenize(documents, args.out_dir, source, args.shard_tokens, tok)
 
 
 if __name__ == "__main__":

@@ -31,15 +31,15 @@ import zlib
 from typing import NamedTuple
 
 import numpy as np
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+import hf_model
+import tokenizer
 from common import InputError, atomic_write, compute_init, report_input_errors, write_json
-from data import ENCODING, TokenSequences
-import hf_gpt2
+from data import TokenSequences
 from model import GPT, GPT2_NAMES, GPTConfig
 
 SCORE_COLUMNS = ('median_score', 'mean_loss', 'learnable_fraction')
@@ -74,11 +74,16 @@ def stage_at(step, kd_steps, kd_weight, schedule='constant'):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints of a trained LM as teacher or scorer
+# A trained LM as teacher, scorer or model to evaluate: a train.py checkpoint, a transformers model's directory
+# (hf_model.py: Llama, Qwen, Pythia, GPT-2, ...), or the name of one of OpenAI's GPT-2s (from the hub)
 
 
 def _is_gpt2_name(ckpt):
     return ckpt in GPT2_NAMES and not os.path.exists(ckpt)
+
+
+def _is_transformers(ckpt):
+    return _is_gpt2_name(ckpt) or hf_model.is_directory(ckpt)
 
 
 def read_checkpoint_meta(ckpt):
@@ -89,7 +94,8 @@ def read_checkpoint_meta(ckpt):
                          f"(python train.py config/<slm config>.py) or fix the path")
     meta_file = os.path.join(ckpt, 'meta.pt')
     if not (os.path.isfile(meta_file) and os.path.isfile(os.path.join(ckpt, '.metadata'))):
-        raise InputError(f"{ckpt!r} is not a checkpoint of train.py (a directory with meta.pt and .metadata)")
+        raise InputError(f"{ckpt!r} is not a checkpoint of train.py (a directory with meta.pt and .metadata) nor a "
+                         f"transformers model's directory (with config.json)")
     try:
         return torch.load(meta_file, map_location='cpu', weights_only=True)
     except Exception as error:  # whatever is wrong with the file, the remedy is the same
@@ -101,44 +107,62 @@ def teacher_id(ckpt):
     of a transformers directory's files)."""
     if _is_gpt2_name(ckpt):
         return ckpt
-    if hf_gpt2.is_directory(ckpt):
-        return hf_gpt2.identity(ckpt)
+    if hf_model.is_directory(ckpt):
+        return hf_model.identity(ckpt)
     meta = read_checkpoint_meta(ckpt)
     return f"{meta['run_id']}@step{meta['step']}"
 
 
-def load_model(ckpt, device):
-    """A trained GPT from a train.py checkpoint (or a GPT-2 name: 'gpt2', ..., through transformers; or a
-    transformers GPT-2 directory: hf_gpt2.py), frozen: eval mode, no gradients. A checkpoint written by any number
-    of ranks, under ddp or fsdp, loads whole here; under torchrun every rank reads it on its own."""
+def model_tokenizer(ckpt):
+    """The tokenizer (tokenizer.py) of a model: a checkpoint's (its files beside its weights), a transformers
+    directory's own (None if it has no tokenizer files), GPT-2's for a GPT-2 name."""
     if _is_gpt2_name(ckpt):
-        model = GPT.from_pretrained(ckpt)
-    elif hf_gpt2.is_directory(ckpt):  # exported by export_hf.py, or a user's own GPT-2-family model
-        model = hf_gpt2.load(ckpt)
-    else:  # the shapes, made on the device, then the checkpoint's weights read into them: no init drawn, no copy
-        model = GPT(GPTConfig(**read_checkpoint_meta(ckpt)['model_args']), device='meta').to_empty(device=device)
-        state = {'model': get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
-        set_model_state_dict(model, state['model'])
-    return model.to(device).eval().requires_grad_(False)
+        return tokenizer.GPT2Tokenizer()
+    if hf_model.is_directory(ckpt):
+        has_files = any(os.path.isfile(os.path.join(ckpt, name)) for name in tokenizer.TOKENIZER_FILES)
+        return tokenizer.TransformersTokenizer(ckpt) if has_files else None
+    return tokenizer.load(read_checkpoint_meta(ckpt).get('tokenizer'), ckpt)
 
 
-def load_teacher(ckpt, device, student_config, tokenizer=None):
-    """The SLM as KD teacher. It must share the student's tokenizer (`tokenizer`: the student data's tiktoken
-    encoding, when known) and vocabulary: KL over the next-token distribution only makes sense token for
-    token."""
-    gpt2 = _is_gpt2_name(ckpt) or hf_gpt2.is_directory(ckpt)  # a directory's vocabulary: checked by hf_gpt2.load
-    teacher_tokenizer = ENCODING if gpt2 else read_checkpoint_meta(ckpt).get('tokenizer')
-    if tokenizer and teacher_tokenizer and teacher_tokenizer != tokenizer:
-        raise InputError(f"teacher {ckpt!r} was trained on {teacher_tokenizer!r} tokens but the student's data is "
-                         f"{tokenizer!r}: KD needs one tokenizer for both")
-    teacher = load_model(ckpt, device)
-    if teacher.config.vocab_size != student_config.vocab_size:
-        raise InputError(f"teacher {ckpt!r} has vocab_size {teacher.config.vocab_size} but the student has "
-                         f"{student_config.vocab_size}: KD needs one tokenizer for both")
-    if teacher.config.block_size < student_config.block_size:
-        raise InputError(f"teacher {ckpt!r} has block_size {teacher.config.block_size}, shorter than the "
-                         f"student's {student_config.block_size}")
+def model_tokenizer_record(ckpt):
+    """model_tokenizer(ckpt)'s record, read from a checkpoint's meta.pt without loading the tokenizer."""
+    if _is_transformers(ckpt):
+        found = model_tokenizer(ckpt)
+        return found.record() if found else None
+    return tokenizer.as_record(read_checkpoint_meta(ckpt).get('tokenizer'))
+
+
+def load_model(ckpt, device, dtype=None):
+    """A trained LM, frozen (eval mode, no gradients), in dtype (None: as trained, or fp32 for a transformers
+    model): our GPT from a train.py checkpoint, written by any number of ranks under ddp or fsdp and loaded whole
+    here (under torchrun every rank reads it on its own); a transformers model from its directory or a GPT-2 name,
+    which stays a transformers module (hf_model.py)."""
+    if _is_transformers(ckpt):
+        return hf_model.load(ckpt, device, dtype or torch.float32, model_tokenizer(ckpt))
+    # the shapes, made on the device, then the checkpoint's weights read into them: no init drawn, no copy
+    model = GPT(GPTConfig(**read_checkpoint_meta(ckpt)['model_args']), device='meta').to_empty(device=device)
+    state = {'model': get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    set_model_state_dict(model, state['model'])
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
+def load_teacher(ckpt, device, data_tokenizer, block_size, dtype=None):
+    """The SLM as KD teacher or SALT_DS scorer of data made with data_tokenizer (its record) in sequences of
+    block_size, loaded by load_model. KL over the next-token distribution makes sense token for token only: the
+    teacher must have the data's vocabulary (a transformers directory with weights alone: at least as many rows
+    in its head), and it must have been made for sequences that long."""
+    found = model_tokenizer_record(ckpt)
+    if found and not tokenizer.same_vocabulary(found, data_tokenizer):
+        raise InputError(f"teacher {ckpt!r} has tokenizer {tokenizer.describe(found)} but the data was made with "
+                         f"{tokenizer.describe(data_tokenizer)}: KD needs one vocabulary for both")
+    teacher = load_model(ckpt, device, dtype)
+    if teacher.config.vocab_size < data_tokenizer['vocab_size']:
+        raise InputError(f"teacher {ckpt!r} has a vocabulary of {teacher.config.vocab_size:,} tokens, fewer than the "
+                         f"data's {data_tokenizer['vocab_size']:,} ({tokenizer.describe(data_tokenizer)})")
+    if teacher.config.block_size < block_size:
+        raise InputError(f"teacher {ckpt!r} has block_size {teacher.config.block_size} (the positions it was made "
+                         f"for), shorter than the run's block_size {block_size}")
     return teacher
 
 
@@ -170,7 +194,7 @@ def token_losses(model, hidden, targets, top_k, chunk_rows=None):
     does not grow with N. On a CPU the default 64 rows keep both buffers (26 MB at V = 50K) in the L3 cache
     through the passes over them; on a GPU 2048-row GEMMs keep it busy."""
     chunk_rows = chunk_rows or (64 if hidden.device.type == 'cpu' else 2048)
-    vocab, weight = model.config.vocab_size, model.lm_head.weight
+    vocab, weight = model.config.vocab_size, model.lm_head.weight.float()  # a copy only if the head is not fp32
     logits_buffer = torch.empty(min(len(targets), chunk_rows), weight.size(0), device=hidden.device)
     above_buffer = torch.empty_like(logits_buffer)
     loss = torch.empty(len(targets), device=hidden.device)
@@ -411,9 +435,10 @@ def example_block(text, max_chars=400, max_lines=12):
     return f"{fence}text\n{shown}\n{fence}"
 
 
-def example_sections(scores, sequences, n_examples):
-    """Decoded examples from the top, the middle and the bottom of the ranking, as markdown."""
-    order, enc = ranking(scores), tiktoken.get_encoding(ENCODING)
+def example_sections(scores, sequences, n_examples, tok):
+    """Decoded examples (by tok, the data's tokenizer) from the top, the middle and the bottom of the ranking, as
+    markdown."""
+    order = ranking(scores)
     n_examples = min(n_examples, len(order))
     sections = []
     for title, first in (('top', 0), ('middle', (len(order) - n_examples) // 2), ('bottom', len(order) - n_examples)):
@@ -421,7 +446,7 @@ def example_sections(scores, sequences, n_examples):
         for rank in range(first, first + n_examples):
             i = order[rank]
             median, loss, learnable = scores[i]
-            text = enc.decode(sequences.get([i])[0].tolist())
+            text = tok.decode(sequences.get([i])[0].tolist())
             sections.append(f"sequence {i} (rank {rank + 1:,}): median score {median:.3f}, mean loss "
                             f"{loss:.3f}, learnable {learnable:.1%}\n\n{example_block(text)}\n")
     return '\n'.join(sections)
@@ -460,8 +485,8 @@ def score_main(args):
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 LM head GEMM of the scores
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else None
 
-    model = load_model(args.ckpt, device)
     sequences = TokenSequences(args.data_dir, 'train', args.block_size, max_sequences=args.max_sequences or None)
+    model = load_teacher(args.ckpt, device, tokenizer.data_record(args.data_dir), args.block_size)
     meta = score_meta(teacher_id(args.ckpt), sequences, args.top_k)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     score_dataset(model, sequences, args.out, meta, batch_size=args.batch_size, top_k=args.top_k,
@@ -513,7 +538,7 @@ Selected **{len(selected):,} of {len(scores):,}** sequences: median score >= **{
 
 ## Examples
 
-{example_sections(scores, sequences, args.examples)}"""
+{example_sections(scores, sequences, args.examples, tokenizer.of_data(args.data_dir))}"""
     md = os.path.join(args.out_dir, 'selection.md')
     atomic_write(md, [report.encode()])
     print(report)
@@ -526,7 +551,7 @@ if __name__ == '__main__':
     commands = parser.add_subparsers(dest='command', required=True)
     score = commands.add_parser('score', help='score every training sequence with the SLM (SALT_DS); resumes')
     score.add_argument('--ckpt', required=True,
-                       help='the SLM: a train.py checkpoint, a transformers GPT-2 directory, or a GPT-2 name')
+                       help="the SLM: a train.py checkpoint, a transformers model's directory, or a GPT-2 name")
     score.add_argument('--data_dir', required=True, help='tokenized data (python prepare.py ...)')
     score.add_argument('--block_size', type=int, required=True, help="the student's block size")
     score.add_argument('--max_sequences', type=int, default=0, help='score only the first N sequences (0 = all)')

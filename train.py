@@ -13,7 +13,6 @@ SALT_DS, stage 1 reading only the SLM-selected sequences. parallelism='fsdp' sha
 where 'ddp' keeps a replica on each (the memory plan printed at start tells). A run continues from the
 checkpoint in its out_dir (checkpoint_manager.py).
 """
-import json
 import math
 import os
 import sys
@@ -32,6 +31,7 @@ import configurator
 import evaluate
 import kernels
 import salt
+import tokenizer
 from common import InputError, compute_init, fsdp_shard, git_commit, report_input_errors
 from data import BatchLoader, TokenSequences
 from model import GPT, GPT2_NAMES, GPTConfig, compiled, memory_plan, memory_table, model_args, start_memory
@@ -64,7 +64,8 @@ beta2 = 0.95
 grad_clip = 1.0              # clip the global gradient norm (0 = off)
 skip_nonfinite = 0           # skip up to this many steps whose loss or gradient is inf/NaN (0 = stop at the first)
 # SALT (the paper's w and tau; select_fraction from our CPU studies: README, "Choosing the defaults")
-teacher_ckpt = ''            # the SLM (a checkpoint of this script, or a GPT-2 name); '' = baseline
+teacher_ckpt = ''            # the SLM: a checkpoint of this script, a transformers model's directory (Pythia,
+                             # SmolLM2, Qwen, ...: the data's tokenizer) or a GPT-2 name; '' = baseline
 kd_steps = 0                 # stage 1 length in steps (paper: 36K of ~208K, 17%)
 kd_weight = 0.667            # w: loss = (1-w) CE + w KD during stage 1
 teacher_temperature = 1.0    # tau: the teacher's soft labels are softmax(z_teacher / tau)
@@ -119,8 +120,7 @@ if master:
 # ----------------------------------------------------------------------------------------------------------
 # data
 train_data = TokenSequences(data_dir, 'train', block_size, max_sequences=train_sequences or None)
-meta_file = os.path.join(data_dir, 'meta.json')  # names the tokenizer; nanoGPT-style data has none
-tokenizer = json.load(open(meta_file))['encoding'] if os.path.isfile(meta_file) else None
+data_tokenizer = tokenizer.data_record(data_dir)  # meta.json's (nanoGPT-style data: GPT-2's): the student's vocabulary
 val_data = TokenSequences(data_dir, 'val', block_size)
 train_fingerprint = train_data.fingerprint()  # reads both ends of every shard: once
 selected_ids = None
@@ -133,6 +133,7 @@ if score_file:
         print(salt.selection_summary(scores, selected_ids))
 val_set = evaluate.val_set(val_data, eval_batches * batch_size)  # the same sequences every time
 tasks = evaluate.read_tasks(eval_tasks, eval_fewshot_files) if eval_tasks else []
+text_tokenizer = tokenizer.of_data(data_dir) if tasks else None  # the tasks' text into the data's tokens
 
 
 def stage(step):
@@ -156,6 +157,9 @@ ckpt_path, checkpoint = checkpoint_manager.latest(out_dir)
 data_fingerprint = f"{train_fingerprint}/{val_data.fingerprint()}"
 fingerprints = checkpoint_manager.fingerprints(config, data_fingerprint, selected_ids, checkpoint)  # content hashes
 pretrained = init_from in GPT2_NAMES and not checkpoint  # OpenAI's weights: loaded whole, even under fsdp (1.5B)
+if pretrained and not tokenizer.same_vocabulary(data_tokenizer, tokenizer.GPT2_RECORD):
+    raise InputError(f"init_from={init_from!r} has GPT-2's vocabulary, but {data_dir} was made with tokenizer "
+                     f"{tokenizer.describe(data_tokenizer)}")
 if checkpoint:
     checkpoint_manager.check_resumable(checkpoint, config, fingerprints, world_size)
     model_config = GPTConfig(**checkpoint['model_args'])
@@ -164,7 +168,8 @@ if checkpoint:
 elif init_from == 'resume':
     raise InputError(f"init_from=resume but {out_dir} holds no checkpoint")
 elif not pretrained:
-    model_config = GPTConfig.from_preset(model_size, block_size=block_size, dropout=dropout)
+    model_config = GPTConfig.from_preset(model_size, block_size=block_size, dropout=dropout,
+                                         vocab_size=train_data.vocab_size)
 if pretrained:
     model = GPT.from_pretrained(init_from).to(device)
 else:  # fsdp: shapes only, for now; ddp and one process: built on the device, its weights drawn on the CPU
@@ -185,14 +190,13 @@ last_good = f"{ckpt_path} (step {step})" if checkpoint else None  # for the mess
 nonfinite_skipped = checkpoint['nonfinite_skipped'] if checkpoint else 0
 elapsed_before = checkpoint.get('elapsed_s', 0.0) if checkpoint else 0.0  # a resumed run's wall-clock goes on
 
-teacher = teacher_config = None
-if stage(step).teacher:
-    teacher = salt.load_teacher(teacher_ckpt, device, model_config, tokenizer)
-    teacher_config = teacher.config
-    if dtype != 'float32':  # frozen: its weights need no fp32 master copy (half the memory, no cast per step)
-        teacher.to(getattr(torch, dtype))
+teacher = None
+if stage(step).teacher:  # frozen, in the compute dtype: its weights need no fp32 master copy (half the memory)
+    teacher = salt.load_teacher(teacher_ckpt, device, data_tokenizer, block_size,
+                                dtype=None if dtype == 'float32' else getattr(torch, dtype))
+    teacher_flops = teacher.forward_flops_per_token(block_size)  # for mfu_with_teacher
 if master:  # what this run should need per device, under ddp and fsdp (an estimate: model.memory_plan)
-    plan = memory_plan(model_config, teacher_config, tokens=batch_size * block_size,
+    plan = memory_plan(model_config, teacher, tokens=batch_size * block_size,
                        world_size=world_size, compute_bytes=2 if dtype == 'bfloat16' else 4,
                        checkpointing=activation_checkpointing, shard_teacher=shard_teacher, device_type=device_type)
     print(memory_table(plan, world_size, torch.cuda.get_device_properties(device).total_memory
@@ -261,19 +265,23 @@ def evaluation():
     """The metrics of an evaluation: val loss, overall and per data subset, and the few-shot tasks' scores."""
     ranks = dict(batch_size=batch_size, rank=rank, world_size=world_size, autocast=autocast)
     record = evaluate.val_loss(raw_model, val_data, val_set, **ranks)
-    results = evaluate.evaluate_tasks(raw_model, tasks, shots=eval_shots, **ranks) if tasks else {}
+    results = evaluate.evaluate_tasks(raw_model, tasks, text_tokenizer, shots=eval_shots, **ranks) if tasks else {}
     return dict(record, **{f"{task}/{metric}": value for task, scores in results.items()
                            for metric, value in scores.items()
                            if metric not in ('chance', 'examples', 'truncated')})
 
 
+tokenizer_files = os.path.join(data_dir, 'tokenizer') if data_tokenizer['kind'] == 'transformers' else None
+
+
 def save_checkpoint():
-    """Every rank writes its part; meta.pt holds what it takes to go on exactly. Returns its name."""
+    """Every rank writes its part; meta.pt holds what it takes to go on exactly, and the data's tokenizer files go
+    beside them (tokenizer.py). Returns its name."""
     return checkpoint_manager.save(
         out_dir, raw_model, optimizer, master, distributed, model_args=model_args(model_config), step=step,
         run_id=run_id, world_size=world_size, loader=loader.state_dict(), config=config,
-        nonfinite_skipped=nonfinite_skipped, tokenizer=tokenizer, inputs=fingerprints,
-        elapsed_s=elapsed_before + time.time() - t_start)
+        nonfinite_skipped=nonfinite_skipped, tokenizer=data_tokenizer, inputs=fingerprints,
+        elapsed_s=elapsed_before + time.time() - t_start, files_from=tokenizer_files)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,8 +309,7 @@ def throughput(tokens_per_s, current):
         peak = peak_flops * world_size
         record['mfu'] = model_config.flops_per_token(block_size) * tokens_per_s / peak
         if current.teacher:
-            record['mfu_with_teacher'] = record['mfu'] + teacher_config.flops_per_token(block_size, backward=False) \
-                * tokens_per_s / peak
+            record['mfu_with_teacher'] = record['mfu'] + teacher_flops * tokens_per_s / peak
     return record
 
 
