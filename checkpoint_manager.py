@@ -6,9 +6,10 @@ parallel (a rank's shard under fsdp; under ddp the replicated tensors are spread
 loads on any number of ranks, or whole in one process (salt.load_model); ckpt/meta.pt, written by rank 0,
 holds the rest: the step, the config, the loader's position, the RNG state. It is written as ckpt.tmp, then
 renamed; the previous one stays as ckpt.prev, which a run falls back to if ckpt is incomplete or damaged
-(meta.pt records every other file's size and checksum, verified before loading). A run whose
-out_dir holds a checkpoint continues from it, so that a job killed at any moment is restarted with the same
-command; a run with other settings is refused.
+(meta.pt records every other file's size and checksum, verified before loading), or does not load all the same.
+A run whose out_dir holds a checkpoint continues from it, so that a job killed at any moment is restarted with
+the same command; a run with other settings is refused. out_dir/run.lock keeps a second job out while one runs
+(common.lock_for_the_job).
 """
 import hashlib
 import io
@@ -22,7 +23,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-import salt
 from common import InputError, atomic_write
 
 # settings a resumed run may change without changing what it computes (grad_accum_steps: with the number of
@@ -42,24 +42,50 @@ def checkpoint_paths(out_dir):
     return [os.path.join(out_dir, 'ckpt'), os.path.join(out_dir, 'ckpt.prev')]  # newest first
 
 
+def read_meta(ckpt):
+    """The meta.pt of a train.py checkpoint directory (model_args, step, run_id, tokenizer, config, ...), after
+    checking that the directory is one."""
+    if not os.path.exists(ckpt):
+        raise InputError(f"checkpoint {ckpt!r} does not exist: train the SLM first "
+                         f"(python train.py config/<slm config>.py) or fix the path")
+    meta_file = os.path.join(ckpt, 'meta.pt')
+    if not (os.path.isfile(meta_file) and os.path.isfile(os.path.join(ckpt, '.metadata'))):
+        raise InputError(f"{ckpt!r} is not a checkpoint of train.py (a directory with meta.pt and .metadata) nor a "
+                         f"transformers model's directory (with config.json)")
+    try:
+        return torch.load(meta_file, map_location='cpu', weights_only=True)
+    except Exception as error:  # whatever is wrong with the file, the remedy is the same
+        raise InputError(f"{meta_file!r} does not load ({type(error).__name__}): the checkpoint is damaged") from error
+
+
+def warn(message):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"warning: {message}; trying the previous checkpoint")
+
+
+def checked(path):
+    """The meta of checkpoint `path` if its files pass their checks, else None, with a warning line naming the
+    damage. Under torchrun every rank checks its share of the files, and all agree."""
+    meta, error = None, None
+    try:
+        meta = read_meta(path)
+        verify(path, meta)
+    except InputError as damage:  # whatever is wrong with it, the previous one may be fine
+        error = str(damage)
+    error = next((e for e in gather(error) if e), None)
+    if error:
+        warn(error)
+    return None if error else meta
+
+
 def latest(out_dir):
     """(path, meta) of the newest intact checkpoint in out_dir, or (None, None) when there is none. Under
-    torchrun every rank checks its share of the files and all take the same checkpoint: a rank that loaded
-    another would train on other weights."""
+    torchrun all ranks take the same checkpoint: a rank that loaded another would train on other weights."""
     paths = checkpoint_paths(out_dir)
     for path in paths:
-        if os.path.isdir(path):
-            meta, error = None, None
-            try:
-                meta = salt.read_checkpoint_meta(path)
-                verify(path, meta)
-            except InputError as damage:  # whatever is wrong with it, the previous one may be fine
-                error = str(damage)
-            error = next((e for e in gather(error) if e), None)
-            if error is None:
-                return path, meta
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                print(f"warning: {error}; trying the previous checkpoint")
+        meta = checked(path) if os.path.isdir(path) else None
+        if meta is not None:
+            return path, meta
     if any(os.path.exists(path) for path in paths):
         raise InputError(f"no checkpoint in {out_dir} is intact (see the warnings above): move them away "
                          f"to start over")
@@ -86,12 +112,12 @@ def file_digests(path):
     return {name: value for share in gather(digests) for name, value in share.items()}
 
 
-def verify(path, meta):
-    """Raise InputError naming the first damaged file of this rank's share: its size and checksum as meta.pt
-    recorded them."""
+def verify(path, meta, share=my_share):
+    """Raise InputError naming the first damaged file of this rank's share (share=sorted: all of them): its size
+    and checksum as meta.pt recorded them."""
     if 'files' not in meta:
-        return verify_sizes(path)
-    for name in my_share(meta['files']):
+        return verify_sizes(path, share)
+    for name in share(meta['files']):
         file, (size, checksum) = os.path.join(path, name), meta['files'][name]
         if not os.path.isfile(file):
             raise InputError(f"{file!r} is missing: the checkpoint is damaged")
@@ -101,7 +127,7 @@ def verify(path, meta):
             raise InputError(f"{file!r} does not match its checksum: the checkpoint is damaged")
 
 
-def verify_sizes(path):
+def verify_sizes(path, share=my_share):
     """A checkpoint older than the checksums, checked as far as its .metadata allows: every file it points
     into exists and is long enough."""
     try:
@@ -112,21 +138,22 @@ def verify_sizes(path):
     ends = {}
     for info in metadata.storage_data.values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for name in my_share(ends):
+    for name in share(ends):
         file = os.path.join(path, name)
         if not os.path.isfile(file) or os.path.getsize(file) < ends[name]:
             raise InputError(f"{file!r} is missing or shorter than {ends[name]} bytes: the checkpoint is damaged")
 
 
-def fingerprints(config, data_fingerprint, selected_ids, meta=None):
+def fingerprints(config, data_fingerprint, selected_ids, identify, meta=None):
     """What a run reads, by content, {key of MOVABLE: a hash or an id}: a resumed run may find its data, teacher
-    or scores moved or copied elsewhere (a new path), not changed. A teacher at the path it had is the same one
-    and is not read again: stage 2 may have deleted it."""
+    or scores moved or copied elsewhere (a new path), not changed. identify(teacher) is a teacher's id
+    (salt.teacher_id); a teacher at the path it had is the same one and is not read again: stage 2 may have
+    deleted it."""
     teacher = config['teacher_ckpt']
     if meta and meta['config']['teacher_ckpt'] == teacher:
         teacher_id = meta['inputs']['teacher_ckpt']
     else:
-        teacher_id = salt.teacher_id(teacher) if teacher else ''
+        teacher_id = identify(teacher) if teacher else ''
     selection = hashlib.sha256(selected_ids.tobytes()).hexdigest() if selected_ids is not None else ''
     return dict(data_dir=data_fingerprint, score_file=selection, teacher_ckpt=teacher_id)
 
@@ -148,12 +175,41 @@ def check_resumable(meta, config, fingerprints, world_size):
                          f"another out_dir.")
 
 
-def restore(path, meta, model, optimizer, loader):
-    """Put the model, optimizer, loader and RNG where the checkpoint left them: each rank reads the part it
-    holds, whatever number of ranks wrote it."""
+def restore(out_dir, path, meta, model, optimizer):
+    """Load checkpoint `path`'s weights and optimizer state into model and optimizer, each rank the part it holds,
+    whatever number of ranks wrote it. One that does not load although its files passed their checks (damaged
+    before they were hashed) gives way to the previous intact one, with a warning line, as latest() falls back
+    on any other damage. Returns the (path, meta) that loaded."""
+    paths = checkpoint_paths(out_dir)
+    for candidate in paths[paths.index(path):]:
+        if candidate != path:
+            meta = checked(candidate) if os.path.isdir(candidate) else None
+            if meta is None:
+                continue
+        failure = load_state(candidate, model, optimizer)
+        if failure is None:
+            return candidate, meta
+        warn(f"{candidate!r} does not load ({failure}): the checkpoint is damaged")
+    raise InputError(f"no checkpoint in {out_dir} loads (see the warnings above): move them away to start over")
+
+
+def load_state(path, model, optimizer):
+    """Read checkpoint path into model and optimizer: None, or what failed (on any rank: every rank says the
+    same). A failure may leave them half read, for the next checkpoint to overwrite whole."""
     state = dict(zip(('model', 'optimizer'), get_state_dict(model, optimizer)))
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
+    failure = None
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (Exception, CheckpointException) as error:  # whatever a damaged file makes DCP raise (a BaseException)
+        failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+    failure = next((f for f in gather(failure) if f), None)
+    if failure is None:
+        set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
+    return failure
+
+
+def restore_progress(meta, loader):
+    """Put the loader and each rank's RNG where the checkpoint left them."""
     loader.load_state_dict(meta['loader'])
     rank = dist.get_rank() if dist.is_initialized() else 0
     # each rank's own state (a checkpoint older than them holds rank 0's only); a rank beyond those that wrote
@@ -184,13 +240,19 @@ def save(out_dir, model, optimizer, master, distributed, files_from=None, **meta
     if distributed:
         dist.barrier()
     # a rank whose write failed ends the run on every rank, not in a collective's timeout
-    failed = next((f for f in gather(write(tmp, model, optimizer, master, meta, files_from)) if f), None)
+    outcome = write(tmp, model, optimizer, master, meta, files_from)
+    outcomes = gather(outcome if outcome is None or isinstance(outcome, str) else '')
+    if any(failed is not None for failed in outcomes) and master:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what it took; ckpt and ckpt.prev are untouched
+    if isinstance(outcome, BaseException):
+        raise outcome  # a bug, not the disk: its traceback
+    failed = next((failed for failed in outcomes if failed), None)
     if failed:
-        if master:
-            shutil.rmtree(tmp, ignore_errors=True)  # frees what it took; ckpt and ckpt.prev are untouched
         raise InputError(f"could not write the checkpoint {tmp!r} ({failed}): {newest!r} and {previous!r} are "
                          f"as they were; free some space (or raise the quota) and rerun the same command to "
                          f"resume")
+    if '' in outcomes:
+        raise RuntimeError(f"another rank could not write its part of {tmp!r}: its traceback says why")
     if master:
         if os.path.exists(previous):
             shutil.rmtree(previous)
@@ -212,12 +274,27 @@ def gather(value):
     return values
 
 
+class _Writer(dcp.FileSystemWriter):
+    """DCP's writer, keeping what stopped this rank's own write: DCP hands every rank each rank's failure as a copy
+    that has lost the OSError (a full disk) behind it."""
+    error = None
+
+    def write_data(self, plan, planner):
+        try:
+            return super().write_data(plan, planner)
+        except BaseException as error:
+            self.error = error
+            raise
+
+
 def write(tmp, model, optimizer, master, meta, files_from=None):
-    """Write the checkpoint into tmp; returns None, or what stopped the write when the disk did (no space, a
-    quota, a file-size limit): any other failure is a bug and raises."""
+    """Write the checkpoint into tmp. Returns None when it is written, else why not: the message of the disk's
+    OSError (no space, a quota, a file-size limit), '' when it was another rank's write that failed (that rank
+    says why), or the exception of any other failure (a bug), for save() to raise once every rank has reported."""
+    writer = _Writer(tmp)
     try:
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({'model': model_state, 'optimizer': optimizer_state}, checkpoint_id=tmp)
+        dcp.save({'model': model_state, 'optimizer': optimizer_state}, storage_writer=writer)
         meta['files'] = file_digests(tmp)  # checked before the checkpoint is trusted (verify)
         if master:  # rank 0 alone from here on: a failure here must not leave the others in a collective
             for name in sorted(os.listdir(files_from) if files_from else []):
@@ -227,10 +304,12 @@ def write(tmp, model, optimizer, master, meta, files_from=None):
             buffer = io.BytesIO()
             torch.save(meta, buffer)
             atomic_write(os.path.join(tmp, 'meta.pt'), [buffer.getvalue()])
-    except (OSError, RuntimeError, CheckpointException) as error:
-        disk = disk_error(error)
+    except (Exception, CheckpointException) as error:
+        if isinstance(error, CheckpointException) and writer.error is None:
+            return ''
+        disk = disk_error(writer.error or error)
         if disk is None:
-            raise
+            return error
         return os.strerror(disk.errno) if disk.errno else str(disk)
     return None
 
@@ -287,3 +366,8 @@ class Metrics:
         self.file.flush()
         if self.wandb:
             self.wandb.log(record, step=record['step'])
+
+    def close(self):
+        self.file.close()
+        if self.wandb:
+            self.wandb.finish()  # here, not at exit: a job's ranks end without the interpreter's teardown

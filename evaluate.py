@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 import salt
 import tokenizer
-from common import InputError, compute_init, report_input_errors, write_json
+from common import InputError, compute_init, end_job, report_input_errors, write_json
 from data import TokenSequences
 
 # ----------------------------------------------------------------------------------------------------------
@@ -468,8 +468,7 @@ def main(args):
                 files={t.name: dict(path=t.path, fewshot_file=t.fewshot_path or None) for t in tasks},
                 results=results))
             print(f"wrote {args.out}")
-    if distributed:
-        dist.destroy_process_group()
+    end_job(distributed)
 
 
 if __name__ == '__main__':

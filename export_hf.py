@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 
+import checkpoint_manager
 import salt
 import tokenizer
 from common import InputError, report_input_errors
@@ -95,7 +96,7 @@ def export(ckpt, out):
     """Export checkpoint `ckpt` to the directory `out`: written whole under a temporary name, then renamed."""
     if not os.path.exists(ckpt):
         raise InputError(f"checkpoint {ckpt} does not exist (a train.py checkpoint is out_dir/ckpt)")
-    meta = salt.read_checkpoint_meta(ckpt)
+    meta = checkpoint_manager.read_meta(ckpt)
     tok = salt.model_tokenizer(ckpt)
     check_vocabulary(ckpt, meta, tok)
     source = salt.teacher_id(ckpt)

@@ -74,7 +74,6 @@ import sys
 import signal
 import stat
 import sysconfig
-import threading
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -82,7 +81,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np
 
 import tokenizer
-from common import InputError, atomic_write, report_input_errors, write_json
+from common import InputError, atomic_write, end_with_parent, report_input_errors, write_json
 from data import HEADER_INTS, MAGIC, TOKEN_DTYPES, docs_path
 
 SHARD_TOKENS = 100_000_000
@@ -551,8 +550,10 @@ def _finish(out_dir, source, manifests, tokenized, start, tok):
                   "documents": sum(m["splits"][s]["documents"] for m in manifests)} for s in SPLITS}
     for split, counts in splits.items():  # every document is an EOT and its text: only EOTs = no text at all
         if counts["tokens"] == counts["documents"] and (split == "train" or source.get("val_fraction", 1) > 0):
-            raise InputError(f"{out_dir}: the {split} split got no text from the {source['kind']} input: an empty "
-                             f"corpus, or too little of it for a {split} split (see --val_fraction)")
+            works = _val_fraction_that_works(source) if split == "val" and splits["train"]["documents"] else None
+            raise InputError(f"{out_dir}: the {split} split got no text from the {source['kind']} input: " + (
+                f"--val_fraction {works:g} is the least that sends it a document" if works else
+                f"an empty corpus, or too little of it for a {split} split (see --val_fraction)"))
     keep = {os.path.basename(_manifest_path(out_dir, i)) for i in range(len(manifests))}
     keep |= {name for s in splits.values() for shard in s["shards"] for name in (shard, docs_path(shard))}
     patterns = ["input_*.json", ".*.tmp"] + [f"{s}_*{ext}" for s in SPLITS for ext in (".bin", ".docs.npy")]
@@ -573,6 +574,24 @@ def _finish(out_dir, source, manifests, tokenized, start, tok):
     return meta
 
 
+def _val_fraction_that_works(source):
+    """The least --val_fraction (in its steps of 0.001) that gives the val split text, or None: the split's rules
+    (_is_val, text_documents) applied to the input's documents again, which this error only meets when they are
+    few. A single file of text gives val its last val_fraction; other documents go by the hash of their key."""
+    if source["kind"] == "text" and len(source["files"]) == 1:
+        length = len(_read_text(source["files"][0]))  # val is empty while round(length * (1 - f)) == length
+        least = (int(500 / length) + 1) / 1000 if length else 1
+        return least if least < 1 else None
+    keys = {"text": lambda: [os.path.basename(path) for path in source["files"]],
+            "stdlib": lambda: stdlib_files(source["root"]),
+            "pile": lambda: [f"{os.path.basename(path)}:{number}" for path in source["files"]
+                             for number, line in enumerate(_jsonl_lines(path), 1) if line.strip()]}
+    if source["kind"] not in keys:  # tree: a file goes to val whenever there are two (_val_files)
+        return None
+    buckets = [zlib.crc32(key.encode("utf-8", "surrogateescape")) % 1000 for key in keys[source["kind"]]()]
+    return (min(buckets) + 1) / 1000 if buckets and min(buckets) < 999 else None
+
+
 def _cpus():
     """The CPUs this process may run on: its affinity (a job scheduler's or taskset's limit), not the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -590,19 +609,6 @@ def tokenize(documents, out_dir, source, shard_tokens=SHARD_TOKENS, tok=None):
     return _finish(out_dir, source, _read_manifests(out_dir, 1), [0], start, tok)
 
 
-def _end_with_parent():
-    """Pool worker initializer: a worker whose parent is gone, even killed by SIGKILL (which runs no cleanup),
-    exits within a second instead of tokenizing on as an orphan. The parent is whoever started the worker (this
-    process, or multiprocessing's fork server, which exits with it); an orphan is re-parented."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def _tokenize_in_pool(task, inputs, jobs, out_dir, shard_tokens, start):
     """Tokenize input i by task(i, inputs[i], out_dir, shard_tokens, jobs[i], threads) -> its manifest, in worker
     processes, as many at a time as there are CPUs, for every input that an earlier run did not finish from the
@@ -611,7 +617,8 @@ def _tokenize_in_pool(task, inputs, jobs, out_dir, shard_tokens, start):
     print(f"{out_dir}: {len(jobs) - len(todo)} of {len(jobs)} inputs already done", flush=True)
     workers = max(1, min(_cpus(), len(todo)))
     others = multiprocessing.active_children()  # not ours to kill below
-    with ProcessPoolExecutor(workers, initializer=_end_with_parent) as pool:
+    # a worker ends within a second of this process, even of a SIGKILL, rather than tokenize on as an orphan
+    with ProcessPoolExecutor(workers, initializer=end_with_parent, initargs=('a tokenizing worker',)) as pool:
         futures = [pool.submit(task, i, inputs[i], out_dir, shard_tokens, jobs[i], max(1, _cpus() // workers))
                    for i in todo]
         try:

@@ -11,7 +11,8 @@ the same command run again after a kill resumes where it stopped:
 The score file (.npy, one row per training sequence: median score, mean loss, learnable fraction) gets a
 .json beside it that names the teacher, the block size and the data it was made for; train.py refuses a
 score file made for anything else. Until every row is scored they live in the folder OUT.parts, one file per
-rank (safe on a network filesystem shared by the nodes), with that metadata in OUT.parts/meta.json.
+rank (safe on a network filesystem shared by the nodes), with that metadata in OUT.parts/meta.json. While a job
+scores, its lock OUT.lock keeps a second job out (common.lock_for_the_job).
 
 What a selection keeps (score histogram, the data subsets before and after, decoded examples), printed and
 saved as OUT_DIR/selection.md and OUT_DIR/score_histogram.png:
@@ -34,11 +35,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+import checkpoint_manager
 import hf_model
 import tokenizer
-from common import InputError, atomic_write, compute_init, report_input_errors, write_json
+from common import (InputError, atomic_write, compute_init, end_job, lock_for_the_job, report_input_errors,
+                    write_json)
 from data import TokenSequences
 from model import GPT, GPT2_NAMES, GPTConfig
 
@@ -86,22 +90,6 @@ def _is_transformers(ckpt):
     return _is_gpt2_name(ckpt) or hf_model.is_directory(ckpt)
 
 
-def read_checkpoint_meta(ckpt):
-    """The meta.pt of a train.py checkpoint directory (model_args, step, run_id, tokenizer, config, ...), after
-    checking that the directory is one."""
-    if not os.path.exists(ckpt):
-        raise InputError(f"checkpoint {ckpt!r} does not exist: train the SLM first "
-                         f"(python train.py config/<slm config>.py) or fix the path")
-    meta_file = os.path.join(ckpt, 'meta.pt')
-    if not (os.path.isfile(meta_file) and os.path.isfile(os.path.join(ckpt, '.metadata'))):
-        raise InputError(f"{ckpt!r} is not a checkpoint of train.py (a directory with meta.pt and .metadata) nor a "
-                         f"transformers model's directory (with config.json)")
-    try:
-        return torch.load(meta_file, map_location='cpu', weights_only=True)
-    except Exception as error:  # whatever is wrong with the file, the remedy is the same
-        raise InputError(f"{meta_file!r} does not load ({type(error).__name__}): the checkpoint is damaged") from error
-
-
 def teacher_id(ckpt):
     """What identifies the teacher's weights in score files: its training run and step (or a GPT-2 name, or a hash
     of a transformers directory's files)."""
@@ -109,7 +97,7 @@ def teacher_id(ckpt):
         return ckpt
     if hf_model.is_directory(ckpt):
         return hf_model.identity(ckpt)
-    meta = read_checkpoint_meta(ckpt)
+    meta = checkpoint_manager.read_meta(ckpt)
     return f"{meta['run_id']}@step{meta['step']}"
 
 
@@ -121,7 +109,7 @@ def model_tokenizer(ckpt):
     if hf_model.is_directory(ckpt):
         has_files = any(os.path.isfile(os.path.join(ckpt, name)) for name in tokenizer.TOKENIZER_FILES)
         return tokenizer.TransformersTokenizer(ckpt) if has_files else None
-    return tokenizer.load(read_checkpoint_meta(ckpt).get('tokenizer'), ckpt)
+    return tokenizer.load(checkpoint_manager.read_meta(ckpt).get('tokenizer'), ckpt)
 
 
 def model_tokenizer_record(ckpt):
@@ -129,7 +117,7 @@ def model_tokenizer_record(ckpt):
     if _is_transformers(ckpt):
         found = model_tokenizer(ckpt)
         return found.record() if found else None
-    return tokenizer.as_record(read_checkpoint_meta(ckpt).get('tokenizer'))
+    return tokenizer.as_record(checkpoint_manager.read_meta(ckpt).get('tokenizer'))
 
 
 def load_model(ckpt, device, dtype=None):
@@ -139,12 +127,17 @@ def load_model(ckpt, device, dtype=None):
     which stays a transformers module (hf_model.py)."""
     if _is_transformers(ckpt):
         return hf_model.load(ckpt, device, dtype or torch.float32, model_tokenizer(ckpt))
+    meta = checkpoint_manager.read_meta(ckpt)
+    checkpoint_manager.verify(ckpt, meta, share=sorted)  # every file, by every rank: a damaged one is one line
     # the shapes, made on the device, then the checkpoint's weights read into them: no init drawn, no copy
-    model = GPT(GPTConfig(**read_checkpoint_meta(ckpt)['model_args']), device='meta').to_empty(device=device)
+    model = GPT(GPTConfig(**meta['model_args']), device='meta').to_empty(device=device)
     state = {'model': get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    try:
+        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    except (Exception, CheckpointException) as error:  # files that passed their checks, damaged before
+        raise InputError(f"{ckpt!r} does not load ({type(error).__name__}): the checkpoint is damaged") from error
     set_model_state_dict(model, state['model'])
-    return model.to(device, dtype).eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def load_teacher(ckpt, device, data_tokenizer, block_size, dtype=None):
@@ -489,14 +482,14 @@ def score_main(args):
     model = load_teacher(args.ckpt, device, tokenizer.data_record(args.data_dir), args.block_size)
     meta = score_meta(teacher_id(args.ckpt), sequences, args.top_k)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    lock_for_the_job(args.out + '.lock', f"score file {args.out}")  # one job writes it, until it is complete
     score_dataset(model, sequences, args.out, meta, batch_size=args.batch_size, top_k=args.top_k,
                   rank=rank, world_size=world_size, autocast=autocast)
     if rank == 0:
         scores = np.load(args.out)
         print(f"wrote {args.out}: {len(scores):,} sequences, median score {np.median(scores[:, 0]):.3f}, "
               f"learnable {scores[:, 2].mean():.1%}")
-    if distributed:
-        dist.destroy_process_group()
+    end_job(distributed)
 
 
 def report_main(args):

@@ -4,14 +4,16 @@ One training loop for the small LM, the baseline and the SALT students.
   python train.py config/demo_slm.py                                   # one process, CPU or one GPU
   python train.py config/demo_student.py --teacher_ckpt=out/demo/slm/ckpt --kd_steps=100      # SALT
   torchrun --standalone --nproc_per_node=8 train.py config/pile_student.py                    # one node
-  torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
+  torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 --rdzv_id=JOB \
+      train.py config/pile_student.py                            # the same command on each of two nodes
 
 A config file sets any of the globals below and `--key=value` overrides them (configurator.py). The run is
 SALT as soon as `teacher_ckpt` is set: for the first `kd_steps` steps the loss is (1-w) CE + w KD(teacher ||
 student) (kernels.py), then plain CE (salt.stage_at says what each step does); with `score_file` too it is
 SALT_DS, stage 1 reading only the SLM-selected sequences. parallelism='fsdp' shards the student over the GPUs
 where 'ddp' keeps a replica on each (the memory plan printed at start tells). A run continues from the
-checkpoint in its out_dir (checkpoint_manager.py).
+checkpoint in its out_dir (checkpoint_manager.py), and holds out_dir/run.lock while it lives: a second job on the
+same out_dir is refused. A rank whose launcher dies stops within a second (common.end_with_parent).
 """
 import math
 import os
@@ -32,7 +34,7 @@ import evaluate
 import kernels
 import salt
 import tokenizer
-from common import InputError, compute_init, fsdp_shard, git_commit, report_input_errors
+from common import InputError, compute_init, end_job, fsdp_shard, git_commit, lock_for_the_job, report_input_errors
 from data import BatchLoader, TokenSequences
 from model import GPT, GPT2_NAMES, GPTConfig, compiled, memory_plan, memory_table, model_args, start_memory
 
@@ -116,6 +118,7 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"{world_size} process(es) on {device} ({parallelism if distributed else 'single process'}), "
           f"{tokens_per_step:,} tokens per step")
+lock_for_the_job(os.path.join(out_dir, 'run.lock'), f"out_dir {out_dir}")  # one job per out_dir, or two writers
 
 # ----------------------------------------------------------------------------------------------------------
 # data
@@ -155,7 +158,8 @@ def make_loader(step):
 # weights, bit for bit) or, resuming, has checkpoint_manager.restore load them
 ckpt_path, checkpoint = checkpoint_manager.latest(out_dir)
 data_fingerprint = f"{train_fingerprint}/{val_data.fingerprint()}"
-fingerprints = checkpoint_manager.fingerprints(config, data_fingerprint, selected_ids, checkpoint)  # content hashes
+fingerprints = checkpoint_manager.fingerprints(config, data_fingerprint, selected_ids, salt.teacher_id,
+                                               checkpoint)  # what the run reads, by content
 pretrained = init_from in GPT2_NAMES and not checkpoint  # OpenAI's weights: loaded whole, even under fsdp (1.5B)
 if pretrained and not tokenizer.same_vocabulary(data_tokenizer, tokenizer.GPT2_RECORD):
     raise InputError(f"init_from={init_from!r} has GPT-2's vocabulary, but {data_dir} was made with tokenizer "
@@ -163,8 +167,6 @@ if pretrained and not tokenizer.same_vocabulary(data_tokenizer, tokenizer.GPT2_R
 if checkpoint:
     checkpoint_manager.check_resumable(checkpoint, config, fingerprints, world_size)
     model_config = GPTConfig(**checkpoint['model_args'])
-    if master:
-        print(f"resuming from {ckpt_path} at step {checkpoint['step']}")
 elif init_from == 'resume':
     raise InputError(f"init_from=resume but {out_dir} holds no checkpoint")
 elif not pretrained:
@@ -182,8 +184,20 @@ if parallelism == 'fsdp':
     fsdp_shard(model, bf16)
     if not pretrained:
         model.to_empty(device=device)  # this rank's shards, undefined until drawn or loaded
-        if not checkpoint:  # before the teacher is built, which draws from the same generator
+        if not checkpoint:
             model.init_weights()
+
+# ----------------------------------------------------------------------------------------------------------
+# optimizer: AdamW, weight decay on matrices only (not on biases and LayerNorm gains)
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(
+    [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+     {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+    lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+if checkpoint:  # one that does not load, though it passed its checks, gives way to the previous one
+    ckpt_path, checkpoint = checkpoint_manager.restore(out_dir, ckpt_path, checkpoint, raw_model, optimizer)
+    if master:
+        print(f"resuming from {ckpt_path} at step {checkpoint['step']}")
 step = checkpoint['step'] if checkpoint else 0
 run_id = checkpoint['run_id'] if checkpoint else uuid.uuid4().hex[:12]
 last_good = f"{ckpt_path} (step {step})" if checkpoint else None  # for the message if the loss goes non-finite
@@ -206,17 +220,9 @@ if teacher is not None and shard_teacher:  # (fsdp only) the root stays whole: i
 # the weights were drawn alike on every rank; from here on each rank draws its own dropout masks (a resumed
 # run then takes each rank's RNG state from the checkpoint)
 torch.manual_seed(seed + rank)
-
-# ----------------------------------------------------------------------------------------------------------
-# optimizer: AdamW, weight decay on matrices only (not on biases and LayerNorm gains)
-params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(
-    [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-     {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-    lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
 loader = make_loader(step)
 if checkpoint:
-    checkpoint_manager.restore(ckpt_path, checkpoint, raw_model, optimizer, loader)
+    checkpoint_manager.restore_progress(checkpoint, loader)
     checkpoint = None  # free the memory
 compile_choice = None  # what torch.compile does to the loss, decided once here and logged
 if compile:
@@ -391,7 +397,5 @@ while step < max_steps:
         not_training_s += time.time() - t_save
 
 if master:
-    metrics.file.close()
-if distributed:
-    dist.barrier()  # leave together, or gloo may abort a rank still at work
-    dist.destroy_process_group()
+    metrics.close()
+end_job(distributed)
