@@ -35,7 +35,9 @@ RESUMABLE_CHANGES = {'out_dir', 'init_from', 'max_steps', 'eval_interval', 'eval
 # paths a resumed run compares by what they hold (fingerprints, kept in meta.pt as 'inputs'), not by name
 MOVABLE = {'data_dir': 'data', 'teacher_ckpt': 'teacher', 'score_file': 'SALT_DS selection'}
 # settings younger than some checkpoints, with the value the runs that wrote those had
-ADDED_SETTINGS = {'kd_loss': 'forward_kl'}
+ADDED_SETTINGS = {'kd_loss': 'forward_kl', 'architecture': '', 'n_layer': None, 'n_head': None, 'n_embd': None,
+                  'n_kv_head': None, 'positions': None, 'rope_theta': None, 'norm': None, 'mlp': None,
+                  'mlp_hidden': None, 'bias': None, 'tie_embeddings': None}
 
 
 def checkpoint_paths(out_dir):

@@ -7,21 +7,26 @@ literal (or kept as a string):
 
 Stricter than nanoGPT's: a key that is not a default, a value of another type than the default's, and a
 setting that makes no sense (a learning rate <= 0, kd_weight outside [0, 1], ...) are each refused with one
-line naming the key, before anything runs.
+line naming the key, before anything runs. A default of None ("unset") takes a value of the type OPTIONAL gives:
+the model's keys, which override a preset's only when set.
 """
 import ast
 import os
 
 from common import InputError
 from kernels import DIVERGENCES
-from model import GPT2_NAMES, PRESETS
+from model import ARCHITECTURES, GPT2_NAMES, PRESETS, GPTConfig
+
+# the keys whose default is None, and the type of their values: the model's shape and switches (model.GPTConfig)
+OPTIONAL = {'n_layer': int, 'n_head': int, 'n_embd': int, 'n_kv_head': int, 'positions': str, 'rope_theta': float,
+            'norm': str, 'mlp': str, 'mlp_hidden': int, 'bias': bool, 'tie_embeddings': bool}
 
 
 def configure(defaults, argv):
     """The config: {key: value} of the defaults' plain values (ints, floats, bools, strings; not modules,
     functions or private names), overridden by argv's config files and --key=value arguments, checked."""
     config = {k: v for k, v in defaults.items()
-              if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+              if not k.startswith('_') and (isinstance(v, (int, float, bool, str)) or k in OPTIONAL)}
     for arg in argv:
         if not arg.startswith('--'):
             if not os.path.isfile(arg):
@@ -48,11 +53,12 @@ def set_key(config, key, value, source):
     if key not in config:
         raise InputError(f"{source}: unknown config key {key!r} (known: {', '.join(sorted(config))})")
     default = config[key]
-    if type(default) is float and type(value) is int:
+    expected = OPTIONAL[key] if default is None and key in OPTIONAL else type(default)
+    if expected is float and type(value) is int:
         value = float(value)
-    if type(value) is not type(default):
-        raise InputError(f"{source}: {key}={value!r} is a {type(value).__name__}, expected a "
-                         f"{type(default).__name__} like the default {default!r}")
+    if type(value) is not expected and not (default is None and value is None):
+        raise InputError(f"{source}: {key}={value!r} is a {type(value).__name__}, expected a {expected.__name__}" +
+                         ("" if default is None else f" like the default {default!r}"))
     config[key] = value
 
 
@@ -78,6 +84,9 @@ def check(c):
         ('select_fraction', 0 < c['select_fraction'] <= 1, 'in (0, 1]'),
         ('kd_schedule', c['kd_schedule'] in ('constant', 'linear'), "'constant' or 'linear'"),
         ('model_size', c['model_size'] in PRESETS, f"one of {', '.join(PRESETS)}"),
+        ('architecture', c['architecture'] in ('',) + tuple(ARCHITECTURES),
+         f"'' (model_size's) or one of {', '.join(ARCHITECTURES)}"),
+        *[(key, c[key] is None or c[key] >= 1, '>= 1') for key in ('n_layer', 'n_head', 'n_embd', 'n_kv_head')],
         ('init_from', c['init_from'] in ('scratch', 'resume') + GPT2_NAMES,
          f"'scratch', 'resume' or one of {GPT2_NAMES}"),
         # float16 would need loss scaling (a GradScaler); every GPU this is for has bfloat16
@@ -94,7 +103,19 @@ def check(c):
     for key, ok, expected in rules:
         if not ok:
             raise InputError(f"{key}={c[key]!r}: expected {expected}")
+    student_config(c)  # the model's keys together: a shape that does not divide, switches that do not go together
     if c['teacher_ckpt'] and not 0 < c['kd_steps'] <= steps:
         raise InputError(f"kd_steps={c['kd_steps']}: with a teacher, 0 < kd_steps <= the run's {steps} steps")
     if c['score_file'] and not c['teacher_ckpt']:
         raise InputError("score_file is set but teacher_ckpt is not: SALT_DS selects data for the KD stage")
+
+
+def student_config(c, **data):
+    """The student's GPTConfig of a config: model_size's preset in `architecture` (its own if ''), the model's
+    keys that are set overriding it; data: vocab_size, which the data says (meta.json)."""
+    config = GPTConfig.from_preset(c['model_size'], architecture=c.get('architecture') or None,
+                                   block_size=c['block_size'], dropout=c['dropout'],
+                                   **{key: c[key] for key in OPTIONAL if c.get(key) is not None}, **data)
+    if config.positions == 'learned' and c.get('rope_theta') is not None:
+        raise InputError(f"rope_theta={c['rope_theta']!r} is set but the positions are learned: it is rope's base")
+    return config

@@ -271,8 +271,10 @@ def task_table(curves, runs, seeds):
 def cost_table(out, seeds):
     """KD-stage vs plain step time of the SALT runs against the FLOP estimate of what KD adds: a teacher
     forward over a student step (model.GPTConfig.flops_per_token)."""
-    def model_config(run_dir):
+    def model_config(run_dir):  # the header's model_args (runs before them: the preset of their model_size)
         header = [r for r in read_records(run_dir) if r.get('type') == 'header'][-1]
+        if 'model_args' in header:
+            return GPTConfig(**header['model_args'])
         return GPTConfig.from_preset(header['config']['model_size'], block_size=header['config']['block_size'])
 
     slm, student = model_config(os.path.join(out, 'slm')), model_config(os.path.join(out, f'seed{seeds[0]}', 'salt'))

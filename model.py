@@ -21,22 +21,38 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import default_chunk_size, salt_loss
+from common import InputError
+from kernels import salt_loss
 
-# Presets by name, from a CPU demo to the paper's pair (a ~1.5B teacher and a ~2.8B student).
-# (n_layer, n_head, n_embd); the paper does not publish its exact shapes, these are GPT-2/Pythia-like.
+# The architectures: the switches below that each sets, together. GPT-2 (2019): learned positions, LayerNorm and
+# biases, a GELU MLP 4x wide, one matrix to embed and to score tokens. Llama (2023; Qwen, SmolLM2, Mistral alike):
+# rotary positions, RMSNorm, no biases, a SwiGLU MLP about 8/3 wide, grouped-query attention, an untied head.
+ARCHITECTURES = {
+    'gpt2': dict(positions='learned', norm='layernorm', mlp='gelu', bias=True, tie_embeddings=True),
+    'llama': dict(positions='rope', norm='rmsnorm', mlp='swiglu', bias=False, tie_embeddings=False),
+}
+
+# Presets by name, from a CPU demo to the paper's pair (a ~1.5B teacher and a ~2.8B student): a shape, and its
+# architecture where it is not GPT-2's. The paper does not publish its exact shapes: these are GPT-2/Pythia-like,
+# and Llama-like in the llama family.
 PRESETS = {
-    'demo-slm':     (2, 2, 64),      # the embedded demo's small LM
-    'demo-student': (4, 4, 128),     # the embedded demo's student, ~2x the SLM's parameters
-    'gpu-slm':      (6, 6, 384),     # 30M: the one-GPU experiment's SLM (config/gpu_slm.py), ~half its student
-    'gpu-student':  (12, 8, 512),    # 64M, 59% of it in the blocks: the one-GPU experiment's student
-    'gpt2-half':    (6, 12, 768),    # 82M: half of gpt2's blocks, a teacher for it in the speed benchmarks
-    'gpt2':         (12, 12, 768),   # 124M
-    'gpt2-medium-half': (12, 16, 1024),  # 204M: half of gpt2-medium's blocks, likewise
-    'gpt2-medium':  (24, 16, 1024),  # 350M
-    'gpt2-large':   (36, 20, 1280),  # 774M
-    'gpt2-xl':      (48, 25, 1600),  # 1.5B: the paper's teacher size
-    'salt-2.8b':    (32, 32, 2560),  # 2.8B: the paper's student size
+    'demo-slm':     dict(n_layer=2, n_head=2, n_embd=64),     # the embedded demo's small LM
+    'demo-student': dict(n_layer=4, n_head=4, n_embd=128),    # the embedded demo's student, ~2x the SLM's parameters
+    'gpu-slm':      dict(n_layer=6, n_head=6, n_embd=384),    # 30M: the one-GPU experiment's SLM, ~half its student
+    'gpu-student':  dict(n_layer=12, n_head=8, n_embd=512),   # 64M, 59% of it in the blocks: the one-GPU student
+    'gpt2-half':    dict(n_layer=6, n_head=12, n_embd=768),   # 82M: half of gpt2's blocks, a teacher in benchmarks
+    'gpt2':         dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    'gpt2-medium-half': dict(n_layer=12, n_head=16, n_embd=1024),  # 204M: half of gpt2-medium's blocks, likewise
+    'gpt2-medium':  dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    'gpt2-large':   dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    'gpt2-xl':      dict(n_layer=48, n_head=25, n_embd=1600),  # 1.5B: the paper's teacher size
+    'salt-2.8b':    dict(n_layer=32, n_head=32, n_embd=2560),  # 2.8B: the paper's student size
+    # the llama family: the demo's student in it (as large as demo-student's), and the paper's pair
+    # (tied, as this family's small models are: SmolLM2, Llama 3.2 1B and 3B, Qwen2.5 up to 3B)
+    'llama-demo-student': dict(architecture='llama', n_layer=4, n_head=4, n_embd=128, n_kv_head=2,
+                               tie_embeddings=True),
+    'llama-1.5b':   dict(architecture='llama', n_layer=28, n_head=16, n_embd=2048, n_kv_head=4, mlp_hidden=5632),
+    'llama-2.8b':   dict(architecture='llama', n_layer=36, n_head=20, n_embd=2560, n_kv_head=4, mlp_hidden=6912),
 }
 
 
@@ -52,63 +68,153 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
+    # the switches, GPT-2's by default (ARCHITECTURES sets them together)
+    n_kv_head: int = 0               # grouped-query attention: heads of keys and values (0 = n_head: one per head)
+    positions: str = 'learned'       # 'learned' (a table of block_size rows) or 'rope' (rotary, Su et al. 2021)
+    rope_theta: float = 10000.0      # rope's base: the wavelengths of its frequencies
+    norm: str = 'layernorm'          # 'layernorm' or 'rmsnorm' (Zhang & Sennrich 2019)
+    mlp: str = 'gelu'                # 'gelu' (GPT-2's tanh approximation) or 'swiglu' (Shazeer 2020)
+    mlp_hidden: int = 0              # the MLP's inner width (0 = 4 n_embd for gelu; 8/3 n_embd, to a multiple of 64,
+                                     # for swiglu: its three matrices then weigh what gelu's two 4x wide do)
+    tie_embeddings: bool = True      # one matrix embeds tokens and scores them (Press & Wolf 2017)
+
+    def __post_init__(self):
+        """Refuse, naming the key, shapes that do not divide and switches that do not exist or go together."""
+        rules = [
+            ('positions', self.positions in ('learned', 'rope'), "'learned' or 'rope'"),
+            ('norm', self.norm in ('layernorm', 'rmsnorm'), "'layernorm' or 'rmsnorm'"),
+            ('mlp', self.mlp in ('gelu', 'swiglu'), "'gelu' or 'swiglu'"),
+            ('n_embd', self.n_head > 0 and self.n_embd % self.n_head == 0, f"a multiple of n_head={self.n_head}"),
+            ('n_kv_head', 0 <= self.n_kv_head <= self.n_head and self.n_head % self.kv_heads == 0,
+             f"a divisor of n_head={self.n_head} (query heads share each key and value head)"),
+            ('rope_theta', self.rope_theta > 0, '> 0'),
+            ('mlp_hidden', self.mlp_hidden >= 0, '> 0 (0: the MLP\'s usual width)'),
+        ]
+        for key, ok, expected in rules:
+            if not ok:
+                raise InputError(f"{key}={getattr(self, key)!r}: expected {expected}")
+        if self.positions == 'rope' and (self.n_embd // self.n_head) % 2:
+            raise InputError(f"n_embd={self.n_embd} / n_head={self.n_head}: rope rotates pairs of dimensions, so a "
+                             f"head's size must be even, not {self.n_embd // self.n_head}")
 
     @property
     def padded_vocab_size(self):
         return 64 * math.ceil(self.vocab_size / 64)
 
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self):
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return 4 * self.n_embd if self.mlp == 'gelu' else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    def block_params(self):
+        """(weights, biases and gains) of one block: attention's query, key and value (n_kv_head of each of the
+        last two) and output projections, the MLP's matrices (SwiGLU's three, GELU's two), two norms."""
+        H, hidden, qkv = self.n_embd, self.mlp_width, (self.n_head + 2 * self.kv_heads) * self.head_size
+        weights = H * qkv + H * H + (3 if self.mlp == 'swiglu' else 2) * H * hidden
+        biases = (qkv + H + (2 if self.mlp == 'swiglu' else 1) * hidden + H) if self.bias else 0
+        gains = 2 * H * (2 if self.norm == 'layernorm' and self.bias else 1)
+        return weights, biases + gains
+
     def n_params(self, non_embedding=True):
-        """Parameters of the GPT, counted from the shapes (no need to build a 2.8B model to know): the tied
-        embedding / LM head, per block 12 n_embd^2 weights and 13 n_embd biases and gains, the final LayerNorm;
-        the position embeddings unless non_embedding (they cost no FLOPs per token)."""
+        """Parameters of the GPT, counted from the shapes (no need to build a 2.8B model to know): the LM head
+        (the token embedding too, when tied), the blocks, the final norm; with non_embedding=False also what costs
+        no FLOPs per token, the position table and an untied token embedding."""
         H = self.n_embd
-        per_block = 12 * H * H + (13 * H if self.bias else 2 * H)
-        n = self.padded_vocab_size * H + self.n_layer * per_block + (2 if self.bias else 1) * H
-        return n if non_embedding else n + self.block_size * H
+        n = self.padded_vocab_size * H + self.n_layer * sum(self.block_params())
+        n += H * (2 if self.norm == 'layernorm' and self.bias else 1)
+        if non_embedding:
+            return n
+        return n + (self.block_size * H if self.positions == 'learned' else 0) + \
+            (0 if self.tie_embeddings else self.padded_vocab_size * H)
 
     def flops_per_token(self, seq_len, backward=True):
         """FLOPs per token of a forward + backward pass (a forward alone with backward=False), the PaLM appendix
         B count: 6 (2) per parameter, plus the attention scores and values over seq_len positions, 12 (4) *
-        n_layer * n_embd * seq_len."""
+        n_layer * n_embd * seq_len (n_head query heads, however many keys and values they share)."""
         passes = 3 if backward else 1
         return passes * (2 * self.n_params() + 4 * self.n_layer * self.n_embd * seq_len)
 
     def activation_bytes(self, tokens, compute_bytes, checkpointing=False):
         """Bytes the backward keeps from the forward of a micro-batch of `tokens` tokens, an estimate: per block
-        and token, the residual stream at its two LayerNorms in fp32 (8 n_embd bytes) and 14 n_embd values in
-        the compute dtype (the LayerNorm outputs, q, k, v, the attention output, the MLP's 4x wide input and
-        output of its GELU); flash attention keeps no scores. With activation checkpointing: each block's input
-        only, plus one block's worth while it is recomputed. Plus the embeddings' and the final LayerNorm's."""
-        per_block = tokens * self.n_embd * (8 + 14 * compute_bytes)
+        and token, the residual stream at its two norms in fp32 (8 n_embd bytes) and in the compute dtype the
+        norms' outputs, q, k, v (and their rotated copies with rope), the attention output, and the MLP's inner
+        values (GELU's input and output, 2 x mlp_hidden; SwiGLU's gate, up, and their product, 4 x); flash
+        attention keeps no scores. GPT-2: 14 n_embd. With activation checkpointing: each block's input only,
+        plus one block's worth while it is recomputed. Plus the embeddings' and the final norm's."""
+        qkv = (self.n_head + 2 * self.kv_heads) * self.head_size
+        rotated = (self.n_head + self.kv_heads) * self.head_size if self.positions == 'rope' else 0
+        values = 3 * self.n_embd + qkv + rotated + (4 if self.mlp == 'swiglu' else 2) * self.mlp_width
+        per_block = tokens * (8 * self.n_embd + values * compute_bytes)
         if checkpointing:
             return self.n_layer * tokens * self.n_embd * 4 + per_block + tokens * self.n_embd * 8
         return self.n_layer * per_block + tokens * self.n_embd * 8
 
     @classmethod
-    def from_preset(cls, name, **overrides):
+    def from_preset(cls, name, architecture=None, **overrides):
+        """The config of a preset (PRESETS), in its architecture or another one, any key overridden."""
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        n_layer, n_head, n_embd = PRESETS[name]
-        return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
+            raise InputError(f"model_size={name!r}: unknown; choose one of {', '.join(PRESETS)}")
+        shape = dict(PRESETS[name])
+        architecture = architecture or shape.pop('architecture', 'gpt2')
+        shape.pop('architecture', None)
+        if architecture not in ARCHITECTURES:
+            raise InputError(f"architecture={architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+        return cls(**{**ARCHITECTURES[architecture], **shape, **overrides})
+
+
+def norm(config):
+    """The norm of a block and the final one: LayerNorm (with a bias, GPT-2's) or RMSNorm (a gain alone)."""
+    if config.norm == 'rmsnorm':
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary(seq_len, config, device):
+    """(cos, sin), (seq_len, head_size) each, of rope's angles: position t times frequency theta^(-2i/head_size),
+    in fp32, each frequency twice, for the halves that rotate together (transformers' Llama convention)."""
+    frequencies = config.rope_theta ** (-torch.arange(0, config.head_size, 2, device=device).float() / config.head_size)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), frequencies)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, rope):
+    """x (B, heads, T, head_size) with each pair (x_i, x_{i + head_size/2}) rotated by its position's angle."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
+        # queries, keys and values in one matrix: n_head, n_kv_head and n_kv_head heads of them
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * config.head_size,
+                                bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # SDPA picks flash/memory-efficient attention on CUDA and a fused kernel on CPU
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = self.c_attn(x).split([self.n_head * self.head_size] + [self.n_kv_head * self.head_size] * 2, dim=2)
+        q, k, v = (t.view(B, T, -1, self.head_size).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
+        # SDPA picks flash/memory-efficient attention on CUDA and a fused kernel on CPU; enable_gqa: each key and
+        # value head serves n_head / n_kv_head query heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -116,11 +222,16 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.swiglu = config.mlp == 'swiglu'
+        # SwiGLU's gate and up projections in one matrix, as attention's q, k and v
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.mlp_width, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.dropout(self.c_proj(F.silu(gate) * up))
         # GPT-2 used the tanh approximation of GELU; matching it keeps pretrained weights exact
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate='tanh')))
 
@@ -128,13 +239,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, rope=None):
+        x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -189,15 +300,15 @@ class GPT(LM):
         with torch.device('meta'):  # the layers' constructors draw nothing here: init_weights draws every weight
             self.transformer = nn.ModuleDict(dict(
                 wte=nn.Embedding(V, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                **(dict(wpe=nn.Embedding(config.block_size, config.n_embd)) if config.positions == 'learned' else {}),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=norm(config),
             ))
             self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         self.activation_checkpointing = False  # set by train.py: trade a second forward per block for memory
-        # weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
         if device != 'meta':
             self.to_empty(device=device)
             self.init_weights()
@@ -206,7 +317,8 @@ class GPT(LM):
         """nn.Module's, which makes a new tensor of each parameter and so unties the embedding and the LM head: tied
         again here, to wte's (the one that FSDP, meeting it first, keeps)."""
         super().to_empty(device=device, recurse=recurse)
-        self.lm_head.weight = self.transformer.wte.weight
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
         return self
 
     @torch.no_grad()
@@ -224,7 +336,7 @@ class GPT(LM):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 _fill(module.weight, lambda w: w.normal_(0.0, 0.02))
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 _fill(module.weight, nn.init.ones_)
             elif [*module.parameters(recurse=False), *module.buffers(recurse=False)]:  # to_empty left it undefined
                 raise TypeError(f"GPT.init_weights has no init for the tensors of a {type(module).__name__}")
@@ -240,11 +352,16 @@ class GPT(LM):
         return self.config.n_params(non_embedding)
 
     def hidden_states(self, idx):
-        pos = torch.arange(idx.size(1), device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rope = self.transformer.wte(idx), None
+        if self.config.positions == 'learned':
+            x = x + self.transformer.wpe(torch.arange(idx.size(1), device=idx.device))
+        else:  # computed afresh, no cache: the angles of a few positions are cheap next to a block
+            rope = rotary(idx.size(1), self.config, idx.device)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             # activation checkpointing: keep each block's input only, recompute its inside in the backward
-            x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing and self.training else block(x)
+            x = checkpoint(block, x, rope, use_reentrant=False) if self.activation_checkpointing and self.training \
+                else block(x, rope)
         return self.transformer.ln_f(x)
 
     def blocks(self):
@@ -313,111 +430,3 @@ def compiled(model, scope='blocks', **options):
 def model_args(config):
     """The config as a plain dict (stored in checkpoints, loadable with torch.load(weights_only=True))."""
     return asdict(config)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Memory per device of a training run, before it starts: what train.py prints, and what chooses ddp or fsdp
-
-GiB = 2 ** 30
-
-
-def memory_plan(student, teacher, *, tokens, world_size, compute_bytes, checkpointing=False, shard_teacher=False,
-                device_type='cuda'):
-    """{what: (bytes under ddp, bytes under fsdp)} per device for training `student` (a GPTConfig) with AdamW on
-    micro-batches of `tokens` tokens, and, in SALT's stage 1, a frozen `teacher` (an LM, or None) as it is held,
-    its parameters in their own dtype (a GPT or a transformers model; on the meta device, shapes only);
-    compute_bytes: 2 for bf16 autocast, 4 for fp32. An estimate from the shapes: fp32
-    weights, gradients and AdamW's two moments are 16 bytes per parameter, whole on every ddp rank, 1/world_size
-    of them on an fsdp rank, which also holds the blocks it is gathering (two at a time: one at work, one
-    prefetched) and the root's embeddings, whole from the forward to the backward."""
-    n, vocab, hidden = student.n_params(non_embedding=False), student.padded_vocab_size, student.n_embd
-    block = 12 * hidden * hidden + 13 * hidden
-    # the rows a chunk of the loss really has: the kernel's own choice, no more than the micro-batch's tokens
-    chunk_rows = min(tokens, default_chunk_size(tokens, hidden, vocab, device_type))
-    plan = {
-        'weights (fp32)': (4 * n, 4 * n / world_size),
-        'gradients (fp32)': (4 * n, 4 * n / world_size),
-        'AdamW moments (fp32)': (8 * n, 8 * n / world_size),
-        # ddp: autocast caches a 16-bit copy of each weight it casts; fsdp gathers 16-bit weights instead
-        'weights gathered or cast for compute': (n * compute_bytes if compute_bytes < 4 else 0,
-                                                 (2 * block + vocab * hidden) * compute_bytes + 2 * block * 4),
-        f'activations ({tokens:,} tokens per micro-batch)': (student.activation_bytes(tokens, compute_bytes,
-                                                                                     checkpointing),) * 2,
-        # the fused loss: fp32 gradient of the LM head, and a chunk's logits, teacher logits and soft labels
-        'loss (LM head)': (vocab * hidden * 4 + 3 * chunk_rows * vocab * 4,) * 2,
-    }
-    if teacher is not None:  # shard_teacher: each rank its shard of the blocks, the root whole, two blocks gathered
-        whole, root, block = teacher_bytes(teacher)
-        plan['teacher (frozen, stage 1)'] = (whole, root + (whole - root) / world_size + 2 * block if shard_teacher
-                                             else whole)
-    plan['total'] = tuple(sum(column) for column in zip(*plan.values()))
-    return plan
-
-
-def teacher_bytes(teacher):
-    """(all, outside the blocks, the largest block) bytes of an LM's parameters, each in its own dtype."""
-    def size(params):
-        return sum(p.numel() * p.element_size() for p in params)
-    in_blocks = {id(p) for block in teacher.blocks() for p in block.parameters()}
-    return (size(teacher.parameters()), size(p for p in teacher.parameters() if id(p) not in in_blocks),
-            max(size(block.parameters()) for block in teacher.blocks()))
-
-
-def start_memory(student, world_size):
-    """(bytes under ddp, bytes under fsdp) per device while train.py builds the student (a GPTConfig), before
-    training: a ddp rank holds the whole fp32 weights; an fsdp rank its shard of them (the student is built on the
-    meta device and sharded first), and the one parameter init_weights has whole at a time, drawn on the CPU and
-    cut on the device, the largest of which is the embedding (or an MLP matrix, or the positions)."""
-    n, hidden = student.n_params(non_embedding=False), student.n_embd
-    largest = max(student.padded_vocab_size, student.block_size, 4 * hidden) * hidden
-    return 4 * n, 4 * n / world_size + 4 * largest
-
-
-def memory_table(plan, world_size, device_bytes=None, at_start=None):
-    """The plan as a markdown table in GiB; under its total, the peak while the student is built (at_start:
-    start_memory's) and the device's memory, when given."""
-    rows = dict(plan)
-    if at_start:
-        rows['at start, building the student (not in the total)'] = at_start
-    if device_bytes:
-        rows['device memory'] = (device_bytes, device_bytes)
-    lines = [f"| per device (estimate) | ddp | fsdp over {world_size} |", "|---|---|---|"]
-    lines += [f"| {what} | {ddp / GiB:.1f} GiB | {fsdp / GiB:.1f} GiB |" for what, (ddp, fsdp) in rows.items()]
-    return "\n".join(lines)
-
-
-if __name__ == '__main__':
-    import argparse
-    import os
-    parser = argparse.ArgumentParser(description="The memory plan of a training run, per device (as train.py "
-                                                 "prints it at start), e.g. the paper's sizes: --student salt-2.8b "
-                                                 "--teacher gpt2-xl --batch_size 4 --block_size 2048 --world_size 8")
-    parser.add_argument('--student', required=True, choices=PRESETS)
-    parser.add_argument('--vocab_size', type=int, default=50257, help="the data's vocabulary (meta.json's)")
-    parser.add_argument('--teacher', help="SALT's stage 1: a frozen teacher, a preset or a transformers model's "
-                                          "directory (its config.json: shapes only, no weights read)")
-    parser.add_argument('--batch_size', type=int, required=True, help='sequences per micro-batch per device')
-    parser.add_argument('--block_size', type=int, required=True)
-    parser.add_argument('--world_size', type=int, default=8)
-    parser.add_argument('--dtype', choices=['bfloat16', 'float32'], default='bfloat16')
-    parser.add_argument('--activation_checkpointing', action='store_true')
-    parser.add_argument('--shard_teacher', action='store_true')
-    args = parser.parse_args()
-    for name in ('batch_size', 'block_size', 'world_size', 'vocab_size'):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.teacher and args.teacher not in PRESETS and not os.path.isfile(os.path.join(args.teacher, 'config.json')):
-        parser.error(f"--teacher {args.teacher}: neither a preset ({', '.join(PRESETS)}) nor a transformers directory")
-    student = GPTConfig.from_preset(args.student, block_size=args.block_size, vocab_size=args.vocab_size)
-    dtype = getattr(torch, args.dtype)
-    if args.teacher in PRESETS:
-        teacher = GPT(GPTConfig.from_preset(args.teacher, block_size=args.block_size, vocab_size=args.vocab_size),
-                      device='meta').to(dtype)
-    elif args.teacher:
-        import hf_model
-        teacher = hf_model.shapes(args.teacher, dtype)
-    plan = memory_plan(student, teacher if args.teacher else None, tokens=args.batch_size * args.block_size,
-                       world_size=args.world_size, compute_bytes=2 if args.dtype == 'bfloat16' else 4,
-                       checkpointing=args.activation_checkpointing,
-                       shard_teacher=args.shard_teacher)
-    print(memory_table(plan, args.world_size, at_start=start_memory(student, args.world_size)))

@@ -61,7 +61,8 @@ import sample  # noqa: E402
 import tokenizer  # noqa: E402
 from kernels import salt_loss  # noqa: E402
 from tokenizer import GPT2, GPT2_EOT, GPT2_VOCAB_SIZE  # noqa: E402
-from model import GPT, GPTConfig, compiled, memory_plan, memory_table, model_args, start_memory  # noqa: E402
+from memory import memory_plan, memory_table, start_memory  # noqa: E402
+from model import GPT, GPTConfig, compiled, model_args  # noqa: E402
 
 
 def python_documentation_text():
@@ -225,6 +226,56 @@ def test_hidden_path_and_padded_vocab():
     torch.testing.assert_close(model.logits(hidden), model(idx))
     out = model.generate(idx[:, :4], max_new_tokens=20, top_k=5)
     assert out.shape == (2, 24) and int(out.max()) < 100  # never samples a padded column
+
+
+def perturbed(model, scale=0.1):
+    """The model with every parameter moved by noise (norm gains and biases too, which start at 1 and 0), so that
+    a mapping that mixes two of them shows."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize('switches', [dict(n_kv_head=2, tie_embeddings=False), dict(n_kv_head=1, tie_embeddings=True),
+                                      dict(n_kv_head=4, tie_embeddings=False, bias=True, rope_theta=500.0)],
+                         ids=['gqa-untied', 'one-kv-head-tied', 'mha-biases'])
+def test_the_llama_family_computes_transformers_llama_logits(switches):
+    """Our GPT with architecture='llama' (rope, RMSNorm, SwiGLU, grouped-query attention) against transformers'
+    LlamaForCausalLM on the same weights (export_hf.py's mapping), float32, at every position of a full block:
+    rope's angles at positions beyond the first few, from a forward with no cache."""
+    import export_hf
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset('llama-demo-student', block_size=64, vocab_size=1000, n_layer=2, **switches)
+    ours = perturbed(GPT(config))
+    theirs = export_hf.transformers_model(ours, eot=0)
+    assert type(theirs).__name__ == 'LlamaForCausalLM'
+    assert (theirs.lm_head.weight is theirs.model.embed_tokens.weight) == config.tie_embeddings
+    idx = torch.randint(0, 1000, (3, 64))
+    with torch.no_grad():
+        want, got = theirs(idx).logits, ours(idx)
+    assert got.shape == want.shape == (3, 64, 1000)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize('preset, switches', [('demo-student', {}), ('demo-student', dict(bias=False)),
+                                              ('llama-demo-student', {}),
+                                              ('llama-demo-student', dict(tie_embeddings=False, n_kv_head=1))])
+def test_the_flop_count_is_the_count_of_the_matrix_multiplies(preset, switches):
+    """GPTConfig.flops_per_token against torch's count of the FLOPs of every matrix multiply of a training step
+    (forward and backward, the fused loss's LM head included; the attention in its plain matmul form): the
+    formula's 6 per parameter counts biases and norm gains too, which multiply nothing, and that is all they
+    differ by, exactly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    config = GPTConfig.from_preset(preset, block_size=32, vocab_size=1000, **switches)
+    model, tokens = GPT(config), torch.randint(0, 1000, (2, 33))
+    # the loss sums grad_W inside its GEMM (addmm_), which torch's table does not count: 2 m k n, as addmm's
+    in_place = {torch.ops.aten.addmm_: lambda out, a, b, *args, **kwargs: 2 * a[0] * a[1] * b[1]}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=in_place) as counter:
+        model(tokens[:, :-1], tokens[:, 1:])[0].backward()
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)  # biases and gains
+    assert counter.get_total_flops() + 6 * 64 * vectors == 64 * config.flops_per_token(32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1689,14 +1740,15 @@ def step_records(out_dir):
         return {r['step']: r for r in map(json.loads, f) if 'step' in r and 'loss' in r}
 
 
-def test_resume_reproduces_uninterrupted_salt_ds_run(tmp_path, text_data, slm_and_scores):
+@pytest.mark.parametrize('model_size', ['demo-student', 'llama-demo-student'])
+def test_resume_reproduces_uninterrupted_salt_ds_run(tmp_path, text_data, slm_and_scores, model_size):
     """Stop in stage 1, resume across the KD -> plain switch, stop in stage 2, resume to the end: the
     stitched per-step losses equal an uninterrupted run's exactly (CPU, same seed). The first stop's checkpoint
     is made one of a version without kd_loss (checkpoint_manager.ADDED_SETTINGS) and without tokenizer records
     (tokenizer.py), which must resume as well."""
     teacher, scores = slm_and_scores
     salt_ds = [f'--teacher_ckpt={teacher}', f'--score_file={scores}', '--train_sequences=256', '--kd_steps=4',
-               '--select_fraction=0.5', '--lr_decay_steps=8', '--ckpt_interval=100']
+               '--select_fraction=0.5', '--lr_decay_steps=8', '--ckpt_interval=100', f'--model_size={model_size}']
     train(text_data, tmp_path / 'whole', '--max_steps=8', *salt_ds)
     for stop in (2, 5, 8):
         resume = ['--init_from=resume'] if stop > 2 else []
@@ -1750,38 +1802,47 @@ def first_step_gradients(out_dir):
     return {name: state['exp_avg'] / (1 - beta1) for name, state in optimizer['state'].items()}
 
 
-def two_rank_salt_run(slm_and_scores, files):
+def two_rank_salt_run(slm_and_scores, files, model_size='demo-student'):
     tasks = f"--eval_tasks=hellaswag:{files['hellaswag']},lambada:{files['lambada']}"  # scored on every rank too
-    return [f'--teacher_ckpt={slm_and_scores[0]}', '--kd_steps=2', '--lr_decay_steps=4', tasks]
+    return [f'--teacher_ckpt={slm_and_scores[0]}', '--kd_steps=2', '--lr_decay_steps=4', tasks,
+            f'--model_size={model_size}']
 
 
 @pytest.fixture(scope='module')
 def one_process_salt_run(tmp_path_factory, text_data, slm_and_scores, files):
-    """The reference of the 2-rank runs below: 1 process x 2 micro-batches, its first step's gradients and its
-    records over 4 steps (the first step, then resumed)."""
-    out = tmp_path_factory.mktemp('one_process') / 'one'
-    one_process = [*two_rank_salt_run(slm_and_scores, files), '--grad_accum_steps=2']
-    train(text_data, out, '--max_steps=1', *one_process)
-    gradients = first_step_gradients(out)
-    train(text_data, out, '--max_steps=4', *one_process)
-    return gradients, step_records(out)
+    """The reference of the 2-rank runs below, of a student of each family: 1 process x 2 micro-batches, its first
+    step's gradients and its records over 4 steps (the first step, then resumed); made when first asked for."""
+    @functools.cache
+    def reference(model_size):
+        out = tmp_path_factory.mktemp('one_process') / model_size
+        one_process = [*two_rank_salt_run(slm_and_scores, files, model_size), '--grad_accum_steps=2']
+        train(text_data, out, '--max_steps=1', *one_process)
+        gradients = first_step_gradients(out)
+        train(text_data, out, '--max_steps=4', *one_process)
+        return gradients, step_records(out)
+    return reference
 
 
-@pytest.mark.parametrize('settings', [['--parallelism=ddp'], ['--parallelism=fsdp'], [
-    '--parallelism=fsdp', '--shard_teacher=True', '--activation_checkpointing=True']], ids=['ddp', 'fsdp', 'fsdp-more'])
-def test_two_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_data, slm_and_scores, files, settings,
-                                                                 one_process_salt_run):
+@pytest.mark.parametrize('model_size, settings', [
+    ('demo-student', ['--parallelism=ddp']), ('demo-student', ['--parallelism=fsdp']),
+    ('demo-student', ['--parallelism=fsdp', '--shard_teacher=True', '--activation_checkpointing=True']),
+    ('llama-demo-student', ['--parallelism=ddp']),
+    ('llama-demo-student', ['--parallelism=fsdp', '--activation_checkpointing=True'])],
+    ids=['ddp', 'fsdp', 'fsdp-more', 'llama-ddp', 'llama-fsdp'])
+def test_two_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_data, slm_and_scores, files,
+                                                                 model_size, settings, one_process_salt_run):
     """2 ranks x 1 micro-batch make the same steps as 1 process x 2 micro-batches, in both stages of SALT: the
     same global batches, the gradients averaged over all of them; and so does the 2-rank run resumed on 1 process
-    x 2 micro-batches. Compared where the summation order (the thread count, the CPU's BLAS) cannot matter: the
-    first step's gradients, and the losses. Not the weights after AdamW steps: Adam turns rounding noise in a
-    near-zero gradient into a step of about the learning rate, in either direction."""
-    salt_run = two_rank_salt_run(slm_and_scores, files)
+    x 2 micro-batches, for a GPT-2 student and a Llama one. Compared where the summation order (the thread count,
+    the CPU's BLAS) cannot matter: the first step's gradients, and the losses. Not the weights after AdamW steps:
+    Adam turns rounding noise in a near-zero gradient into a step of about the learning rate, in either
+    direction."""
+    salt_run = two_rank_salt_run(slm_and_scores, files, model_size)
     train(text_data, tmp_path / 'two', '--max_steps=1', *salt_run, '--grad_accum_steps=1', *settings, nproc=2)
     # each gradient element is a sum over the batch's 64 tokens, in an order that depends on the thread count and
     # the BLAS: float32 reassociation moves it by a few eps of the terms' size. 1000 eps of the tensor's largest
     # gradient is ~100x that; another batch, or gradients not averaged over the ranks, differ by ~its size.
-    (one, records_one), two = one_process_salt_run, first_step_gradients(tmp_path / 'two')
+    (one, records_one), two = one_process_salt_run(model_size), first_step_gradients(tmp_path / 'two')
     assert sorted(one) == sorted(two) and len(one) > 10
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1000 * EPS32 * one[name].abs().max().item(),
@@ -2301,6 +2362,12 @@ def user_errors(tmp_path, text_data, teacher, scores):
             ([f'--data_dir={truncated}'], [str(shard), 'truncated']),
             ([f'--teacher_ckpt={teacher}', f'--score_file={scores}', '--kd_steps=2', '--train_sequences=128'],
              [scores, 'n_sequences=256']),  # scored: 256 sequences
+            # shapes that do not divide, switches that do not go together
+            (['--n_kv_head=3'], ['n_kv_head=3: expected a divisor of n_head=4']),
+            (['--n_head=3'], ['n_embd=128: expected a multiple of n_head=3']),
+            (['--architecture=llama', '--n_embd=36', '--n_head=4'], ['rope rotates pairs of dimensions', 'not 9']),
+            (['--rope_theta=5.0'], ['rope_theta=5.0 is set but the positions are learned']),
+            (['--architecture=bert'], ["architecture='bert': expected"]), (['--bias=1'], ['expected a bool']),
             ([f'--teacher_ckpt={teacher}', '--kd_steps=2', '--block_size=32'],  # the SLM was trained on 16
              [teacher, "block_size 16 (the positions it was made for), shorter than the run's block_size 32"])]
     commands = [(['train.py', f'--data_dir={text_data}', f'--out_dir={tmp_path / str(i)}', '--model_size=demo-student',
@@ -2709,18 +2776,19 @@ def files(tmp_path_factory):
 BLOCK_SIZE = 256
 
 
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
+@pytest.fixture(scope='module', params=['gpt2'])
+def tiny(request, tmp_path_factory):
     """A tiny random GPT as a train.py checkpoint, and the model itself. Weights of std 1 instead of GPT-2's
-    0.02 make the log-probs differ clearly from ending to ending, so no score hangs on a near tie."""
+    0.02 make the log-probs differ clearly from ending to ending, so no score hangs on a near tie. A test that
+    asks for both families parametrizes `tiny` with 'gpt2' and 'llama' (indirect)."""
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK_SIZE)
+    config = GPTConfig.from_preset('demo-slm', request.param, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK_SIZE)
     model = GPT(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 1.0)
-    path = tmp_path_factory.mktemp('tiny') / 'ckpt'
-    save_gpt(model, path, run_id='tiny', step=0, tokenizer=GPT2)
+    path = tmp_path_factory.mktemp(f'tiny_{request.param}') / 'ckpt'
+    save_gpt(model, path, run_id=f'tiny_{request.param}', step=0, tokenizer=GPT2)
     return str(path), model.eval()
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3465,8 +3533,9 @@ def test_the_memory_plan_counts_the_rows_a_loss_chunk_really_has():
 # (dynamo's guards and the autograd graph) without its code generation, which would take minutes on a CPU.
 
 
-@pytest.mark.parametrize('scope, graphs', [('model', 5), ('blocks', 3)])
-def test_linear_kd_schedule_compiles_each_graph_once(scope, graphs):
+@pytest.mark.parametrize('scope, graphs, architecture', [('model', 5, 'gpt2'), ('blocks', 3, 'gpt2'),
+                                                         ('blocks', 3, 'llama')])
+def test_linear_kd_schedule_compiles_each_graph_once(scope, graphs, architecture):
     """A tiny student and teacher, compiled, through 3 steps of linear KD, 2 of plain training and an evaluation
     forward at each step. The graphs are the expected set. Whole models: the teacher's forward; the student's
     loss with a teacher and without one (stage 2), each with and without gradients. Per block: the teacher's
@@ -3477,7 +3546,7 @@ def test_linear_kd_schedule_compiles_each_graph_once(scope, graphs):
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    config = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32)
+    config = GPTConfig.from_preset('demo-slm', architecture, block_size=16, vocab_size=100, n_embd=32)
     student, teacher = GPT(config), GPT(GPTConfig(**{**vars(config), 'n_embd': 16})).requires_grad_(False)
     model, compiled_teacher = (compiled(m, scope, backend='aot_eager') for m in (student, teacher))
     x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
@@ -3662,9 +3731,11 @@ metric_list:
 """
 
 
+@pytest.mark.parametrize('tiny', ['gpt2', 'llama'], indirect=True)
 def test_lm_evaluation_harness_on_the_export_scores_as_evaluate_py(tiny, files, tmp_path):
-    """`lm_eval --model hf` on the export, offline, on a HellaSwag-format file of real text: its acc and acc_norm
-    are evaluate.py's on the checkpoint, and its log-likelihood of every ending is ours up to float summation."""
+    """`lm_eval --model hf` on the export (a GPT2LMHeadModel, a LlamaForCausalLM), offline, on a HellaSwag-format
+    file of real text: its acc and acc_norm are evaluate.py's on the checkpoint, and its log-likelihood of every
+    ending is ours up to float summation."""
     ckpt, _ = tiny
     export_hf.export(ckpt, str(tmp_path / 'hf'))
     (tmp_path / 'hellaswag_local.yaml').write_text(HELLASWAG_TASK.format(path=files['hellaswag']))
@@ -4170,6 +4241,6 @@ def test_the_memory_plan_counts_a_transformers_teachers_parameters_in_its_dtype(
         whole, sharded = plan['teacher (frozen, stage 1)']
         layer = sum(p.numel() for p in teacher.blocks()[0].parameters())
         assert whole == 2 * real and sharded == 2 * (real - 2 * layer) + 2 * layer + 2 * 2 * layer
-    result = run_script('model.py', '--student=demo-slm', f'--teacher={tmp_path / "m"}', '--batch_size=2',
+    result = run_script('memory.py', '--student=demo-slm', f'--teacher={tmp_path / "m"}', '--batch_size=2',
                         '--block_size=32', '--world_size=1', f'--vocab_size={vocab}')
     assert '| teacher (frozen, stage 1) |' in result.stdout

@@ -36,7 +36,8 @@ import salt
 import tokenizer
 from common import InputError, compute_init, end_job, fsdp_shard, git_commit, lock_for_the_job, report_input_errors
 from data import BatchLoader, TokenSequences
-from model import GPT, GPT2_NAMES, GPTConfig, compiled, memory_plan, memory_table, model_args, start_memory
+from memory import memory_plan, memory_table, start_memory
+from model import GPT, GPT2_NAMES, GPTConfig, compiled, model_args
 
 report_input_errors()  # bad input (a file, a key, a value) ends in one line naming it, not a traceback
 # ----------------------------------------------------------------------------------------------------------
@@ -51,8 +52,20 @@ train_sequences = 0          # train on the first N sequences only (0 = all), e.
 block_size = 128             # tokens per sequence
 batch_size = 8               # sequences per micro-batch per process
 grad_accum_steps = 1         # micro-batches per optimizer step per process
-# model
+# model: a preset's shape and architecture (model.PRESETS), any key below that is set (not None) overriding it
 model_size = 'demo-student'  # a preset of model.PRESETS
+architecture = ''            # 'gpt2' or 'llama' (model.ARCHITECTURES): the switches below together; '' = model_size's
+n_layer = None               # the shape: blocks, attention heads, width
+n_head = None
+n_embd = None
+n_kv_head = None             # grouped-query attention: key and value heads, a divisor of n_head
+positions = None             # 'learned' or 'rope'
+rope_theta = None            # rope's base (10000.0)
+norm = None                  # 'layernorm' or 'rmsnorm'
+mlp = None                   # 'gelu' or 'swiglu'
+mlp_hidden = None            # the MLP's inner width (4 n_embd for gelu, ~8/3 n_embd for swiglu)
+bias = None                  # biases in every Linear and LayerNorm
+tie_embeddings = None        # one matrix embeds tokens and scores them
 dropout = 0.0
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 max_steps = 600              # this job stops after this many steps
@@ -170,8 +183,7 @@ if checkpoint:
 elif init_from == 'resume':
     raise InputError(f"init_from=resume but {out_dir} holds no checkpoint")
 elif not pretrained:
-    model_config = GPTConfig.from_preset(model_size, block_size=block_size, dropout=dropout,
-                                         vocab_size=train_data.vocab_size)
+    model_config = configurator.student_config(config, vocab_size=train_data.vocab_size)
 if pretrained:
     model = GPT.from_pretrained(init_from).to(device)
 else:  # fsdp: shapes only, for now; ddp and one process: built on the device, its weights drawn on the CPU
@@ -209,7 +221,7 @@ if stage(step).teacher:  # frozen, in the compute dtype: its weights need no fp3
     teacher = salt.load_teacher(teacher_ckpt, device, data_tokenizer, block_size,
                                 dtype=None if dtype == 'float32' else getattr(torch, dtype))
     teacher_flops = teacher.forward_flops_per_token(block_size)  # for mfu_with_teacher
-if master:  # what this run should need per device, under ddp and fsdp (an estimate: model.memory_plan)
+if master:  # what this run should need per device, under ddp and fsdp (an estimate: memory.py)
     plan = memory_plan(model_config, teacher, tokens=batch_size * block_size,
                        world_size=world_size, compute_bytes=2 if dtype == 'bfloat16' else 4,
                        checkpointing=activation_checkpointing, shard_teacher=shard_teacher, device_type=device_type)
@@ -298,7 +310,8 @@ if master:
     metrics = checkpoint_manager.Metrics(out_dir, step, dict(
         type='header', run_id=run_id, resumed_at=step, config=config, git_commit=git_commit(),
         device=torch.cuda.get_device_name() if device_type == 'cuda' else 'cpu', torch=torch.__version__,
-        world_size=world_size, n_params=raw_model.num_params(), time=time.strftime('%Y-%m-%d %H:%M:%S'),
+        world_size=world_size, n_params=raw_model.num_params(), model_args=model_args(model_config),
+        time=time.strftime('%Y-%m-%d %H:%M:%S'),
         compile_choice=compile_choice,
         val_tokens=int(len(val_ids) * block_size),
         val_tokens_subsets={name: int(n) for name, n in zip(subset_names, val_tokens) if n}),

@@ -13,7 +13,7 @@
 #             torchrun --standalone --nproc_per_node=8 train.py config/pile_pythia.py \
 #                 --score_file=out/pile_pythia/scores.npy --out_dir=out/pile_pythia/salt_ds
 # The student, its batch and schedule are config/pile_student.py's (KD for the paper's 36K of 208K steps).
-# Memory (python model.py --student salt-2.8b --vocab_size 50277 --teacher /models/pythia-1.4b-deduped
+# Memory (python memory.py --student salt-2.8b --vocab_size 50277 --teacher /models/pythia-1.4b-deduped
 # --batch_size 8 --block_size 2048 --world_size 8): 55.1 GiB per 80 GB GPU under fsdp, of which the frozen teacher
 # (1.41B parameters in bf16) is 2.6 GiB; under ddp 93.5 GiB, which does not fit.
 from config.pile_student import *  # noqa: F401,F403
