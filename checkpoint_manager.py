@@ -35,9 +35,10 @@ RESUMABLE_CHANGES = {'out_dir', 'init_from', 'max_steps', 'eval_interval', 'eval
 # paths a resumed run compares by what they hold (fingerprints, kept in meta.pt as 'inputs'), not by name
 MOVABLE = {'data_dir': 'data', 'teacher_ckpt': 'teacher', 'score_file': 'SALT_DS selection'}
 # settings younger than some checkpoints, with the value the runs that wrote those had
-ADDED_SETTINGS = {'kd_loss': 'forward_kl', 'architecture': '', 'n_layer': None, 'n_head': None, 'n_embd': None,
-                  'n_kv_head': None, 'positions': None, 'rope_theta': None, 'norm': None, 'mlp': None,
-                  'mlp_hidden': None, 'bias': None, 'tie_embeddings': None}
+ADDED_SETTINGS = {'kd_loss': 'forward_kl', 'kd_end': 'steps', 'kd_token_weight': 'constant', 'architecture': '',
+                  'n_layer': None, 'n_head': None, 'n_embd': None, 'n_kv_head': None, 'positions': None,
+                  'rope_theta': None, 'norm': None, 'mlp': None, 'mlp_hidden': None, 'bias': None,
+                  'tie_embeddings': None}
 
 
 def checkpoint_paths(out_dir):
@@ -146,16 +147,19 @@ def verify_sizes(path, share=my_share):
             raise InputError(f"{file!r} is missing or shorter than {ends[name]} bytes: the checkpoint is damaged")
 
 
-def fingerprints(config, data_fingerprint, selected_ids, identify, meta=None):
-    """What a run reads, by content, {key of MOVABLE: a hash or an id}: a resumed run may find its data, teacher
-    or scores moved or copied elsewhere (a new path), not changed. identify(teacher) is a teacher's id
-    (salt.teacher_id); a teacher at the path it had is the same one and is not read again: stage 2 may have
-    deleted it."""
+def teacher_identity(config, meta, identify):
+    """The id of a run's teacher (identify: salt.teacher_id), '' for none. A teacher at the path the checkpoint's
+    run had is the one it trained with, whose id meta.pt keeps: it is not read again (stage 2 may have deleted
+    it)."""
     teacher = config['teacher_ckpt']
     if meta and meta['config']['teacher_ckpt'] == teacher:
-        teacher_id = meta['inputs']['teacher_ckpt']
-    else:
-        teacher_id = identify(teacher) if teacher else ''
+        return meta['inputs']['teacher_ckpt']
+    return identify(teacher) if teacher else ''
+
+
+def fingerprints(data_fingerprint, selected_ids, teacher_id):
+    """What a run reads, by content, {key of MOVABLE: a hash or an id}: a resumed run may find its data, teacher
+    or scores moved or copied elsewhere (a new path), not changed."""
     selection = hashlib.sha256(selected_ids.tobytes()).hexdigest() if selected_ids is not None else ''
     return dict(data_dir=data_fingerprint, score_file=selection, teacher_ckpt=teacher_id)
 

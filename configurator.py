@@ -14,7 +14,7 @@ import ast
 import os
 
 from common import InputError
-from kernels import DIVERGENCES
+from kernels import TOKEN_WEIGHTS, divergence
 from model import ARCHITECTURES, GPT2_NAMES, PRESETS, GPTConfig
 
 # the keys whose default is None, and the type of their values: the model's shape and switches (model.GPTConfig)
@@ -80,7 +80,9 @@ def check(c):
         ('train_sequences', c['train_sequences'] >= 0, '>= 0 (0 = all)'),
         ('kd_weight', 0 <= c['kd_weight'] <= 1, 'in [0, 1]'),
         ('teacher_temperature', c['teacher_temperature'] > 0, '> 0'),
-        ('kd_loss', c['kd_loss'] in DIVERGENCES, f"one of {', '.join(DIVERGENCES)} (kernels.DIVERGENCES)"),
+        ('kd_token_weight', c['kd_token_weight'] in TOKEN_WEIGHTS,
+         f"one of {', '.join(TOKEN_WEIGHTS)} (kernels.TOKEN_WEIGHTS)"),
+        ('kd_end', c['kd_end'] in ('steps', 'teacher'), "'steps' or 'teacher'"),
         ('select_fraction', 0 < c['select_fraction'] <= 1, 'in (0, 1]'),
         ('kd_schedule', c['kd_schedule'] in ('constant', 'linear'), "'constant' or 'linear'"),
         ('model_size', c['model_size'] in PRESETS, f"one of {', '.join(PRESETS)}"),
@@ -103,6 +105,10 @@ def check(c):
     for key, ok, expected in rules:
         if not ok:
             raise InputError(f"{key}={c[key]!r}: expected {expected}")
+    try:
+        divergence(c['kd_loss'])
+    except ValueError as error:  # names the divergence or the argument
+        raise InputError(str(error)) from error
     student_config(c)  # the model's keys together: a shape that does not divide, switches that do not go together
     if c['teacher_ckpt'] and not 0 < c['kd_steps'] <= steps:
         raise InputError(f"kd_steps={c['kd_steps']}: with a teacher, 0 < kd_steps <= the run's {steps} steps")

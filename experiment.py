@@ -10,7 +10,8 @@ and SALT_DS again on 70% of the steps (--short) -> a results table and val-loss 
 
 Every seed (--seeds, two by default) trains every run; the tables give each seed and the mean. An ablation
 `--ablate KEY=V1,V2,...` trains one more student per value and seed: SALT with --KEY=V, or SALT_DS for the
-selection's keys (top_k, select_fraction), and adds a table per KEY to the report.
+selection's keys (top_k, select_fraction), and adds a table per KEY to the report. A value may bring settings of
+its own after a '+': `--ablate kd_end=teacher+kd_steps=600` (the adaptive end of stage 1, at most 600 steps).
 
 Each step is an ordinary command (printed before it runs), so any of them can be rerun by hand. A step
 whose output already exists is skipped: rerunning after an interruption continues where it stopped, and
@@ -66,9 +67,11 @@ def python(nproc):
 
 
 def read_records(out_dir):
-    """metrics.jsonl's records; a run killed mid-write may have left half a last line, which is skipped."""
+    """metrics.jsonl's records; a run killed mid-write may have left half a last line, which is skipped. The KD term
+    is 'kd', which runs before that name logged as 'kl'."""
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f if line.endswith('\n')]
+        records = [json.loads(line) for line in f if line.endswith('\n')]
+    return [{**r, 'kd': r['kl']} if 'kl' in r and 'kd' not in r else r for r in records]
 
 
 def read_metrics(out_dir):
@@ -140,8 +143,9 @@ def planned_runs(args, slm_ckpt, score_files, student):
                 continue
             if key == 'top_k':
                 overrides = teacher + [f'--score_file={score_files[int(value)]}']
-            else:
-                overrides = runs[kind][1] + [f'--{key}={value}']
+            else:  # a value may bring settings of its own: kd_end=teacher+kd_steps=600
+                first, *more = value.split('+')
+                overrides = runs[kind][1] + [f'--{key}={first}'] + [f'--{setting}' for setting in more]
             runs[ablation_label(kind, key, value, current)] = (kind, overrides)
     return runs
 
@@ -323,26 +327,41 @@ def extra_tables(curves, runs, seeds, max_step, baseline_dir):
 
 
 def plot_curves(curves, costs, runs, path):
-    """Val loss vs step, and vs wall-clock where SALT runs start after the SLM (and SALT_DS after scoring).
-    Main runs only (ablations are in the tables); shorter-budget runs dashed."""
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = dict(baseline='tab:gray', salt='tab:blue', salt_ds='tab:orange')
+    """Three panels: each run's val loss minus the same seed's baseline's, against steps (the one to read first:
+    the 0.02-0.05 differences the tables report are lost in absolute curves), the val loss itself against steps,
+    and against wall-clock where SALT runs start after the SLM (and SALT_DS after scoring). One colour and one
+    legend entry per run: the mean over the seeds bold in the first panel, each seed a faint line; main runs only
+    (ablations are in the tables), the shorter-budget runs dashed."""
+    labels, seeds = main_labels(runs), sorted({seed for seed, _ in curves})
+    fig, (by_gap, by_step, by_time) = plt.subplots(1, 3, figsize=(19, 5))
+    palette = iter(plt.get_cmap('tab10').colors)
     shown = []
-    for (seed, label), curve in sorted(curves.items()):
-        if label not in main_labels(runs):
-            continue
-        kind = runs[label][0]
-        evals = [r for r in curve if r['step'] > 0]
-        losses = [r['val_loss'] for r in evals]
-        style = dict(color=colors[kind], linestyle='-' if label in RUNS else '--', label=f"{label} (seed {seed})")
-        by_step.plot([r['step'] for r in evals], losses, **style)
-        by_time.plot([costs[kind] + r['elapsed_s'] / 60 for r in evals], losses, **style)
-        shown += [r['val_loss'] for r in evals if r['step'] >= 0.15 * evals[-1]['step']]
+    for label in labels:
+        style = dict(color='0.4' if label == 'baseline' else next(palette), linestyle='-' if label in RUNS else '--')
+        gaps = []
+        for seed in seeds:
+            evals = [r for r in curves[(seed, label)] if r['step'] > 0]
+            baseline = {r['step']: r['val_loss'] for r in curves[(seed, 'baseline')]}
+            gaps.append({r['step']: r['val_loss'] - baseline[r['step']] for r in evals if r['step'] in baseline})
+            named = dict(label=label) if seed == seeds[0] else {}
+            if label != 'baseline':
+                by_gap.plot(list(gaps[-1]), list(gaps[-1].values()), alpha=0.3, linewidth=1, **style)
+            by_step.plot([r['step'] for r in evals], [r['val_loss'] for r in evals], alpha=0.7, **style, **named)
+            by_time.plot([costs[runs[label][0]] + r['elapsed_s'] / 60 for r in evals], [r['val_loss'] for r in evals],
+                         alpha=0.7, **style, **named)
+            shown += [r['val_loss'] for r in evals if r['step'] >= 0.15 * evals[-1]['step']]
+        if label != 'baseline':
+            steps = sorted(set.intersection(*map(set, gaps)))
+            by_gap.plot(steps, [np.mean([gap[s] for gap in gaps]) for s in steps], linewidth=2.5,
+                        label=f"{label} (mean of {len(seeds)} seeds)", **style)
+    by_gap.axhline(0.0, color='0.4', linewidth=1.5, label='baseline')
+    by_gap.set(xlabel='step', ylabel="val loss - the same seed's baseline's", title='against the baseline')
     by_step.set(xlabel='step', ylabel='val loss', title='val loss vs step')
     by_time.set(xlabel='wall-clock (min), the SLM and scoring included', ylabel='val loss', title='val loss vs time')
     low, high = min(shown), max(shown)  # from 15% of the steps on: the first evaluations would flatten the rest
-    for ax in (by_step, by_time):
-        ax.set_ylim(low - 0.05 * (high - low), high)
+    for ax in (by_gap, by_step, by_time):
+        if ax is not by_gap:
+            ax.set_ylim(low - 0.05 * (high - low), high)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

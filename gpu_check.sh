@@ -130,7 +130,7 @@ try:
     tiktoken.get_encoding('r50k_base')
 except Exception as error:
     sys.exit(f"the GPT-2 BPE file does not load ({type(error).__name__}): set TIKTOKEN_CACHE_DIR to a folder "
-             f"holding it (README, 'On a GPU'); TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR', 'unset')}")
+             f"holding it (docs/gpu.md); TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR', 'unset')}")
 from common import git_commit
 import kernels
 def version(name):

@@ -2,23 +2,31 @@
 The student's loss: its definition in plain PyTorch, and the fast implementation that training runs.
 
 SALT (arXiv 2410.18779) trains the student for the first kd_steps steps on, token by token,
-    (1 - w) * CE(softmax(z_s), next token) + w * D(softmax(z_t / tau), softmax(z_s))
+    (1 - w) * CE(softmax(z_s), next token) + w * D(softmax(z_t / tau), softmax(z_s))        (`mix`)
 with D = KL(teacher || student) in the paper, and on the CE alone afterwards. `salt_loss_reference` is that
 definition on full logits; D is `kd_loss`, a plain function of a chunk's log-probabilities: the paper's
-forward KL, the reverse KL and a Jensen-Shannon divergence below, or yours.
+forward KL, the reverse KL and a Jensen-Shannon divergence below, or yours, its parameters given in the name
+('jsd:beta=0.3'). w may vary by the token, w * g(teacher, target) (`kd_token_weight`: TOKEN_WEIGHTS).
 
 `salt_loss` computes the same loss and its gradients without ever holding the (tokens x vocab) logits, which
 dominate memory at V = 50257: per chunk of tokens it computes the logits (the LM head GEMM), each row's loss
 and d(loss)/d(logits), and turns them at once into grad_hidden[chunk] and a contribution to grad_weight. The
 gradients are computed in the forward; the backward only scales them by grad_output. The per-row step exists
 three ways (`impl`), each tested against the reference:
-- 'autograd': any divergence, its gradient by autograd on one chunk's logits;
+- 'autograd': any divergence and token weight, its gradient by autograd on one chunk's logits;
 - 'torch': the forward KL, its gradient derived by hand (below) and computed in place (the CPU's default);
 - 'triton': the same as a Triton kernel with an online softmax (the GPU's default).
+The two derived by hand are checked against the definition once per process, on a tiny input on the device,
+the first time they would be chosen (`disagreement`): one that disagrees there (an edited divergence, a kernel
+that misbehaves on that GPU or that Triton) is not used, and a line says so.
 """
 
+import ast
 import contextlib
+import functools
+import inspect
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -56,26 +64,74 @@ def jsd(log_p, log_q, targets, beta=0.5):
 DIVERGENCES = {'forward_kl': forward_kl, 'reverse_kl': reverse_kl, 'jsd': jsd}  # kd_loss names one of these
 
 
+def divergence(kd_loss):
+    """The divergence of a kd_loss: its name in DIVERGENCES, then its keyword arguments if it has any, 'jsd:beta=0.3'
+    (numbers as Python literals). A ValueError names what is wrong."""
+    name, _, arguments = kd_loss.partition(':')
+    if name not in DIVERGENCES:
+        raise ValueError(f"kd_loss={kd_loss!r}: the divergences are {', '.join(DIVERGENCES)} (kernels.DIVERGENCES)")
+    settable = list(inspect.signature(DIVERGENCES[name]).parameters)[3:]  # after log_p, log_q, targets
+    values = {}
+    for item in filter(None, arguments.split(',')):
+        key, _, text = item.partition('=')
+        if key not in settable:
+            raise ValueError(f"kd_loss={kd_loss!r}: {name} takes {', '.join(settable) or 'no arguments'}, not {key!r}")
+        try:
+            values[key] = ast.literal_eval(text)
+        except (SyntaxError, ValueError) as error:
+            raise ValueError(f"kd_loss={kd_loss!r}: {key}={text!r} is not a number") from error
+    return functools.partial(DIVERGENCES[name], **values)
+
+
+# A token's share of KD, w_t = w * g(log_q, targets), g a function of the teacher's log-probabilities (at tau) and
+# the targets, in [0, 1], no gradient: the paper's theory trades the soft labels' bias (where the teacher is
+# wrong) against their variance; these use them more where the teacher is sure, or right. kd_token_weight names one.
+def teacher_confidence(log_q, targets):
+    """The teacher's probability of its own first choice."""
+    return log_q.amax(-1).exp()
+
+
+def teacher_on_target(log_q, targets):
+    """The teacher's probability of the true next token: exp(-its CE)."""
+    return log_q.gather(-1, targets.clamp(min=0)[:, None])[:, 0].exp()
+
+
+TOKEN_WEIGHTS = {'constant': None, 'confidence': teacher_confidence, 'on_target': teacher_on_target}
+
+
+def mix(ce, kd, w):
+    """A token's loss from its two terms, the one definition every implementation computes: (1 - w) CE + w D (the
+    gradients derived by hand below are its derivative)."""
+    return (1 - w) * ce + w * kd
+
+
+def token_weights(kd_weight, kd_token_weight, log_q, targets):
+    """w, or w * g per row for a kd_token_weight other than 'constant' (TOKEN_WEIGHTS)."""
+    g = TOKEN_WEIGHTS[kd_token_weight]
+    return kd_weight if g is None else kd_weight * g(log_q, targets).detach()
+
+
 def salt_loss_reference(student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None, *,
                         kd_weight=0.0, temperature=1.0, vocab_size=None, ignore_index=-1,
-                        kd_loss='forward_kl'):
-    """(loss, ce, kd): the mean over the counted positions (target != ignore_index) of (1 - w) CE + w D, and
-    of its two terms, detached. Full (tokens, V) logits and autograd: what salt_loss must equal."""
+                        kd_loss='forward_kl', kd_token_weight='constant'):
+    """(loss, ce, kd): the mean over the counted positions (target != ignore_index) of (1 - w) CE + w D (`mix`),
+    and of its two terms, detached. Full (tokens, V) logits and autograd: what salt_loss must equal."""
     hidden, targets = student_hidden.reshape(-1, student_hidden.shape[-1]), targets.reshape(-1)
     vocab = vocab_size or student_weight.shape[0]  # the weights' rows beyond it only pad the vocabulary
     softmax_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, whatever the GEMM's
     log_p = F.log_softmax((hidden @ student_weight.T)[:, :vocab].to(softmax_dtype), dim=-1)
     ce = F.nll_loss(log_p, targets, ignore_index=ignore_index, reduction='none')
-    kd = torch.zeros_like(ce)
+    kd, w = torch.zeros_like(ce), kd_weight
     if teacher_hidden is not None:
         with torch.no_grad():
             teacher_logits = (teacher_hidden.reshape(len(targets), -1) @ teacher_weight.T)[:, :vocab]
             log_q = F.log_softmax(teacher_logits.to(log_p.dtype) / temperature, dim=-1)
-        kd = DIVERGENCES[kd_loss](log_p, log_q, targets)
+        kd = divergence(kd_loss)(log_p, log_q, targets)
+        w = token_weights(kd_weight, kd_token_weight, log_q, targets)
     valid = targets != ignore_index
     n_counted = valid.sum().clamp(min=1)
-    ce, kd = (ce * valid).sum() / n_counted, (kd * valid).sum() / n_counted
-    return (1 - kd_weight) * ce + kd_weight * kd, ce.detach(), kd.detach()
+    loss = (mix(ce, kd, w) * valid).sum() / n_counted
+    return loss, ((ce * valid).sum() / n_counted).detach(), ((kd * valid).sum() / n_counted).detach()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,20 +140,20 @@ def salt_loss_reference(student_hidden, student_weight, targets, teacher_hidden=
 
 def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None, *,
               kd_weight=0.0, temperature=1.0, vocab_size=None, ignore_index=-1, kd_loss='forward_kl',
-              chunk_size=None, impl=None, reduction='mean'):
+              kd_token_weight='constant', chunk_size=None, impl=None, reduction='mean'):
     """salt_loss_reference's (loss, ce, kd), chunk_size tokens at a time. student_hidden (N, H) or (B, T, H),
     student_weight (V_padded, H), targets (N,) or (B, T); the teacher's (N, H_t) and (V_padded_t, H_t) get no
-    gradients, and with them the KD term is computed (and returned) even if kd_weight is 0. impl: None
-    ('triton' on CUDA for the forward KL, 'autograd' for any other divergence, else 'torch'), 'torch',
-    'triton' or 'autograd'. reduction='none' (evaluation, no gradients): per position (ce, kd) shaped like
-    targets, 0 where ignored."""
+    gradients, and with them the KD term is computed (and returned) even if kd_weight is 0. impl: None (the
+    first of 'triton' on CUDA and 'torch' that agrees with the definition on this device, for the forward KL at
+    a constant w; else 'autograd'), 'torch', 'triton' or 'autograd'. reduction='none' (evaluation, no
+    gradients): per position (ce, kd) shaped like targets, 0 where ignored."""
     if torch.compiler.is_compiling() and student_hidden.device.type in _LOSS_OUTSIDE_COMPILE:
         return _LOSS_OUTSIDE_COMPILE[student_hidden.device.type](  # compile_loss_or_not found it cannot compile
             student_hidden, student_weight, targets, teacher_hidden, teacher_weight, kd_weight=kd_weight,
             temperature=temperature, vocab_size=vocab_size, ignore_index=ignore_index, kd_loss=kd_loss,
-            chunk_size=chunk_size, impl=impl, reduction=reduction)
+            kd_token_weight=kd_token_weight, chunk_size=chunk_size, impl=impl, reduction=reduction)
     _check_arguments(student_hidden, student_weight, targets, teacher_hidden, teacher_weight, kd_weight,
-                     temperature, vocab_size, kd_loss, reduction)
+                     temperature, vocab_size, kd_loss, kd_token_weight, reduction)
     hidden, positions = student_hidden.reshape(-1, student_hidden.shape[-1]), targets.shape
     targets = targets.reshape(-1).long()
     if teacher_hidden is not None:
@@ -108,8 +164,8 @@ def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teac
     # linear schedule) would be a guard, and each new value a recompilation of the whole forward
     kd_weight = torch.as_tensor(kd_weight, dtype=torch.float32, device=device)
     config = _LossConfig(
-        temperature=float(temperature), vocab_size=vocab_size or padded_vocab,
-        ignore_index=ignore_index, kd_loss=kd_loss, impl=_pick_impl(impl, kd_loss, device),
+        temperature=float(temperature), vocab_size=vocab_size or padded_vocab, ignore_index=ignore_index,
+        kd_loss=kd_loss, kd_token_weight=kd_token_weight, impl=_pick_impl(impl, kd_loss, kd_token_weight, device),
         chunk_size=chunk_size or default_chunk_size(len(hidden), hidden.shape[1], padded_vocab, device.type),
         autocast_dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
         else None)
@@ -130,7 +186,8 @@ def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teac
 _LOSS_OUTSIDE_COMPILE = {}  # device type -> salt_loss under torch.compiler.disable, where it could not be compiled
 
 
-def compile_loss_or_not(device, kd_loss='forward_kl', autocast_dtype=None, backend='inductor'):
+def compile_loss_or_not(device, kd_loss='forward_kl', autocast_dtype=None, backend='inductor',
+                        kd_token_weight='constant'):
     """Whether a whole-model torch.compile may compile salt_loss on `device`, decided once at start-up by
     compiling it (forward and backward, with a teacher, under the run's autocast) on a tiny input, where a
     failure costs seconds rather than the run: inductor has never seen some of what it holds (the Triton launch,
@@ -148,7 +205,8 @@ def compile_loss_or_not(device, kd_loss='forward_kl', autocast_dtype=None, backe
         teacher_hidden, teacher_weight = teacher_hidden.to(autocast_dtype), teacher_weight.to(autocast_dtype)
 
     def loss(*inputs):
-        return salt_loss(*inputs, kd_weight=torch.tensor(0.5, device=device), vocab_size=100, kd_loss=kd_loss)[0]
+        return salt_loss(*inputs, kd_weight=torch.tensor(0.5, device=device), vocab_size=100, kd_loss=kd_loss,
+                         kd_token_weight=kd_token_weight)[0]
     try:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             torch.compile(loss, backend=backend)(hidden, weight, targets, teacher_hidden, teacher_weight).backward()
@@ -160,9 +218,20 @@ def compile_loss_or_not(device, kd_loss='forward_kl', autocast_dtype=None, backe
     return "salt_loss is compiled with the model"
 
 
+def choice(device, kd_loss='forward_kl', kd_token_weight='constant'):
+    """What salt_loss runs on `device` for this loss, in words, each hand-derived path that would be chosen checked
+    first (disagreement): the line a run prints at start and keeps in its metrics header."""
+    device = torch.device(device)
+    impl = _pick_impl(None, kd_loss, kd_token_weight, device)
+    refused = [f"impl={path!r} is not used: {reason}" for (path, device_type), reason in _DISAGREEMENTS.items()
+               if reason and device_type == device.type]
+    return '; '.join([f"salt_loss runs impl={impl!r} for kd_loss={kd_loss!r}, kd_token_weight={kd_token_weight!r}",
+                      *refused])
+
+
 def describe_choices(device):
     """What salt_loss runs on `device` unless told otherwise, in words (for a benchmark's record)."""
-    impl = _pick_impl(None, 'forward_kl', device)
+    impl = _pick_impl(None, 'forward_kl', 'constant', device)
     version = f" (triton {triton.__version__})" if impl == 'triton' else ''
     gemm = ('16-bit GEMMs accumulate into fp32 (out_dtype)' if out_dtype_gemm(device)
             else '16-bit GEMMs round, then convert to fp32 (no out_dtype GEMM here)')
@@ -213,13 +282,14 @@ class _LossConfig:  # what stays the same for a whole run (kd_weight changes by 
     vocab_size: int
     ignore_index: int
     kd_loss: str
+    kd_token_weight: str
     chunk_size: int
     impl: str
     autocast_dtype: torch.dtype | None  # GEMM dtype forced by an enclosing autocast region
 
 
 def _check_arguments(student_hidden, student_weight, targets, teacher_hidden, teacher_weight, kd_weight,
-                     temperature, vocab_size, kd_loss, reduction):
+                     temperature, vocab_size, kd_loss, kd_token_weight, reduction):
     """A ValueError naming the argument that makes no sense. A tensor kd_weight (training, where it changes
     by the step) is the caller's to check: reading its value would sync and break a compiled graph."""
     if (teacher_hidden is None) != (teacher_weight is None):
@@ -237,25 +307,76 @@ def _check_arguments(student_hidden, student_weight, targets, teacher_hidden, te
     for name, value, ok, expected in [
             ('kd_weight', kd_weight, 0.0 <= kd_weight <= 1.0, 'in [0, 1]'),
             ('temperature', temperature, temperature > 0, 'positive'),
-            ('kd_loss', kd_loss, kd_loss in DIVERGENCES, f"one of {', '.join(DIVERGENCES)}"),
+            ('kd_token_weight', kd_token_weight, kd_token_weight in TOKEN_WEIGHTS,
+             f"one of {', '.join(TOKEN_WEIGHTS)}"),
             ('reduction', reduction, reduction in ('mean', 'none'), "'mean' or 'none'")]:
         if not ok:
             raise ValueError(f"{name} must be {expected}, got {value!r}")
+    divergence(kd_loss)  # a ValueError for a divergence or an argument that does not exist
 
 
-def _pick_impl(impl, kd_loss, device):
+def _pick_impl(impl, kd_loss, kd_token_weight, device):
+    """The row step: impl, checked; or, for impl=None, the first fast path that computes this loss and agrees with
+    the definition on this device (disagreement), else autograd, the definition's own derivative."""
+    by_hand = kd_loss == 'forward_kl' and kd_token_weight == 'constant'  # what the torch and triton paths compute
     if impl is None:
-        if kd_loss != 'forward_kl':
-            return 'autograd'
-        return 'triton' if device.type == 'cuda' and triton is not None else 'torch'
+        fast = (['triton'] if device.type == 'cuda' and triton is not None else []) + ['torch']
+        return next((path for path in fast if by_hand and disagreement(path, device) is None), 'autograd')
     if impl not in ('torch', 'triton', 'autograd'):
         raise ValueError(f"impl must be None, 'torch', 'triton' or 'autograd', got {impl!r}")
-    if impl != 'autograd' and kd_loss != 'forward_kl':
-        raise ValueError(f"impl={impl!r} computes the forward KL only: kd_loss={kd_loss!r} takes "
-                         f"impl='autograd'")
+    if impl != 'autograd' and not by_hand:
+        raise ValueError(f"impl={impl!r} computes the forward KL at a constant w only: kd_loss={kd_loss!r} with "
+                         f"kd_token_weight={kd_token_weight!r} takes impl='autograd'")
     if impl == 'triton' and triton is None:
         raise ValueError("impl='triton' but triton is not installed")
     return impl
+
+
+_DISAGREEMENTS = {}  # (impl, device type) -> None where the path computes the definition there, else why not
+
+
+def disagreement(impl, device):
+    """Why the hand-derived path `impl` does not compute the definition on `device` (None: it does), found once per
+    process, the first time it would be chosen: the loss and its gradients on a tiny input (96 tokens, a teacher,
+    ignored targets, w = 0.6, tau = 1.5) against salt_loss_reference's in float64. A path that disagrees, or
+    raises, is said to in one line on stderr and not chosen. Under torch.compile, where nothing can be tried,
+    the answer found before is used (train.py asks before it compiles), or the path is trusted."""
+    key = (impl, torch.device(device).type)
+    if key not in _DISAGREEMENTS:
+        if torch.compiler.is_compiling():
+            return None
+        # wherever the first call comes from: an evaluation under no_grad or inference_mode, an autocast region
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+            _DISAGREEMENTS[key] = _compare_with_the_definition(impl, torch.device(device))
+        if _DISAGREEMENTS[key]:
+            print(f"salt_loss: impl={impl!r} is not used on {key[1]}: {_DISAGREEMENTS[key]}", file=sys.stderr)
+    return _DISAGREEMENTS[key]
+
+
+def _compare_with_the_definition(impl, device):
+    generator = torch.Generator().manual_seed(0)
+    shapes = dict(student_hidden=(96, 16), student_weight=(128, 16), teacher_hidden=(96, 8), teacher_weight=(128, 8))
+    inputs = {name: torch.randn(shape, generator=generator, dtype=torch.float64) for name, shape in shapes.items()}
+    targets = torch.randint(0, 100, (96,), generator=generator)
+    targets[::7] = -1
+    settings = dict(vocab_size=100, temperature=1.5, kd_weight=0.6)
+    results = []
+    for dtype, run_on, loss_fn in ((torch.float64, 'cpu', salt_loss_reference), (torch.float32, device, salt_loss)):
+        x = {name: t.detach().to(run_on, dtype).requires_grad_(name.startswith('student'))
+             for name, t in inputs.items()}
+        extra = dict(impl=impl, chunk_size=32, kd_weight=torch.tensor(0.6, device=run_on)) if loss_fn is salt_loss \
+            else {}
+        try:
+            loss = loss_fn(**x, targets=targets.to(run_on), **{**settings, **extra})[0]
+            loss.backward()
+        except Exception as error:  # a kernel that does not compile or launch here: the reason, in a line
+            return f"it raised {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        results.append([t.detach().double().cpu() for t in (loss, x['student_hidden'].grad, x['student_weight'].grad)])
+    worst = max(((ours - want).abs().max() / want.abs().max()).item() for want, ours in zip(*results))
+    if not worst <= 1e-4:  # float32 rounding of a few hundred terms: ~1e-6; a wrong formula: ~1
+        return f"its loss or gradients are off the definition's (kernels.salt_loss_reference) by {worst:.2g} of " \
+               f"their size"
+    return None
 
 
 class _SaltLossFunction(torch.autograd.Function):
@@ -304,6 +425,7 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, kd_w
         grad_scale = 1.0 / n_counted.clamp(min=1).to(row_dtype)
         ce_sum = torch.zeros((), dtype=row_dtype, device=hidden.device)
         kd_sum = torch.zeros((), dtype=row_dtype, device=hidden.device)
+        mixed_sum = torch.zeros((), dtype=row_dtype, device=hidden.device)  # per-token weights: the loss itself
         grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=row_dtype, device=weight.device) if need_grad_weight else None
         chunk_rows = dict(torch=_rows_torch, triton=_rows_triton, autograd=_rows_autograd)[config.impl]
@@ -317,9 +439,11 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, kd_w
             if teacher_hidden is not None:
                 teacher_logits = _matmul(teacher_hidden[rows], teacher_weight.T, row_dtype)
             # logits := dloss/dlogits
-            ce, kd = chunk_rows(logits, teacher_logits, targets[rows], grad_scale, kd_weight, config)
+            ce, kd, w_rows = chunk_rows(logits, teacher_logits, targets[rows], grad_scale, kd_weight, config)
             ce_sum += ce.sum()
             kd_sum += kd.sum()
+            if w_rows is not None:
+                mixed_sum += mix(ce, kd, w_rows).sum()
             if per_row is not None:
                 per_row[0][rows], per_row[1][rows] = ce, kd
             del teacher_logits  # free before the backward GEMMs allocate
@@ -336,8 +460,8 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, kd_w
             if logits.is_cuda:
                 del logits, grad_logits
 
-        w = kd_weight.to(row_dtype)
-        loss = ((1.0 - w) * ce_sum + w * kd_sum) * grad_scale
+        constant = config.kd_token_weight == 'constant' or teacher_hidden is None
+        loss = (mix(ce_sum, kd_sum, kd_weight.to(row_dtype)) if constant else mixed_sum) * grad_scale
         return loss, ce_sum * grad_scale, kd_sum * grad_scale, grad_hidden, grad_weight
 
 
@@ -380,14 +504,14 @@ def _gemm_dtype(hidden, weight, config):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One chunk's rows: each returns the rows' CE and KD term (zero on ignored rows) and overwrites `logits` with
-# d(loss)/d(logits) / n_counted, zero in the padded columns.
+# One chunk's rows: each returns the rows' CE and KD term (zero on ignored rows) and their w (None: the constant
+# one), and overwrites `logits` with d(loss)/d(logits) / n_counted, zero in the padded columns.
 
 
 def _rows_autograd(logits, teacher_logits, targets, grad_scale, kd_weight, config):
     """Any divergence: the rows' loss as salt_loss_reference defines it, differentiated by autograd; only this
     chunk's (rows, V) tensors are ever alive."""
-    vocab, w = config.vocab_size, kd_weight.to(logits.dtype)
+    vocab, w, w_rows = config.vocab_size, kd_weight.to(logits.dtype), None
     valid = targets != config.ignore_index
     z = logits[:, :vocab].detach().requires_grad_()
     with torch.enable_grad():
@@ -396,11 +520,13 @@ def _rows_autograd(logits, teacher_logits, targets, grad_scale, kd_weight, confi
         kd = torch.zeros_like(ce)
         if teacher_logits is not None:
             log_q = F.log_softmax(teacher_logits[:, :vocab].div_(config.temperature), dim=-1)
-            kd = DIVERGENCES[config.kd_loss](log_p, log_q, targets)
-        grad, = torch.autograd.grad((1.0 - w) * ce + w * kd, z, torch.where(valid, grad_scale, 0.0))
+            kd = divergence(config.kd_loss)(log_p, log_q, targets)
+            if config.kd_token_weight != 'constant':
+                w = w_rows = token_weights(w, config.kd_token_weight, log_q, targets)
+        grad, = torch.autograd.grad(mix(ce, kd, w), z, torch.where(valid, grad_scale, 0.0))
     logits[:, :vocab] = grad
     logits[:, vocab:].zero_()
-    return torch.where(valid, ce.detach(), 0.0), torch.where(valid, kd.detach(), 0.0)
+    return torch.where(valid, ce.detach(), 0.0), torch.where(valid, kd.detach(), 0.0), w_rows
 
 
 def _rows_torch(logits, teacher_logits, targets, grad_scale, kd_weight, config):
@@ -431,7 +557,7 @@ def _rows_torch(logits, teacher_logits, targets, grad_scale, kd_weight, config):
     grad.scatter_add_(1, safe_targets, (w - 1.0).expand_as(lse))
     grad.mul_(torch.where(valid, grad_scale, 0.0).unsqueeze(1))
     logits[:, vocab:].zero_()
-    return torch.where(valid, ce, 0.0), torch.where(valid, kl, 0.0)
+    return torch.where(valid, ce, 0.0), torch.where(valid, kl, 0.0), None
 
 
 def _rows_triton(logits, teacher_logits, targets, grad_scale, kd_weight, config):
@@ -449,7 +575,7 @@ def _rows_triton(logits, teacher_logits, targets, grad_scale, kd_weight, config)
             config.vocab_size, padded_width, config.ignore_index, kd_weight, 1.0 / config.temperature,
             HAS_TEACHER=has_teacher, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
         )
-    return ce, kl
+    return ce, kl, None
 
 
 # Vocabulary block walked by one Triton program step. A module attribute so tests can shrink it

@@ -61,12 +61,12 @@ class Stage(NamedTuple):
     selection: bool   # the loader reads SALT_DS's selected sequences only (when the run has a selection)
 
 
-def stage_at(step, kd_steps, kd_weight, schedule='constant'):
-    """SALT's schedule at `step` (0-based): the one place that knows where stage 1 ends. Stage 1, steps
-    [0, kd_steps): KD from the teacher with weight kd_weight, constant (the paper's hard switch) or decaying
-    linearly towards 0 (schedule='linear'), on the selected sequences. Stage 2: plain next-token training on
-    every sequence, no teacher. A baseline is kd_steps = 0."""
-    if step >= kd_steps:
+def stage_at(step, kd_steps, kd_weight, schedule='constant', end=None):
+    """SALT's schedule at `step` (0-based). Stage 1, steps [0, end): KD from the teacher with weight kd_weight,
+    constant (the paper's hard switch) or decaying linearly towards 0 at kd_steps (schedule='linear'), on the
+    selected sequences; end is kd_steps unless stage 1 ended earlier (Schedule). Stage 2: plain next-token training
+    on every sequence, no teacher. A baseline is kd_steps = 0."""
+    if step >= (kd_steps if end is None else end):
         return Stage(kd_weight=0.0, teacher=False, selection=False)
     if schedule == 'constant':
         w = kd_weight
@@ -75,6 +75,43 @@ def stage_at(step, kd_steps, kd_weight, schedule='constant'):
     else:
         raise InputError(f"kd_schedule={schedule!r}: expected 'constant' or 'linear'")
     return Stage(kd_weight=w, teacher=w > 0, selection=True)
+
+
+class Schedule:
+    """What each step of a run does (at) and when its stage 1 ends: the one thing train.py's loop asks about the
+    method, kept in the checkpoint (state_dict), so a run resumed after stage 1 ended never loads the teacher.
+
+    kd_end='steps' (the paper's): stage 1 is the first kd_steps steps. kd_end='teacher': it ends at the first
+    evaluation where the student's val CE is at or below the teacher's on the same val set (teacher_val_ce,
+    measured once, at the start of stage 1: train.py), kd_steps being the limit. A change of when or how stage 1
+    ends is a change here; the loop follows whatever at() says."""
+
+    def __init__(self, kd_steps, kd_weight, kd_schedule='constant', kd_end='steps'):
+        if kd_end not in ('steps', 'teacher'):
+            raise InputError(f"kd_end={kd_end!r}: expected 'steps' or 'teacher'")
+        self.kd_steps, self.kd_weight, self.kd_schedule, self.kd_end = kd_steps, kd_weight, kd_schedule, kd_end
+        self.end = kd_steps  # the step stage 1 ends at
+        self.teacher_val_ce = None
+
+    def at(self, step):
+        return stage_at(step, self.kd_steps, self.kd_weight, self.kd_schedule, self.end)
+
+    def needs_teacher_val_ce(self, step):
+        return self.kd_end == 'teacher' and self.teacher_val_ce is None and step < self.end
+
+    def evaluated(self, step, val_ce):
+        """The student's val CE after `step` steps: with kd_end='teacher', stage 1 ends here if it is at or below
+        the teacher's. Returns whether it ended now."""
+        if self.kd_end == 'teacher' and step < self.end and val_ce <= self.teacher_val_ce:
+            self.end = step
+            return True
+        return False
+
+    def state_dict(self):
+        return dict(end=self.end, teacher_val_ce=self.teacher_val_ce)
+
+    def load_state_dict(self, state):
+        self.end, self.teacher_val_ce = state['end'], state['teacher_val_ce']
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ import common  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import kernels  # noqa: E402
+kernels.disagreement('torch', 'cpu')  # checked now, before any test replaces a row function
 import prepare  # noqa: E402
 import salt  # noqa: E402
 import sample  # noqa: E402
@@ -399,6 +400,7 @@ def pile_lines():
     return [json.dumps(d) for d in docs], docs
 
 
+@pytest.mark.slow
 def test_pile_zst_through_cli_decodes_back(tmp_path):
     lines, docs = pile_lines()
     shard = tmp_path / "00.jsonl.zst"
@@ -712,6 +714,7 @@ def kill_the_parent_alone(run):
     assert not any(map(is_running, workers)), 'a worker outlived its parent'
 
 
+@pytest.mark.slow
 def test_killed_tokenization_resumes_to_identical_files(pile, tmp_path):
     """SIGKILL the parent alone, as the OOM killer or a lost login may: its workers end with it, and the same
     command again resumes to the files of an uninterrupted run."""
@@ -758,6 +761,7 @@ def brute_force_domains(data_dir, split, block_size, subsets_of_documents):
     return documents, [subsets_of_documents[document_of_token[t]] for t in first_tokens]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('split, block_size', [('train', 64), ('train', 1000), ('val', 100)])
 def test_domains_are_the_subsets_of_the_documents(pile, split, block_size):
     paths, contents, whole = pile
@@ -775,6 +779,7 @@ def test_domains_are_the_subsets_of_the_documents(pile, split, block_size):
     assert pool.domains()[0].tolist() == domains[:len(pool)].tolist()
 
 
+@pytest.mark.slow
 def test_output_shards_follow_the_inputs(pile):
     """Names are {split}_{input:03d}{part:03d}; some shards begin inside a document continued from the previous
     one (the case domains() carries a subset over), and each side file points at the EOTs of its shard."""
@@ -808,6 +813,7 @@ def test_in_process_sources_have_subsets(tmp_path):
     assert names == ['text'] and not domains.any()
 
 
+@pytest.mark.slow
 def test_domains_without_side_files_says_to_retokenize(tmp_path, pile):
     prepare.write_bin(str(tmp_path / 'train_000000.bin'), np.arange(1000))  # a directory of an older tokenizer
     with pytest.raises(ValueError, match='re-tokenize') as e:
@@ -839,6 +845,7 @@ def test_out_of_vocab_tokens_are_caught_without_reading_every_token(tmp_path):
     assert path in str(e.value) and f'sequence {bad}' in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_bad_input_names_its_file_and_line(tmp_path):
     paths, _ = write_pile_inputs(str(tmp_path), (5, 5))
     with open(paths[1], 'wb') as f:
@@ -927,6 +934,7 @@ def subset(roots, key):
     return rel.split('/')[0] if '/' in rel else os.path.basename(roots[index])
 
 
+@pytest.mark.slow
 def test_tree_decodes_to_the_files_in_order_split_by_file(tree):
     roots, expected, _, whole = tree
     assert len(expected) > 40 and {os.path.splitext(rel)[1] for _, rel in expected} == {'.py', '.md', '.rst', '.txt'}
@@ -942,6 +950,7 @@ def test_tree_decodes_to_the_files_in_order_split_by_file(tree):
     assert 10 < len(meta['inputs']) <= -(-candidates // TREE_INPUT_BYTES) < len(meta['splits']['train']['shards'])
 
 
+@pytest.mark.slow
 def test_tree_meta_says_what_was_read_and_skipped(tree):
     roots, expected, skipped, whole = tree
     meta = json.load(open(os.path.join(whole, 'meta.json')))
@@ -956,6 +965,7 @@ def test_tree_meta_says_what_was_read_and_skipped(tree):
         k: (len(v), v) for k, v in skipped.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('split, block_size', [('train', 64), ('train', 1000), ('val', 50)])
 def test_tree_domains_are_the_top_level_packages(tree, split, block_size):
     roots, expected, _, whole = tree
@@ -968,6 +978,7 @@ def test_tree_domains_are_the_top_level_packages(tree, split, block_size):
     assert {subset(roots, key) for key in expected} == set(json.load(open(os.path.join(whole, 'meta.json')))['subsets'])
 
 
+@pytest.mark.slow
 def test_tree_does_not_depend_on_listing_order_or_workers(tree, tmp_path, monkeypatch):
     roots, _, _, whole = tree
     walked, listing = prepare.tree_files(roots, TREE_INCLUDE, TREE_EXCLUDE), next(os.walk(roots[0]))[2]
@@ -1017,6 +1028,7 @@ def test_tree_inputs_are_bounded_and_contiguous():
     assert prepare._tree_inputs(huge, 1000) == [huge[:2], huge[2:]]  # by their first bytes; no empty input
 
 
+@pytest.mark.slow
 def test_max_bytes_takes_the_first_files_of_the_order_within_the_budget(tree, tmp_path):
     """--max_bytes N: the files of the tree's order while their sizes add up to at most N, then none; meta.json
     records N and what it left out. A budget the first file alone exceeds is a one-line error."""
@@ -1043,6 +1055,7 @@ def test_max_bytes_takes_the_first_files_of_the_order_within_the_budget(tree, tm
     assert '\n' not in str(error.value)
 
 
+@pytest.mark.slow
 def test_killed_tree_tokenization_resumes_to_identical_files(tree, tmp_path):
     """SIGKILL the parent alone: its workers end with it, and the same command again resumes to the files of an
     uninterrupted run."""
@@ -1101,6 +1114,7 @@ def test_unreadable_files_are_skipped(tmp_path):
     assert meta['source']['files'] == len(glob.glob(str(root / 'json' / '*.py')))
 
 
+@pytest.mark.slow
 def test_bad_tree_commands_are_one_line_errors(tmp_path):
     (tmp_path / 'pkg').mkdir()
     (tmp_path / 'pkg' / 'a.py').write_text('x = 1\n')
@@ -1198,7 +1212,7 @@ def precision_inputs(x, precision):
     return inputs, torch.autocast(device, dtype=torch.bfloat16, enabled=precision == 'autocast')
 
 
-def reference(x, kd_weight, temperature, kd_loss, operand_dtype, rows_per_block=1024):
+def reference(x, kd_weight, temperature, kd_loss, operand_dtype, rows_per_block=1024, kd_token_weight='constant'):
     """(loss, ce, kd, grad_hidden, grad_weight) in float64 by kernels.salt_loss_reference from the GEMM operands as
     the GEMMs see them (bf16 under autocast), a block of rows at a time (16384 rows of float64 logits take 6.6 GB
     a buffer): each block's mean, weighted by its share of the counted rows."""
@@ -1213,7 +1227,8 @@ def reference(x, kd_weight, temperature, kd_loss, operand_dtype, rows_per_block=
         share = (targets[rows] != -1).sum() / n_counted
         loss, ce, kd = kernels.salt_loss_reference(
             hidden[rows], weight, targets[rows], None if teacher_hidden is None else teacher_hidden[rows],
-            teacher_weight, kd_weight=kd_weight, temperature=temperature, vocab_size=vocab, kd_loss=kd_loss)
+            teacher_weight, kd_weight=kd_weight, temperature=temperature, vocab_size=vocab, kd_loss=kd_loss,
+            kd_token_weight=kd_token_weight)
         (share * loss).backward()
         total += share * torch.stack([loss.detach(), ce, kd])
     return (*total, hidden.grad, weight.grad)
@@ -1236,18 +1251,19 @@ def use_impl(impl, device, monkeypatch):
         monkeypatch.setattr(kernels, f'_rows_{other}', fail)
 
 
-def check_against_reference(x, impl, precision, kd_weight, temperature, kd_loss='forward_kl', grad_tolerance=None):
+def check_against_reference(x, impl, precision, kd_weight, temperature, kd_loss='forward_kl', grad_tolerance=None,
+                            kd_token_weight='constant'):
     """salt_loss's (loss, ce, kd) and gradients against the reference's; the padded vocabulary rows and the
     ignored positions get exactly zero gradient. Returns salt_loss's (loss, ce, kd)."""
     inputs, region = precision_inputs(x, precision)
     vocab, chunk = (KERNEL_SIZES[x['targets'].device.type][i] for i in (0, 5))
     with region:
         loss, ce, kd = salt_loss(**inputs, kd_weight=kd_weight, temperature=temperature, vocab_size=vocab,
-                                 kd_loss=kd_loss, chunk_size=chunk, impl=impl)
+                                 kd_loss=kd_loss, chunk_size=chunk, impl=impl, kd_token_weight=kd_token_weight)
     leaves = (inputs['student_hidden'], inputs['student_weight'])
     grads = torch.autograd.grad(loss, leaves)
     operand_dtype = torch.bfloat16 if precision in ('bf16', 'autocast') else inputs['student_hidden'].dtype
-    want = reference(inputs, kd_weight, temperature, kd_loss, operand_dtype)
+    want = reference(inputs, kd_weight, temperature, kd_loss, operand_dtype, kd_token_weight=kd_token_weight)
     rtol, default_grad_tolerance = TOLERANCES[precision]
     grad_tolerance = grad_tolerance or default_grad_tolerance
     assert not ce.requires_grad and not kd.requires_grad
@@ -1382,8 +1398,12 @@ def test_teacher_gets_no_gradient():
 
 @pytest.mark.parametrize('arguments, message', [
     (dict(teacher=False, kd_weight=0.5), 'kd_weight=0.5 needs a teacher'), (dict(kd_weight=1.5), 'kd_weight must be'),
-    (dict(temperature=0.0), 'temperature must be positive'), (dict(kd_loss='cosine'), "kd_loss must be one of"),
-    (dict(kd_loss='jsd', impl='torch'), "impl='torch' computes the forward KL only"),
+    (dict(temperature=0.0), 'temperature must be positive'),
+    (dict(kd_loss='cosine'), "kd_loss='cosine': the divergences are forward_kl, reverse_kl, jsd"),
+    (dict(kd_loss='jsd:alpha=2'), "jsd takes beta, not 'alpha'"), (dict(kd_loss='jsd:beta=x'), "beta='x' is not a"),
+    (dict(kd_loss='jsd', impl='torch'), "impl='torch' computes the forward KL at a constant w only"),
+    (dict(kd_token_weight='confidence', impl='triton'), "impl='triton' computes the forward KL at a constant w"),
+    (dict(kd_token_weight='entropy'), 'kd_token_weight must be one of constant, confidence, on_target'),
     (dict(impl='cuda'), 'impl must be'), (dict(vocab_size=129), 'vocab_size=129 exceeds the 128 rows')])
 def test_arguments_that_make_no_sense_are_refused(arguments, message):
     arguments = dict(dict(teacher=True, kd_weight=0.5), **arguments)
@@ -1501,6 +1521,80 @@ def test_divergences_follow_their_definitions():
         torch.testing.assert_close(divergence(log_p, log_p, None), torch.zeros(50, dtype=torch.float64))
 
 
+@pytest.mark.parametrize('device, precision', [case('cpu', 'fp64')] + [case('cuda', p) for p in PRECISIONS])
+@pytest.mark.parametrize('kd_token_weight', [name for name in kernels.TOKEN_WEIGHTS if name != 'constant'])
+def test_every_token_weight_matches_the_reference(device, precision, kd_token_weight, fp32_matmul_precision):
+    """w_t = w * g(teacher, target) (kernels.TOKEN_WEIGHTS): the chunked loss and its gradients against the
+    definition on full logits; chosen without an impl, it runs the autograd rows, the fast paths refusing it. It
+    is another loss than the constant w's, a token's weight the teacher's probability computed by hand here."""
+    fp32_matmul_precision('highest')
+    x = make_inputs(device)
+    loss, _, _ = check_against_reference(x, None, precision, 0.75, 1.5, kd_token_weight=kd_token_weight)
+    assert kernels._pick_impl(None, 'forward_kl', kd_token_weight, torch.device(device)) == 'autograd'
+    constant, _, _ = check_against_reference(x, 'autograd', precision, 0.75, 1.5)
+    assert abs(loss.item() - constant.item()) > 1e-3
+    with torch.no_grad():  # g itself, on the teacher's distribution at tau = 1.5
+        hidden, weight = x['teacher_hidden'].double(), x['teacher_weight'].double()
+        q = torch.softmax((hidden @ weight.T)[:, :KERNEL_SIZES[device][0]] / 1.5, dim=-1)
+        targets = x['targets'].clamp(min=0)
+        g = q.amax(-1) if kd_token_weight == 'confidence' else q.gather(1, targets[:, None])[:, 0]
+        torch.testing.assert_close(kernels.TOKEN_WEIGHTS[kd_token_weight](q.log(), x['targets']), g)
+
+
+def test_a_divergence_takes_its_parameters_in_its_name():
+    """kd_loss='jsd:beta=0.3' is jsd with beta 0.3, in the reference and the chunked loss alike; and the loss with
+    it differs from the default beta's."""
+    generator = torch.Generator().manual_seed(0)
+    log_p, log_q = (torch.log_softmax(torch.randn(8, 20, generator=generator, dtype=torch.float64), -1)
+                    for _ in range(2))
+    torch.testing.assert_close(kernels.divergence('jsd:beta=0.3')(log_p, log_q, None),
+                               kernels.jsd(log_p, log_q, None, beta=0.3))
+    x = make_inputs('cpu')
+    loss, _, _ = check_against_reference(x, 'autograd', 'fp64', 0.5, 1.0, kd_loss='jsd:beta=0.3')
+    default, _, _ = check_against_reference(x, 'autograd', 'fp64', 0.5, 1.0, kd_loss='jsd')
+    assert abs(loss.item() - default.item()) > 1e-4
+
+
+def skewed_kl(log_p, log_q, targets):
+    """A researcher's edit of forward_kl in place: half forward, half reverse."""
+    return 0.5 * (log_q.exp() * (log_q - log_p)).sum(-1) + 0.5 * (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def test_a_hand_derived_path_that_disagrees_with_the_definition_is_not_used(monkeypatch, capfd):
+    """Edit forward_kl in place, as a researcher changing the method would: the name still points at the torch path,
+    whose gradient was derived for the old formula. Checked once, the first time salt_loss would choose it, it
+    disagrees, a line says so, and the loss runs the autograd rows of the edited divergence, equal to the
+    reference. Unedited, the torch path is chosen and nothing is said."""
+    monkeypatch.setattr(kernels, '_DISAGREEMENTS', {})
+    x = make_inputs('cpu')
+    check_against_reference(x, None, 'fp64', 0.5, 1.0)
+    assert kernels.choice('cpu') == "salt_loss runs impl='torch' for kd_loss='forward_kl', kd_token_weight='constant'"
+    assert capfd.readouterr().err == ''
+    monkeypatch.setitem(kernels.DIVERGENCES, 'forward_kl', skewed_kl)
+    monkeypatch.setattr(kernels, '_DISAGREEMENTS', {})
+    check_against_reference(x, None, 'fp64', 0.5, 1.0)  # the edited definition, by the autograd rows
+    check_against_reference(x, None, 'fp64', 0.5, 1.0)
+    lines = capfd.readouterr().err.splitlines()
+    assert lines == ["salt_loss: impl='torch' is not used on cpu: its loss or gradients are off the definition's "
+                     + lines[0].split("definition's ")[1]]  # once, however often it is called
+    assert kernels.choice('cpu').startswith("salt_loss runs impl='autograd' for kd_loss='forward_kl'")
+    assert "impl='torch' is not used" in kernels.choice('cpu')
+
+
+@pytest.mark.parametrize('context', ['no_grad', 'inference_mode', 'autocast'])
+def test_the_check_holds_wherever_the_first_loss_is_computed(monkeypatch, capfd, context):
+    """The first salt_loss of a run may be an evaluation (no gradients; the teacher's val CE of kd_end='teacher')
+    or sit in a bfloat16 autocast region: the check still compares the path's gradients with the definition's in
+    float32, and the torch path is chosen."""
+    monkeypatch.setattr(kernels, '_DISAGREEMENTS', {})
+    region = dict(no_grad=torch.no_grad, inference_mode=torch.inference_mode,
+                  autocast=lambda: torch.autocast('cpu', dtype=torch.bfloat16))[context]
+    with region():
+        assert kernels.disagreement('torch', 'cpu') is None
+    assert kernels.choice('cpu') == "salt_loss runs impl='torch' for kd_loss='forward_kl', kd_token_weight='constant'"
+    assert capfd.readouterr().err == ''
+
+
 COMPILE_FOR_SM90 = """
 import triton, kernels
 from triton.backends.compiler import GPUTarget
@@ -1514,6 +1608,7 @@ for has_teacher in (True, False):
 """
 
 
+@pytest.mark.slow
 def test_triton_kernel_compiles_for_gpu():
     """The interpreter accepts things the compiler rejects (e.g. loop-carried type changes):
     compile for an H100 (no GPU needed), in a subprocess because this one interprets."""
@@ -1526,6 +1621,7 @@ def test_triton_kernel_compiles_for_gpu():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_training_with_salt_loss_tracks_the_reference_loss():
     """120 steps of a tiny GPT, KD from a teacher for the first 60: the fused loss and the reference (full
     logits, autograd) give the same loss curve in fp32, up to rounding."""
@@ -1658,6 +1754,27 @@ def test_grad_weight_sums_bf16_products_in_place(device):
 # salt: schedule, scores, selection
 
 
+def test_the_schedule_ends_stage_1_where_the_student_catches_its_teacher():
+    """salt.Schedule with kd_end='teacher': stage 1 ends at the first evaluation where the student's val CE is at
+    or below the teacher's (then every later step is stage 2, as after kd_steps), kd_steps the limit; its state
+    goes into and out of a checkpoint."""
+    schedule = salt.Schedule(6, 0.6, kd_end='teacher')
+    assert schedule.needs_teacher_val_ce(0) and [schedule.at(s).teacher for s in range(7)] == [True] * 6 + [False]
+    schedule.teacher_val_ce = 3.0
+    assert not schedule.evaluated(2, 3.1) and schedule.at(3).teacher  # not yet
+    assert schedule.evaluated(4, 3.0)  # at the teacher's: the end
+    assert [schedule.at(s) for s in (3, 4, 5)] == [salt.Stage(0.6, True, True)] + [salt.Stage(0.0, False, False)] * 2
+    assert not schedule.evaluated(6, 2.0) and schedule.end == 4
+    resumed = salt.Schedule(6, 0.6, kd_end='teacher')
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.end == 4 and not resumed.needs_teacher_val_ce(4) and not resumed.at(4).teacher
+    fixed = salt.Schedule(6, 0.6)
+    fixed.teacher_val_ce = 3.0
+    assert not fixed.evaluated(2, 1.0) and fixed.end == 6  # kd_end='steps': evaluations change nothing
+    with pytest.raises(ValueError, match="kd_end='soon'"):
+        salt.Schedule(6, 0.6, kd_end='soon')
+
+
 def test_the_stage_switches_at_kd_steps():
     """Stage 1: w, the teacher, the selection; stage 2 from kd_steps on: none of them. A baseline: kd_steps = 0."""
     stages = [salt.stage_at(s, 3, 0.6) for s in range(5)]
@@ -1740,6 +1857,7 @@ def step_records(out_dir):
         return {r['step']: r for r in map(json.loads, f) if 'step' in r and 'loss' in r}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model_size', ['demo-student', 'llama-demo-student'])
 def test_resume_reproduces_uninterrupted_salt_ds_run(tmp_path, text_data, slm_and_scores, model_size):
     """Stop in stage 1, resume across the KD -> plain switch, stop in stage 2, resume to the end: the
@@ -1763,7 +1881,7 @@ def test_resume_reproduces_uninterrupted_salt_ds_run(tmp_path, text_data, slm_an
     whole, pieces = step_records(tmp_path / 'whole'), step_records(tmp_path / 'pieces')
     assert sorted(whole) == sorted(pieces) == list(range(1, 9))
     for step in whole:
-        for key in ('loss', 'ce', 'kl', 'kd_weight'):
+        for key in ('loss', 'ce', 'kd', 'kd_weight'):
             assert whole[step][key] == pieces[step][key], (step, key)
     assert whole[4]['val_loss'] == pieces[4]['val_loss'] and whole[8]['val_loss'] == pieces[8]['val_loss']
     # the wall-clock goes on across a resume instead of starting again from zero
@@ -1771,7 +1889,41 @@ def test_resume_reproduces_uninterrupted_salt_ds_run(tmp_path, text_data, slm_an
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
     # the schedule: KD (w > 0, a KL is measured) for steps 1..4, plain CE afterwards
     assert [whole[s]['kd_weight'] for s in range(1, 9)] == [0.667] * 4 + [0.0] * 4
-    assert all(whole[s]['kl'] > 0 for s in range(1, 5)) and all(whole[s]['kl'] == 0 for s in range(5, 9))
+    assert all(whole[s]['kd'] > 0 for s in range(1, 5)) and all(whole[s]['kd'] == 0 for s in range(5, 9))
+
+
+@pytest.mark.slow
+def test_kd_end_teacher_ends_stage_1_where_the_student_catches_its_teacher(tmp_path, text_data):
+    """kd_end='teacher' with a teacher the student passes by its first evaluation (one of almost no training): the
+    SALT_DS run's stage 1 ends at step 2, kd_steps=6 only the limit, and from there the run is, step for step, the
+    one with kd_steps=2 (the same selection first, then every sequence from epoch 0). Stopped after the end and
+    resumed with the teacher gone, it goes on to the same losses, without loading it."""
+    weak, scores = tmp_path / 'weak', str(tmp_path / 'weak_scores.npy')
+    train(text_data, weak, '--model_size=demo-slm', '--max_steps=1', '--learning_rate=1e-8', '--min_lr=0.0',
+          '--warmup_steps=0')
+    run_script('salt.py', 'score', f'--ckpt={weak / "ckpt"}', f'--data_dir={text_data}', '--block_size=16',
+               '--max_sequences=256', f'--out={scores}', '--batch_size=32')
+    salt_ds = [f'--teacher_ckpt={weak / "ckpt"}', f'--score_file={scores}', '--train_sequences=256',
+               '--select_fraction=0.5', '--eval_interval=2', '--lr_decay_steps=6', '--ckpt_interval=2']
+    runs = {name: ['train.py', f'--data_dir={text_data}', f'--out_dir={tmp_path / name}', '--model_size=demo-student',
+                   *TINY, *salt_ds, *extra] for name, extra in (
+        ('adaptive', ['--kd_steps=6', '--kd_end=teacher', '--max_steps=6']),
+        ('fixed', ['--kd_steps=2', '--max_steps=6']),
+        ('pieces', ['--kd_steps=6', '--kd_end=teacher', '--max_steps=4']))}
+    results = run_scripts(runs)
+    for name, result in results.items():
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+    assert "the teacher's val CE" in results['adaptive'].stdout
+    assert "step 2: the student's val CE" in results['adaptive'].stdout
+    assert 'stage 1 ends here' in results['adaptive'].stdout
+    shutil.move(weak, tmp_path / 'moved_away')  # a resumed run in stage 2 needs no teacher
+    train(text_data, tmp_path / 'pieces', *salt_ds, '--kd_steps=6', '--kd_end=teacher', '--max_steps=6')
+    adaptive, fixed, pieces = (step_records(tmp_path / name) for name in ('adaptive', 'fixed', 'pieces'))
+    assert [adaptive[s]['kd_weight'] for s in range(1, 7)] == [0.667] * 2 + [0.0] * 4
+    for step in range(1, 7):
+        for key in ('loss', 'ce', 'kd'):
+            assert adaptive[step][key] == fixed[step][key] == pieces[step][key], (step, key)
+    assert checkpoint_manager.read_meta(str(tmp_path / 'pieces' / 'ckpt'))['schedule']['end'] == 2
 
 
 # float32's machine epsilon: the unit of the tolerances below
@@ -1823,6 +1975,7 @@ def one_process_salt_run(tmp_path_factory, text_data, slm_and_scores, files):
     return reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model_size, settings', [
     ('demo-student', ['--parallelism=ddp']), ('demo-student', ['--parallelism=fsdp']),
     ('demo-student', ['--parallelism=fsdp', '--shard_teacher=True', '--activation_checkpointing=True']),
@@ -1858,7 +2011,7 @@ def test_two_ranks_equal_one_process_with_two_accumulation_steps(tmp_path, text_
         assert sorted(records) == [1, 2, 3, 4], name
         for step in records_one:
             # eps-sized reassociation, and Adam's noise: second order (the accuracies, argmaxes, are left out)
-            keys = ('loss', 'ce', 'kl', 'val_loss', 'lambada/ppl')  # the last two at the evaluations only
+            keys = ('loss', 'ce', 'kd', 'val_loss', 'lambada/ppl')  # the last two at the evaluations only
             logged = [key for key in keys if key in records_one[step]]
             assert [key for key in keys if key in records[step]] == logged and len(logged) >= 3, (name, step)
             for key in logged:
@@ -1878,6 +2031,7 @@ def uninterrupted_fsdp_salt_run(tmp_path_factory, text_data, slm_and_scores):
     return step_records(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kill', ['job', 'launcher'])
 def test_fsdp_killed_anywhere_resumes_to_the_uninterrupted_losses(kill, tmp_path, text_data, slm_and_scores,
                                                                   uninterrupted_fsdp_salt_run):
@@ -1944,6 +2098,7 @@ torch.save(dict(weights={{name: p.full_tensor() for name, p in model.named_param
 """
 
 
+@pytest.mark.slow
 def test_fsdp_ranks_draw_their_shards_of_the_whole_builds_weights(tmp_path):
     """Under fsdp no rank holds the whole student: each draws its shards (GPT.init_weights). Gathered, they are the
     weights of the GPT built whole from the same seed (what ddp and 1 process train), bit for bit, with the
@@ -1996,6 +2151,7 @@ def test_the_loss_runs_in_the_autocast_dtype(monkeypatch):
     assert model.lm_head.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_memory_plan_is_printed_and_adds_up(tmp_path, text_data):
     result = train(text_data, tmp_path, '--max_steps=2', '--ckpt_interval=0')
     assert '| per device (estimate) | ddp | fsdp over 1 |' in result.stdout and '| total |' in result.stdout
@@ -2023,6 +2179,7 @@ def test_the_memory_plan_shows_that_no_fsdp_rank_holds_the_whole_student_at_star
     assert lines[-1] == '| at start, building the student (not in the total) | 9.9 GiB | 1.7 GiB |'
 
 
+@pytest.mark.slow
 def test_val_loss_per_subset_and_few_shot_tasks_are_logged(tmp_path, pile, files):
     """Each evaluation logs the val loss of each data subset (their token-weighted mean is the val loss) and the
     few-shot tasks' scores."""
@@ -2066,6 +2223,7 @@ def test_experiment_tables_per_subset_and_task_pair_runs_by_seed():
     assert tasks[0] == '| run | hellaswag/acc_norm |' and tasks[3] == '| salt | 0.3500 |'
 
 
+@pytest.mark.slow
 def test_experiment_writes_table_and_plot(tmp_path, text_data):
     """The whole pipeline of experiment.py at toy size: SLM -> scores -> baseline, SALT, SALT_DS and two
     ablations -> report."""
@@ -2112,6 +2270,7 @@ def test_experiment_writes_table_and_plot(tmp_path, text_data):
     assert '[run]' not in rerun.stdout and rerun.stdout.count('[skip]') == 10
 
 
+@pytest.mark.slow
 def test_score_file_made_for_other_data_or_teacher_is_refused(slm_and_scores, text_data):
     teacher, score_file = slm_and_scores
     sequences = data.TokenSequences(text_data, 'train', 16, max_sequences=256)
@@ -2135,6 +2294,7 @@ def train_command(text_data, out_dir, *overrides):
             *TINY, *overrides]
 
 
+@pytest.mark.slow
 def test_kill_anywhere_then_the_same_command_resumes_bit_identically(tmp_path, text_data, slm_and_scores):
     """SIGKILL a SALT_DS run at random moments, once in the middle of a checkpoint write, and rerun the same
     command each time: the stitched per-step losses equal an uninterrupted run's, across the KD switch."""
@@ -2163,12 +2323,13 @@ def test_kill_anywhere_then_the_same_command_resumes_bit_identically(tmp_path, t
     whole, stitched = step_records(tmp_path / 'whole'), step_records(killed)
     assert sorted(stitched) == list(range(1, 13))
     for step in whole:
-        assert {k: whole[step][k] for k in ('loss', 'ce', 'kl', 'kd_weight')} == \
-            {k: stitched[step][k] for k in ('loss', 'ce', 'kl', 'kd_weight')}, step
+        assert {k: whole[step][k] for k in ('loss', 'ce', 'kd', 'kd_weight')} == \
+            {k: stitched[step][k] for k in ('loss', 'ce', 'kd', 'kd_weight')}, step
     assert whole[12]['val_loss'] == stitched[12]['val_loss']
     assert checkpoint_manager.read_meta(str(killed / 'ckpt.prev'))['step'] == 11  # the one before is kept
 
 
+@pytest.mark.slow
 def test_a_dead_rank_ends_the_job_and_the_rerun_resumes(tmp_path, text_data):
     common = ['--max_steps=30', '--ckpt_interval=2', '--eval_interval=10', '--ddp_timeout=30']
     train(text_data, tmp_path / 'whole', *common, nproc=2)
@@ -2198,6 +2359,7 @@ def wait_for_step(out_dir, step, process, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_job_on_a_live_runs_out_dir_is_refused_and_a_killed_ones_lock_is_not_stale(tmp_path, text_data):
     """One job per out_dir: the same command started again while the first run lives (a rerun beside a job that
     is not dead) ends at once, in one line naming the holder, and touches nothing: the first run goes on to the
@@ -2251,6 +2413,7 @@ def node_command(port, script_and_args):
             f'--rdzv_endpoint=localhost:{port}', '--rdzv_id=salt-two-nodes', *script_and_args]
 
 
+@pytest.mark.slow
 def test_two_nodes_train_and_after_one_is_lost_the_same_two_commands_resume(tmp_path, text_data, slm_and_scores):
     """A SALT run on two nodes trains and checkpoints, with one lock for the job, held by its rank 0 whichever node
     that is; one node lost (its launcher and worker killed), the other's job ends; the same two commands resume it
@@ -2290,6 +2453,7 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
+@pytest.mark.slow
 def test_a_job_ends_with_its_own_exit_status_whatever_the_teardown_would_do(tmp_path, text_data):
     """A rare SIGABRT in gloo's teardown at exit (seen twice in 2-rank test runs, in none of 75 runs of a loop: 60
     of the configurations it was seen in, 15 refused at start) would turn a finished run's status into -6. A rank
@@ -2316,6 +2480,7 @@ def test_a_job_ends_with_its_own_exit_status_whatever_the_teardown_would_do(tmp_
     assert sorted(step_records(out)) == [1, 2]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, text_data):
     blow_up = ['--learning_rate=1e30', '--warmup_steps=1', '--ckpt_interval=1', '--max_steps=6', '--grad_clip=0.0']
     result = train(text_data, tmp_path / 'stop', *blow_up, check=False)
@@ -2379,6 +2544,7 @@ def user_errors(tmp_path, text_data, teacher, scores):
         (['experiment.py', '--student_config=no_such_config.py'], ["'no_such_config.py' does not exist"])]
 
 
+@pytest.mark.slow
 def test_user_errors_end_in_one_line_naming_what_is_wrong(tmp_path, text_data, slm_and_scores):
     """Bad input a user can fix ends in one line naming the file, key or value, and a non-zero exit, in every
     command; a traceback is for bugs."""
@@ -2402,6 +2568,7 @@ def one_line_error(result):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_resume_after_moving_the_data_but_not_onto_other_data(tmp_path, text_data, slm_and_scores):
     """The run compares what its data, teacher and scores hold, not their paths: a copy elsewhere resumes the
     same run (its losses those of an uninterrupted one); other data under the old path is refused."""
@@ -2448,6 +2615,7 @@ def test_teacher_with_another_vocabulary_or_tokenizer_is_refused(tmp_path):
         assert torch.equal(teacher.state_dict()[name], tensor), name
 
 
+@pytest.mark.slow
 def test_empty_corpus_is_a_clear_error(tmp_path):
     empty = tmp_path / 'empty.txt'
     empty.write_text('')
@@ -2456,6 +2624,7 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     assert not (tmp_path / 'out' / 'meta.json').exists()  # meta.json marks a complete data directory
 
 
+@pytest.mark.slow
 def test_a_val_split_without_text_says_which_val_fraction_would_give_it_some(tmp_path):
     """Three documents, none of which the hash sends to val at 5%: the line names the least --val_fraction that
     sends one there, and that fraction works."""
@@ -2531,6 +2700,7 @@ def uninterrupted(slm, tmp_path_factory):
     return {nproc: np.load(out / f'{nproc}.npy') for nproc in (1, 2)}
 
 
+@pytest.mark.slow
 def test_two_ranks_score_like_one_process(uninterrupted):
     one, two = uninterrupted[1], uninterrupted[2]
     assert one.shape == (N_SEQUENCES, 3) and not np.isnan(one).any()
@@ -2577,6 +2747,7 @@ def kill_partway(args, out, nproc):
     return rows_done(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('nproc', [1, 2])
 def test_killed_scoring_resumes_to_the_same_scores(slm, uninterrupted, tmp_path, nproc):
     out = str(tmp_path / 'scores.npy')
@@ -2591,6 +2762,7 @@ def test_killed_scoring_resumes_to_the_same_scores(slm, uninterrupted, tmp_path,
     assert sorted(os.listdir(tmp_path)) == ['scores.json', 'scores.npy']  # nothing temporary left
 
 
+@pytest.mark.slow
 def test_scoring_resumes_on_another_number_of_ranks_past_damaged_records(slm, uninterrupted, tmp_path):
     """Killed under 2 ranks, each rank's file is damaged at its end as a crash may leave it (half a record, a
     zero-filled tail); resumed by one process: the damaged batches are scored again, the rest kept."""
@@ -2612,6 +2784,7 @@ def test_scoring_resumes_on_another_number_of_ranks_past_damaged_records(slm, un
     assert sorted(os.listdir(tmp_path)) == ['scores.json', 'scores.npy']
 
 
+@pytest.mark.slow
 def test_partial_scores_for_another_teacher_are_refused(slm, uninterrupted, tmp_path):
     out = str(tmp_path / 'scores.npy')
     sequences = data.TokenSequences(slm[1], 'train', 16, max_sequences=N_SEQUENCES)
@@ -2670,6 +2843,7 @@ def report_numbers(md):
     return int(selected.replace(',', '')), int(total.replace(',', '')), threshold, subsets
 
 
+@pytest.mark.slow
 def test_report_on_pile_data_with_subsets(slm, tmp_path):
     pile = str(tmp_path / 'pile')
     run_script('prepare.py', 'pile', *write_pile_shards(tmp_path), f'--out_dir={pile}')
@@ -2868,6 +3042,7 @@ def check_rows(scored, rows):
 # evaluate.py
 
 
+@pytest.mark.slow
 def test_task_scores_equal_brute_force(tiny, files, tmp_path):
     _, model = tiny
     hellaswag, lambada = read_lines(files['hellaswag']), read_lines(files['lambada']) + [greedy_line(model)]
@@ -2917,6 +3092,7 @@ def solved(line):
     return line['text'] if 'text' in line else line['ctx'] + ' ' + line['endings'][line['label']]
 
 
+@pytest.mark.slow
 def test_k_shot_prompts_hold_k_examples_and_are_seeded(tiny, files):
     _, model = tiny
     tasks = evaluate.read_tasks(f"hellaswag:{files['hellaswag']},lambada:{files['lambada']}",
@@ -2942,6 +3118,7 @@ def test_k_shot_prompts_hold_k_examples_and_are_seeded(tiny, files):
     assert evaluate.evaluate_tasks(model, tasks, GPT2_TOKENIZER, shots=3) != zero_shot
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_give_the_scores_of_one_process(tiny, files, tmp_path):
     ckpt, _ = tiny
     args = ['evaluate.py', f'--ckpt={ckpt}', '--task', f"hellaswag:{files['hellaswag']}", '--task',
@@ -2981,6 +3158,7 @@ BAD_LINES = {  # case: (task, third line of the file, what the message says)
 }
 
 
+@pytest.mark.slow
 def test_each_malformed_line_is_a_one_line_error(tiny, tmp_path):
     ckpt, _ = tiny
     commands, expected = {}, {}
@@ -3017,6 +3195,7 @@ def test_bad_task_arguments_name_what_is_wrong(files, tmp_path):
 # sample.py
 
 
+@pytest.mark.slow
 def test_sample_is_seeded_counts_its_tokens_and_reads_a_start_file(tiny, tmp_path):
     ckpt, _ = tiny
     start = 'ROMEO: But soft, what light'
@@ -3055,6 +3234,7 @@ GPU_CHECK_FILES = ['experiment_steps.jsonl', 'logs.tar.gz', 'loss_compiled.jsonl
                    'train_mfu.jsonl', 'train_more.jsonl']
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_fits_eight_files_and_states_every_target(tmp_path):
     out = tmp_path / 'out'
     result = subprocess.run(['bash', os.path.join(REPO, 'gpu_check.sh'), str(out)], capture_output=True, text=True,
@@ -3097,6 +3277,7 @@ def test_gpu_check_dry_run_fits_eight_files_and_states_every_target(tmp_path):
     assert result.stdout.startswith('# GPU check') and ' PASSED' not in result.stdout  # the tail a terminal shows
 
 
+@pytest.mark.slow
 def test_gpu_check_stops_at_once_without_a_tokenizer(tmp_path):
     """Offline, tiktoken without its file would try to download it with no timeout: the check says so instead."""
     result = subprocess.run(['bash', os.path.join(REPO, 'gpu_check.sh'), str(tmp_path / 'out')], capture_output=True,
@@ -3107,6 +3288,7 @@ def test_gpu_check_stops_at_once_without_a_tokenizer(tmp_path):
     assert line.startswith('the GPT-2 BPE file does not load') and 'TIKTOKEN_CACHE_DIR=' in line
 
 
+@pytest.mark.slow
 def test_bench_train_stopped_by_its_time_limit_keeps_the_rows_it_measured(tmp_path, stdlib_dir):
     rows, run_dir = tmp_path / 'rows.jsonl', tmp_path / 'runs' / 'demo-student-eager'
     process = subprocess.Popen([sys.executable, 'bench_train.py', '--pairs', 'demo-student:demo-slm', '--block_size', '32',
@@ -3127,6 +3309,7 @@ def test_bench_train_stopped_by_its_time_limit_keeps_the_rows_it_measured(tmp_pa
     assert (run_dir / 'train.log').read_text().count('tok/s') >= 3
 
 
+@pytest.mark.slow
 def test_a_failing_implementation_or_run_is_its_row_and_the_others_are_measured(tmp_path, stdlib_dir):
     """No C++ compiler for inductor: what is compiled fails alone, as on a GPU where inductor cannot compile."""
     env = dict(os.environ, CXX='/bin/false')
@@ -3144,6 +3327,7 @@ def test_a_failing_implementation_or_run_is_its_row_and_the_others_are_measured(
     assert 'note' not in eager and eager['medians']['plain']['tokens_per_s'] > 0
 
 
+@pytest.mark.slow
 def test_gpu_experiment_dry_run_returns_the_report_in_at_most_8_files(tmp_path):
     """gpu_experiment.sh at toy sizes on a small tree, the tree's budget too: every step of the GPU study
     (tokenizing, the SLM, scoring, five students, the report and the selection report) runs here first."""
@@ -3297,6 +3481,7 @@ def test_compiled_model_gives_the_eager_gradients():
         assert error < 2e-2, f"{name}: gradient off by {error:.1%} of its norm"
 
 
+@pytest.mark.slow
 @cuda_test
 def test_a_resumed_gpu_run_follows_an_uninterrupted_one_within_rerun_noise(tmp_path, text_data):
     """On a GPU the backward of flash attention and of the embedding is not deterministic, so the CPU's
@@ -3330,6 +3515,7 @@ def test_bench_refuses_bad_arguments_naming_the_flag(argv, message):
         bench.parse_args(argv)
 
 
+@pytest.mark.slow
 def test_bench_bad_argument_is_a_one_line_error():
     result = run_script('bench.py', '--temperature', '-1', check=False)
     assert result.returncode == 1
@@ -3373,6 +3559,7 @@ def damaged_copy(damage_runs, nproc, tmp_path, name, kind):
 
 
 # under fsdp, __0_0.distcp falls to rank 1's share of the files to verify: rank 0 must follow rank 1's verdict
+@pytest.mark.slow
 @pytest.mark.parametrize('nproc, name, kind', [
     (1, '__0_0.distcp', 'truncated'), (1, '__0_0.distcp', 'zero-filled'), (1, '__0_0.distcp', 'byte flipped'),
     (1, '__0_0.distcp', 'missing'), (1, '.metadata', 'missing'),
@@ -3397,6 +3584,7 @@ def hashed_as_it_is(ckpt):
     torch.save(meta, ckpt / 'meta.pt')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('nproc, name', [(1, '__0_0.distcp'), (2, '__1_0.distcp')])
 def test_a_checkpoint_that_passes_its_checks_but_does_not_load_falls_back_too(damage_runs, text_data, tmp_path,
                                                                                nproc, name):
@@ -3425,6 +3613,7 @@ def test_a_checkpoint_that_passes_its_checks_but_does_not_load_falls_back_too(da
     assert step_records(out)[3]['loss'] == pytest.approx(step_records(damage_runs[nproc])[3]['loss'], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_both_checkpoints_damaged_is_one_line_and_deletes_nothing(damage_runs, text_data, tmp_path):
     out = damaged_copy(damage_runs, 1, tmp_path, '__0_0.distcp', 'byte flipped')
     damage(out / 'ckpt.prev' / '__0_0.distcp', 'truncated')
@@ -3434,6 +3623,7 @@ def test_both_checkpoints_damaged_is_one_line_and_deletes_nothing(damage_runs, t
     assert sorted(str(p.relative_to(out)) for p in out.rglob('*')) == before
 
 
+@pytest.mark.slow
 def test_a_checkpoint_older_than_the_checksums_resumes_and_its_truncation_is_caught(damage_runs, text_data,
                                                                                      tmp_path):
     out = tmp_path / 'run'
@@ -3451,6 +3641,7 @@ def test_a_checkpoint_older_than_the_checksums_resumes_and_its_truncation_is_cau
     assert 'is intact' in line and 'missing or shorter' in result.stdout
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_the_run_in_one_line_and_the_rerun_resumes(damage_runs, text_data, tmp_path):
     """A checkpoint write that fails (here a file-size limit: EFBIG, as ENOSPC or a quota would) keeps ckpt and
     ckpt.prev as they were; the same command, with room again, resumes from ckpt."""
@@ -3469,6 +3660,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_rerun_resumes(damage_runs,
     assert checkpoint_manager.read_meta(str(out / 'ckpt'))['step'] == 4
 
 
+@pytest.mark.slow
 def test_a_full_disk_on_two_ranks_ends_the_job_and_the_rerun_resumes(damage_runs, text_data, tmp_path):
     """The same on 2 gloo ranks under fsdp, each writing its shard: the ranks' writes fail, the job ends with the
     line naming ckpt.tmp from every rank (no rank left waiting in a collective), ckpt and ckpt.prev as they were;
@@ -3493,6 +3685,7 @@ def test_a_full_disk_on_two_ranks_ends_the_job_and_the_rerun_resumes(damage_runs
     assert checkpoint_manager.read_meta(str(out / 'ckpt'))['step'] == 4
 
 
+@pytest.mark.slow
 def test_ranks_draw_their_own_dropout_masks_and_resume_exactly(text_data, tmp_path):
     """With dropout, each rank's RNG goes its own way after the (identical) init and the checkpoint keeps each
     rank's state: a 2-rank run stopped at step 2 and resumed follows the uninterrupted one exactly."""
@@ -3506,6 +3699,7 @@ def test_ranks_draw_their_own_dropout_masks_and_resume_exactly(text_data, tmp_pa
     assert [whole[s]['loss'] for s in range(1, 5)] == [resumed[s]['loss'] for s in range(1, 5)]
 
 
+@pytest.mark.slow
 def test_a_small_tree_whose_hashes_send_no_file_to_val_still_has_a_val_split(tmp_path):
     """At --val_fraction 0.05 no file of a.py, c.py, d.py hashes into val: the lowest hash goes there."""
     for name in ('a.py', 'c.py', 'd.py'):
@@ -3533,6 +3727,7 @@ def test_the_memory_plan_counts_the_rows_a_loss_chunk_really_has():
 # (dynamo's guards and the autograd graph) without its code generation, which would take minutes on a CPU.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scope, graphs, architecture', [('model', 5, 'gpt2'), ('blocks', 3, 'gpt2'),
                                                          ('blocks', 3, 'llama')])
 def test_linear_kd_schedule_compiles_each_graph_once(scope, graphs, architecture):
@@ -3563,6 +3758,7 @@ def test_linear_kd_schedule_compiles_each_graph_once(scope, graphs, architecture
     assert counters['stats']['unique_graphs'] == graphs
 
 
+@pytest.mark.slow
 def test_loss_runs_outside_the_compiled_model_where_inductor_cannot_compile_it(monkeypatch):
     """The start-up probe (train.py, compile_scope='model') compiles salt_loss once on a tiny input: where the
     backend fails on it, the reason is reported, and a compiled model runs the loss outside its graph, with the
@@ -3649,6 +3845,7 @@ def exported_fsdp(text_data, tmp_path_factory):
     return str(out / 'ckpt'), str(out / 'hf')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('written_by', ['exported', 'exported_fsdp'])
 def test_transformers_computes_our_logits_from_the_export(written_by, request):
     """GPT2LMHeadModel on the export gives our logits on real text, in float32, whatever wrote the checkpoint; the
@@ -3669,6 +3866,7 @@ def test_transformers_computes_our_logits_from_the_export(written_by, request):
         assert f.get_slice('transformer.wte.weight').get_shape() == [GPT2_VOCAB_SIZE, ours.config.n_embd]
 
 
+@pytest.mark.slow
 def test_the_exported_tokenizer_encodes_real_text_to_tiktokens_ids(exported):
     from transformers import AutoTokenizer
     hf_tokenizer = AutoTokenizer.from_pretrained(exported[1])
@@ -3682,6 +3880,7 @@ def test_the_exported_tokenizer_encodes_real_text_to_tiktokens_ids(exported):
     assert tokenizer.TransformersTokenizer(exported[1]).record()['vocab_sha256'] == tokenizer.GPT2_VOCAB_SHA256
 
 
+@pytest.mark.slow
 def test_the_export_teaches_and_scores_as_its_checkpoint(text_data, exported, slm_and_scores, tmp_path):
     """Export, then --teacher_ckpt=EXPORT and `salt.py score --ckpt EXPORT`: the teacher, now transformers' own
     GPT2LMHeadModel, gives the checkpoint's hidden states and logits, KD losses and scores, up to float rounding
@@ -3703,7 +3902,7 @@ def test_the_export_teaches_and_scores_as_its_checkpoint(text_data, exported, sl
     for name, result in run_scripts(runs).items():
         assert result.returncode == 0, (name, result.stderr[-3000:])
     from_ckpt, from_hf = step_records(tmp_path / 'ckpt'), step_records(tmp_path / 'hf')
-    for key in ('kl', 'loss'):
+    for key in ('kd', 'loss'):
         assert [from_hf[step][key] for step in (1, 2)] == pytest.approx([from_ckpt[step][key] for step in (1, 2)],
                                                                         rel=1e-5)
     scores, want = np.load(tmp_path / 'scores.npy'), np.load(slm_and_scores[1])
@@ -3714,7 +3913,7 @@ def test_the_export_teaches_and_scores_as_its_checkpoint(text_data, exported, sl
 
 
 # A task of lm-evaluation-harness over a local jsonl in HellaSwag's format, scored as evaluate.py scores it: the
-# context as written, each ending after a space (the README's)
+# context as written, each ending after a space (docs/evaluation.md's)
 HELLASWAG_TASK = """task: hellaswag_local
 dataset_path: json
 dataset_kwargs:
@@ -3731,6 +3930,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('tiny', ['gpt2', 'llama'], indirect=True)
 def test_lm_evaluation_harness_on_the_export_scores_as_evaluate_py(tiny, files, tmp_path):
     """`lm_eval --model hf` on the export (a GPT2LMHeadModel, a LlamaForCausalLM), offline, on a HellaSwag-format
@@ -3765,6 +3965,7 @@ def test_lm_evaluation_harness_on_the_export_scores_as_evaluate_py(tiny, files, 
                                                                                   rel=1e-5)
 
 
+@pytest.mark.slow
 def test_export_refuses_bad_input_in_one_line_and_leaves_nothing_behind(tiny, exported, tmp_path, monkeypatch):
     notes = tmp_path / 'notes.txt'
     notes.write_text('not a checkpoint\n')
@@ -3821,6 +4022,7 @@ def edit_json(path, change):
         json.dump(content, f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('change, message', [
     (dict(model_type='t5', architectures=['T5Model']), "model_type 't5' is not a causal LM"),
     (dict(final_logit_softcapping=30.0), 'final_logit_softcapping is 30.0: this model transforms its logits'),
@@ -3835,6 +4037,7 @@ def test_a_directory_of_a_model_that_is_no_plain_causal_lm_is_refused_naming_why
         salt.load_model(str(folder), 'cpu')
 
 
+@pytest.mark.slow
 def test_a_directory_with_another_vocabulary_is_a_one_line_error(exported, text_data, tmp_path):
     folder = copy_without_weights(exported[1], tmp_path / 'other')
     the, a = ENC.encode_ordinary(' the') + ENC.encode_ordinary(' a')  # 262 and 257
@@ -3903,6 +4106,7 @@ def smol_train(smol_data, out_dir, *overrides, nproc=1):
                       nproc=nproc)
 
 
+@pytest.mark.slow
 def test_a_real_slms_tokenizer_makes_its_own_ids_from_real_text_and_decodes_them_back(smollm2, smol_data):
     from transformers import AutoTokenizer
     data_dir, _ = smol_data
@@ -3921,6 +4125,7 @@ def test_a_real_slms_tokenizer_makes_its_own_ids_from_real_text_and_decodes_them
         assert decode(tokens[1:].tolist()) == text
 
 
+@pytest.mark.slow
 def test_a_real_slm_scores_sequences_as_its_own_logits_say(smollm2, smol_data):
     """SALT_DS's scores by `salt.py score --ckpt SMOLLM2` against the definition, computed in float64 from the
     model's own logits (transformers' forward, float32): the loss where the true token is in the top 10, the
@@ -3962,6 +4167,7 @@ def test_a_real_slm_scores_sequences_as_its_own_logits_say(smollm2, smol_data):
     assert got == pytest.approx(want, rel=1e-5) and f'val loss {got:.4f}' in result.stdout
 
 
+@pytest.mark.slow
 def test_a_real_slm_teaches_salt_ds_students_that_resume_evaluate_sample_and_export(smollm2, smol_data, files,
                                                                                     tmp_path):
     """SmolLM2 teaches a SALT_DS student in its tokens (and a SALT one); stopped and resumed, the student's losses
@@ -3983,9 +4189,9 @@ def test_a_real_slm_teaches_salt_ds_students_that_resume_evaluate_sample_and_exp
     whole, pieces = step_records(tmp_path / 'whole'), step_records(tmp_path / 'pieces')
     assert sorted(whole) == sorted(pieces) == [1, 2, 3, 4]
     for step in whole:
-        assert [pieces[step][k] for k in ('loss', 'ce', 'kl')] == [whole[step][k] for k in ('loss', 'ce', 'kl')], step
-    assert [whole[s]['kl'] > 0 for s in range(1, 5)] == [True, True, False, False]
-    assert step_records(tmp_path / 'salt')[1]['kl'] > 0
+        assert [pieces[step][k] for k in ('loss', 'ce', 'kd')] == [whole[step][k] for k in ('loss', 'ce', 'kd')], step
+    assert [whole[s]['kd'] > 0 for s in range(1, 5)] == [True, True, False, False]
+    assert step_records(tmp_path / 'salt')[1]['kd'] > 0
     ckpt = str(tmp_path / 'whole' / 'ckpt')
     assert tokenizer.describe(salt.model_tokenizer(ckpt).record()) == tokenizer.describe(tokenizer.data_record(data_dir))
 
@@ -4030,6 +4236,7 @@ def test_a_real_slm_teaches_salt_ds_students_that_resume_evaluate_sample_and_exp
     assert salt.load_teacher(str(tmp_path / 'hf'), 'cpu', tokenizer.data_record(data_dir), 32).config.vocab_size == 49152
 
 
+@pytest.mark.slow
 def test_a_real_slm_teaches_on_two_gloo_ranks_as_on_one_process(smollm2, smol_data, tmp_path):
     """2 ranks x 1 micro-batch = 1 process x 2 micro-batches with SmolLM2 as the teacher: the first step under fsdp
     with the teacher's decoder layers sharded too, then resumed under ddp across the end of stage 1 (a run may
@@ -4040,9 +4247,9 @@ def test_a_real_slm_teaches_on_two_gloo_ranks_as_on_one_process(smollm2, smol_da
                nproc=2)
     smol_train(smol_data, tmp_path / 'two', *salt_run, '--max_steps=3', '--parallelism=ddp', nproc=2)
     one, two = step_records(tmp_path / 'one'), step_records(tmp_path / 'two')
-    assert sorted(one) == sorted(two) == [1, 2, 3] and [one[s]['kl'] > 0 for s in (1, 2, 3)] == [True, True, False]
+    assert sorted(one) == sorted(two) == [1, 2, 3] and [one[s]['kd'] > 0 for s in (1, 2, 3)] == [True, True, False]
     for step in one:
-        for key in ('loss', 'ce', 'kl'):
+        for key in ('loss', 'ce', 'kd'):
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
 
 
@@ -4149,6 +4356,7 @@ def file_contents(folder):
             if os.path.isfile(path)}
 
 
+@pytest.mark.slow
 def test_models_and_data_that_do_not_fit_are_one_line_errors_that_write_nothing(tmp_path):
     """Each mismatch between a model, its tokenizer and the data ends in one line naming the culprit, before a run
     writes anything; a data directory of one tokenizer is not touched by a tokenization with another."""
@@ -4226,6 +4434,7 @@ def test_a_model_whose_logits_are_not_its_head_times_its_hidden_state_is_refused
         salt.load_model(str(tmp_path / 'm'), 'cpu')
 
 
+@pytest.mark.slow
 def test_the_memory_plan_counts_a_transformers_teachers_parameters_in_its_dtype(tmp_path):
     """`python model.py --teacher DIR` reads the shapes of a transformers directory alone (the meta device), and
     counts what the loaded teacher holds: its real parameters, untied head included, in the run's dtype."""

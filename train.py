@@ -9,7 +9,7 @@ One training loop for the small LM, the baseline and the SALT students.
 
 A config file sets any of the globals below and `--key=value` overrides them (configurator.py). The run is
 SALT as soon as `teacher_ckpt` is set: for the first `kd_steps` steps the loss is (1-w) CE + w KD(teacher ||
-student) (kernels.py), then plain CE (salt.stage_at says what each step does); with `score_file` too it is
+student) (kernels.py), then plain CE (salt.Schedule says what each step does); with `score_file` too it is
 SALT_DS, stage 1 reading only the SLM-selected sequences. parallelism='fsdp' shards the student over the GPUs
 where 'ddp' keeps a replica on each (the memory plan printed at start tells). A run continues from the
 checkpoint in its out_dir (checkpoint_manager.py), and holds out_dir/run.lock while it lives: a second job on the
@@ -78,14 +78,19 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0              # clip the global gradient norm (0 = off)
 skip_nonfinite = 0           # skip up to this many steps whose loss or gradient is inf/NaN (0 = stop at the first)
-# SALT (the paper's w and tau; select_fraction from our CPU studies: README, "Choosing the defaults")
+# SALT (the paper's w and tau; select_fraction from our CPU studies: docs/cpu_studies.md, "Choosing the defaults")
 teacher_ckpt = ''            # the SLM: a checkpoint of this script, a transformers model's directory (Pythia,
                              # SmolLM2, Qwen, ...: the data's tokenizer) or a GPT-2 name; '' = baseline
 kd_steps = 0                 # stage 1 length in steps (paper: 36K of ~208K, 17%)
 kd_weight = 0.667            # w: loss = (1-w) CE + w KD during stage 1
 teacher_temperature = 1.0    # tau: the teacher's soft labels are softmax(z_teacher / tau)
 kd_schedule = 'constant'     # w over stage 1: 'constant' (the paper's hard switch) or 'linear' decay to 0
-kd_loss = 'forward_kl'       # KD: KL(teacher || student), the paper's; or 'reverse_kl', 'jsd' (kernels.py)
+kd_end = 'steps'             # stage 1 ends after kd_steps ('steps'), or once the student's val CE is at or below the
+                             # teacher's ('teacher'; kd_steps the limit): salt.Schedule
+kd_loss = 'forward_kl'       # KD: KL(teacher || student), the paper's; or 'reverse_kl', 'jsd', 'jsd:beta=0.3' ...
+                             # (kernels.DIVERGENCES, their parameters after the colon)
+kd_token_weight = 'constant' # w per token: 'constant' (the paper's), or w times the teacher's 'confidence' or its
+                             # probability of the true token, 'on_target' (kernels.TOKEN_WEIGHTS)
 score_file = ''              # SALT_DS: the SLM's scores (python salt.py score); '' = no selection
 select_fraction = 0.25       # SALT_DS: stage 1 trains on this fraction of sequences, the highest scores
 # evaluation and logging
@@ -139,10 +144,14 @@ train_data = TokenSequences(data_dir, 'train', block_size, max_sequences=train_s
 data_tokenizer = tokenizer.data_record(data_dir)  # meta.json's (nanoGPT-style data: GPT-2's): the student's vocabulary
 val_data = TokenSequences(data_dir, 'val', block_size)
 train_fingerprint = train_data.fingerprint()  # reads both ends of every shard: once
+ckpt_path, checkpoint = checkpoint_manager.latest(out_dir)  # the newest intact checkpoint, or None: a new run
+# the teacher by its content; a resumed run's at the path it had is the one it trained with, and is not read
+# again (stage 2 may have deleted it)
+teacher_identity = checkpoint_manager.teacher_identity(config, checkpoint, salt.teacher_id)
 selected_ids = None
 if score_file:
     scores = salt.load_scores(score_file, expected=dict(  # the most telling difference first
-        block_size=block_size, n_sequences=len(train_data), teacher=salt.teacher_id(teacher_ckpt),
+        block_size=block_size, n_sequences=len(train_data), teacher=teacher_identity,
         data_fingerprint=train_fingerprint))
     selected_ids = salt.select_top(scores, select_fraction)
     if master:
@@ -152,14 +161,13 @@ tasks = evaluate.read_tasks(eval_tasks, eval_fewshot_files) if eval_tasks else [
 text_tokenizer = tokenizer.of_data(data_dir) if tasks else None  # the tasks' text into the data's tokens
 
 
-def stage(step):
-    """What SALT does at this step (salt.stage_at); a baseline, with no teacher, is in stage 2 throughout."""
-    return salt.stage_at(step, kd_steps if teacher_ckpt else 0, kd_weight, kd_schedule)
+# what each step does and when stage 1 ends (salt.Schedule); a baseline, with no teacher, is in stage 2 throughout
+schedule = salt.Schedule(kd_steps if teacher_ckpt else 0, kd_weight, kd_schedule, kd_end)
 
 
-def make_loader(step):
-    """The batches of this step's stage: SALT_DS's stage 1 reads the selected sequences only."""
-    ids = selected_ids if stage(step).selection else None
+def make_loader(stage):
+    """The batches of a stage: SALT_DS's stage 1 reads the selected sequences only."""
+    ids = selected_ids if stage.selection else None
     return BatchLoader(train_data, batch_size, rank=rank, world_size=world_size, seed=seed, ids=ids,
                        accumulation=grad_accum_steps, device=device)
 
@@ -169,10 +177,8 @@ def make_loader(step):
 # (the same init from the same seed). Under fsdp no rank ever holds it whole: it is built on the meta device
 # (shapes only) and sharded, then each rank makes its shards and draws them (GPT.init_weights: the whole build's
 # weights, bit for bit) or, resuming, has checkpoint_manager.restore load them
-ckpt_path, checkpoint = checkpoint_manager.latest(out_dir)
 data_fingerprint = f"{train_fingerprint}/{val_data.fingerprint()}"
-fingerprints = checkpoint_manager.fingerprints(config, data_fingerprint, selected_ids, salt.teacher_id,
-                                               checkpoint)  # what the run reads, by content
+fingerprints = checkpoint_manager.fingerprints(data_fingerprint, selected_ids, teacher_identity)  # by content
 pretrained = init_from in GPT2_NAMES and not checkpoint  # OpenAI's weights: loaded whole, even under fsdp (1.5B)
 if pretrained and not tokenizer.same_vocabulary(data_tokenizer, tokenizer.GPT2_RECORD):
     raise InputError(f"init_from={init_from!r} has GPT-2's vocabulary, but {data_dir} was made with tokenizer "
@@ -208,6 +214,7 @@ optimizer = torch.optim.AdamW(
     lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
 if checkpoint:  # one that does not load, though it passed its checks, gives way to the previous one
     ckpt_path, checkpoint = checkpoint_manager.restore(out_dir, ckpt_path, checkpoint, raw_model, optimizer)
+    schedule.load_state_dict(checkpoint.get('schedule', schedule.state_dict()))  # (older checkpoints: kd_steps')
     if master:
         print(f"resuming from {ckpt_path} at step {checkpoint['step']}")
 step = checkpoint['step'] if checkpoint else 0
@@ -217,10 +224,17 @@ nonfinite_skipped = checkpoint['nonfinite_skipped'] if checkpoint else 0
 elapsed_before = checkpoint.get('elapsed_s', 0.0) if checkpoint else 0.0  # a resumed run's wall-clock goes on
 
 teacher = None
-if stage(step).teacher:  # frozen, in the compute dtype: its weights need no fp32 master copy (half the memory)
+if schedule.at(step).teacher:  # frozen, in the compute dtype: no fp32 master copy of its weights (half the memory)
     teacher = salt.load_teacher(teacher_ckpt, device, data_tokenizer, block_size,
                                 dtype=None if dtype == 'float32' else getattr(torch, dtype))
     teacher_flops = teacher.forward_flops_per_token(block_size)  # for mfu_with_teacher
+    if schedule.needs_teacher_val_ce(step):  # kd_end='teacher': its val CE on the student's val set, measured once
+        schedule.teacher_val_ce = evaluate.val_loss(teacher, val_data, val_set, batch_size=batch_size, rank=rank,
+                                                    world_size=world_size, autocast=autocast)['val_loss']
+        teacher.eval()  # val_loss leaves a model in train mode
+        if master:
+            print(f"the teacher's val CE: {schedule.teacher_val_ce:.4f} (stage 1 ends when the student's is as low, "
+                  f"by step {kd_steps} at the latest)")
 if master:  # what this run should need per device, under ddp and fsdp (an estimate: memory.py)
     plan = memory_plan(model_config, teacher, tokens=batch_size * block_size,
                        world_size=world_size, compute_bytes=2 if dtype == 'bfloat16' else 4,
@@ -232,14 +246,19 @@ if teacher is not None and shard_teacher:  # (fsdp only) the root stays whole: i
 # the weights were drawn alike on every rank; from here on each rank draws its own dropout masks (a resumed
 # run then takes each rank's RNG state from the checkpoint)
 torch.manual_seed(seed + rank)
-loader = make_loader(step)
+upcoming = schedule.at(step)  # the stage of the next step, which the loop asks the schedule after each step
+loader = make_loader(upcoming)
 if checkpoint:
     checkpoint_manager.restore_progress(checkpoint, loader)
     checkpoint = None  # free the memory
+loss_choice = kernels.choice(device, kd_loss, kd_token_weight)  # checked on this device, before any compiling
+if master:
+    print(loss_choice)
 compile_choice = None  # what torch.compile does to the loss, decided once here and logged
 if compile:
     compile_choice = "salt_loss runs uncompiled, after the compiled blocks" if compile_scope == 'blocks' else \
-        kernels.compile_loss_or_not(device, kd_loss, None if dtype == 'float32' else getattr(torch, dtype))
+        kernels.compile_loss_or_not(device, kd_loss, None if dtype == 'float32' else getattr(torch, dtype),
+                                    kd_token_weight=kd_token_weight)
     if master:
         print(f"torch.compile per {'block' if compile_scope == 'blocks' else 'model'}: {compile_choice}")
     model = compiled(model, compile_scope)
@@ -269,7 +288,7 @@ def loss_on(x, y, current):
                                       teacher_weight=teacher.lm_head.weight)
         # w as a tensor: a float that changes by the step (kd_schedule='linear') would recompile a compiled model
         return model(x, y, **teacher_output, kd_weight=torch.tensor(current.kd_weight, device=device),
-                     temperature=teacher_temperature, kd_loss=kd_loss)
+                     temperature=teacher_temperature, kd_loss=kd_loss, kd_token_weight=kd_token_weight)
 
 
 def gradient_sync(on):
@@ -297,6 +316,7 @@ def save_checkpoint():
     beside them (tokenizer.py). Returns its name."""
     return checkpoint_manager.save(
         out_dir, raw_model, optimizer, master, distributed, model_args=model_args(model_config), step=step,
+        schedule=schedule.state_dict(),
         run_id=run_id, world_size=world_size, loader=loader.state_dict(), config=config,
         nonfinite_skipped=nonfinite_skipped, tokenizer=data_tokenizer, inputs=fingerprints,
         elapsed_s=elapsed_before + time.time() - t_start, files_from=tokenizer_files)
@@ -312,7 +332,7 @@ if master:
         device=torch.cuda.get_device_name() if device_type == 'cuda' else 'cpu', torch=torch.__version__,
         world_size=world_size, n_params=raw_model.num_params(), model_args=model_args(model_config),
         time=time.strftime('%Y-%m-%d %H:%M:%S'),
-        compile_choice=compile_choice,
+        compile_choice=compile_choice, loss_impl=loss_choice, teacher_val_ce=schedule.teacher_val_ce,
         val_tokens=int(len(val_ids) * block_size),
         val_tokens_subsets={name: int(n) for name, n in zip(subset_names, val_tokens) if n}),
         wandb_project=wandb_project if wandb_log else '')
@@ -344,7 +364,7 @@ if step == 0:
 t_last, step_at_last, not_training_s, warming_up = time.time(), step, 0.0, True
 compile_s = None  # with compile: the seconds of that first step, compilation included, until logged
 while step < max_steps:
-    current = stage(step)
+    current = upcoming
     t_step = time.time()
     lr = lr_at(step)
     for group in optimizer.param_groups:
@@ -373,20 +393,24 @@ while step < max_steps:
         compile_s = time.time() - t_step if compile else None
         t_last, step_at_last, not_training_s, warming_up = time.time(), step, 0.0, False
 
-    if teacher is not None and not stage(step).teacher:  # stage 2: the teacher's memory goes back
-        teacher, warming_up = None, True
-        if device_type == 'cuda':
-            torch.cuda.empty_cache()
-    if stage(step).selection != current.selection:  # stage 2 reads every sequence: a new loader, epoch 0
-        loader = make_loader(step)
     do_eval = step % eval_interval == 0 or step == max_steps
     t_eval = time.time()
     evaluated = evaluation() if do_eval else {}
     not_training_s += time.time() - t_eval
+    if evaluated and schedule.evaluated(step, evaluated['val_loss']) and master:
+        print(f"step {step}: the student's val CE {evaluated['val_loss']:.4f} is at or below the teacher's "
+              f"{schedule.teacher_val_ce:.4f}: stage 1 ends here (kd_end='teacher')")
+    upcoming = schedule.at(step)  # the one place the loop asks what comes next
+    if teacher is not None and not upcoming.teacher:  # stage 2: the teacher's memory goes back
+        teacher, warming_up = None, True
+        if device_type == 'cuda':
+            torch.cuda.empty_cache()
+    if upcoming.selection != current.selection:  # stage 2 reads every sequence: a new loader, epoch 0
+        loader = make_loader(upcoming)
     if master and (step % log_interval == 0 or do_eval):
         now = time.time()
         loss_v, ce_v, kd_v = losses.tolist()
-        record = dict(step=step, loss=loss_v, ce=ce_v, kl=kd_v, kd_weight=current.kd_weight, lr=lr,
+        record = dict(step=step, loss=loss_v, ce=ce_v, kd=kd_v, kd_weight=current.kd_weight, lr=lr,
                       grad_norm=grad_norm.item(), elapsed_s=elapsed_before + now - t_start)
         if step > step_at_last:  # else this interval was all warm-up
             tokens_per_s = (step - step_at_last) * tokens_per_step / (now - t_last - not_training_s)
@@ -398,7 +422,7 @@ while step < max_steps:
                 record['compile_s'], compile_s = compile_s, None
         metrics.log(dict(record, **evaluated))
         eta = (max_steps - step) * (now - t_start) / (step - step_at_start)
-        print(f"step {step}/{max_steps} | loss {loss_v:.4f} (ce {ce_v:.4f} kl {kd_v:.4f} w "
+        print(f"step {step}/{max_steps} | loss {loss_v:.4f} (ce {ce_v:.4f} kd {kd_v:.4f} w "
               f"{current.kd_weight:.3f}) | lr {lr:.2e}" +
               (f" | {record['tokens_per_s']:,.0f} tok/s" if 'tokens_per_s' in record else '') +
               (f" | mfu {record['mfu']:.1%}" if 'mfu' in record else '') +

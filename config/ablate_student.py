@@ -1,7 +1,7 @@
 # The CPU ablation study's student: config/demo_student.py at half the steps (300 of 512 tokens each), to
 # keep 2 seeds x 14 runs affordable on a CPU (about 55 minutes). Every ablated key is set here, to the paper's
 # values: the run with these values is the study's main SALT / SALT_DS run, and each ablated value equal to
-# it reuses that run. Results and the defaults they chose: README, "Choosing the defaults".
+# it reuses that run. Results and the defaults they chose: docs/cpu_studies.md, "Choosing the defaults".
 #   python experiment.py --name ablations --student_config config/ablate_student.py --seeds 1337 1338 \
 #       --ablate kd_weight=0.5,0.667,0.9 --ablate teacher_temperature=0.25,1.0,2.0 \
 #       --ablate kd_steps=30,51,90 --ablate kd_schedule=constant,linear \

@@ -11,7 +11,7 @@ learning_rate = 1e-3
 min_lr = 1e-4
 warmup_steps = 20
 # SALT: the paper's w and tau, KD for the first 20% of the steps (the paper: 36K of ~208K, 17%); SALT_DS on
-# the SLM's top quarter of the pool, which our CPU studies chose (README, "Choosing the defaults")
+# the SLM's top quarter of the pool, which our CPU studies chose (docs/cpu_studies.md, "Choosing the defaults")
 kd_steps = 120
 kd_weight = 0.667
 teacher_temperature = 1.0

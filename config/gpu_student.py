@@ -1,4 +1,4 @@
-# SALT at a GPU scale, on one GPU: the student. bash gpu_experiment.sh runs it all (README, "SALT on one GPU").
+# SALT at a GPU scale, on one GPU: the student. bash gpu_experiment.sh runs it all (docs/gpu.md, "SALT on one GPU").
 # A 64M-parameter GPT, 59% of it in the transformer blocks, taught by config/gpu_slm.py's 30M SLM, on the text
 # of the machine's own Python installation (its stdlib and every installed package's .py/.md/.rst/.txt).
 # Sized for one command of at most 9 minutes on one H100, one seed, from the FLOP count at an assumed 15% MFU
