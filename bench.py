@@ -9,7 +9,7 @@ On CUDA every implementation runs the way train.py trains: fp32 master weights a
 (LayerNorm's output under autocast), the loss inside torch.autocast('cuda', dtype=torch.bfloat16), backward
 outside it. On CPU everything is fp32.
 
-Implementations: eager PyTorch with full logits (kernels.salt_loss_reference), torch.compile of the same
+Implementations: eager PyTorch with full logits (losses.salt_loss_reference), torch.compile of the same
 (compiled for each size, the compilation left out of the time), our salt_loss (fused_reverse_kl and fused_jsd:
 with those divergences, whose gradient autograd takes chunk by chunk), Liger-Kernel's LigerFusedLinearJSD
 (CUDA only, when liger_kernel imports) and the bare GEMMs (student logits, teacher logits, the two backward
@@ -39,7 +39,7 @@ import time
 import torch
 
 from common import InputError, git_commit, report_input_errors
-from kernels import salt_loss, salt_loss_reference
+from losses import salt_loss, salt_loss_reference
 
 IMPLS = ["eager", "compiled", "fused", "fused_reverse_kl", "fused_jsd", "liger", "gemm"]
 

@@ -23,7 +23,7 @@ import zstandard
 import data
 import prepare
 import salt
-from kernels import salt_loss
+from losses import salt_loss
 from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,7 +54,7 @@ def bench_tokenize(folder, n_shards=8):
 
 def bench_loader(folder, steps=20, batches=2000):
     """next_batch over a SALT_DS-like random half of the ids vs a forward + backward of demo-slm (block 64,
-    batch 8) through kernels.salt_loss."""
+    batch 8) through losses.salt_loss."""
     paths, _ = write_pile_shards(folder, 2)
     subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), 'pile', *paths, '--out_dir', folder],
                    capture_output=True, check=True)

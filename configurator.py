@@ -14,7 +14,7 @@ import ast
 import os
 
 from common import InputError
-from kernels import TOKEN_WEIGHTS, divergence
+from losses import TOKEN_WEIGHTS, divergence
 from model import ARCHITECTURES, GPT2_NAMES, PRESETS, GPTConfig
 
 # the keys whose default is None, and the type of their values: the model's shape and switches (model.GPTConfig)
@@ -81,7 +81,7 @@ def check(c):
         ('kd_weight', 0 <= c['kd_weight'] <= 1, 'in [0, 1]'),
         ('teacher_temperature', c['teacher_temperature'] > 0, '> 0'),
         ('kd_token_weight', c['kd_token_weight'] in TOKEN_WEIGHTS,
-         f"one of {', '.join(TOKEN_WEIGHTS)} (kernels.TOKEN_WEIGHTS)"),
+         f"one of {', '.join(TOKEN_WEIGHTS)} (losses.TOKEN_WEIGHTS)"),
         ('kd_end', c['kd_end'] in ('steps', 'teacher'), "'steps' or 'teacher'"),
         ('select_fraction', 0 < c['select_fraction'] <= 1, 'in (0, 1]'),
         ('kd_schedule', c['kd_schedule'] in ('constant', 'linear'), "'constant' or 'linear'"),

@@ -132,7 +132,7 @@ except Exception as error:
     sys.exit(f"the GPT-2 BPE file does not load ({type(error).__name__}): set TIKTOKEN_CACHE_DIR to a folder "
              f"holding it (docs/gpu.md); TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR', 'unset')}")
 from common import git_commit
-import kernels
+import losses
 def version(name):
     try:
         return importlib.metadata.version(name)
@@ -150,7 +150,7 @@ else:
 print(f"- python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"triton {version('triton')}, liger-kernel {version('liger-kernel')}, tiktoken {version('tiktoken')}")
 print(f"- git commit {git_commit()}")
-print(f"- kernels' choices here: {kernels.describe_choices(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))}")
+print(f"- the loss's choices here: {losses.describe_choices(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))}")
 # MFU's denominator, dense bf16 by the datasheets: the SXM parts 989 TFLOP/s, the PCIe H100 756, the NVL parts 835
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else ''
 peak = os.environ.get('PEAK_FLOPS') or ('756e12' if 'PCIe' in name else '835e12' if 'NVL' in name else '989e12')

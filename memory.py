@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from kernels import default_chunk_size
+from losses import default_chunk_size
 from model import GPT, GPTConfig, PRESETS
 
 GiB, MiB = 2 ** 30, 2 ** 20

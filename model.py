@@ -3,7 +3,7 @@ The network: a GPT in the GPT-2 architecture (pre-LayerNorm blocks, learned posi
 input/output embeddings), written to be read in one sitting.
 
 Two things differ from a textbook GPT because of SALT:
-- forward(idx, targets, **loss_args) returns the loss of kernels.salt_loss, whose KD term takes the teacher's
+- forward(idx, targets, **loss_args) returns the loss of losses.salt_loss, whose KD term takes the teacher's
   final hidden states and LM head (what forward(idx, return_hidden=True) gives) and which computes the LM head
   chunk by chunk, never holding (tokens x vocab) logits;
 - the vocabulary is padded to a multiple of 64 for fast GEMMs, and the padded columns never take part in a
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common import InputError
-from kernels import salt_loss
+from losses import salt_loss
 
 # The architectures: the switches below that each sets, together. GPT-2 (2019): learned positions, LayerNorm and
 # biases, a GELU MLP 4x wide, one matrix to embed and to score tokens. Llama (2023; Qwen, SmolLM2, Mistral alike):
@@ -259,7 +259,7 @@ class LM(nn.Module):
         - return_hidden=True: the final hidden states (B, T, n_embd), what a teacher hands to its student;
         - logits_at=(batch indices, time indices): fp32 logits (N, vocab_size) at those N positions only, to
           score continuations;
-        - targets (B, T): the loss, as nanoGPT's forward(idx, targets): kernels.salt_loss(hidden states, LM
+        - targets (B, T): the loss, as nanoGPT's forward(idx, targets): losses.salt_loss(hidden states, LM
           head, targets, **loss_args), i.e. (loss, ce, kd); SALT's stage 1 passes the teacher's hidden states
           and LM head as teacher_hidden and teacher_weight, with kd_weight and temperature. It is computed
           here, not by the caller, because under FSDP the LM head's weight is whole only inside this
@@ -418,7 +418,7 @@ def compiled(model, scope='blocks', **options):
     """An LM under torch.compile (options: its keyword arguments). scope='blocks' compiles each transformer block
     in place: identical blocks share one graph, so a cold compile is one block's, the switch to SALT's stage 2
     (another loss, no teacher) recompiles nothing, and the parameters keep their names; the embeddings and the
-    loss (kernels.py, already fused) run uncompiled. scope='model' compiles the whole forward, the loss
+    loss (losses.py, already fused) run uncompiled. scope='model' compiles the whole forward, the loss
     included, which may fuse across the blocks' edges."""
     if scope == 'model':
         return torch.compile(model, **options)

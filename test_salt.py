@@ -3,7 +3,7 @@ The evidence: `pytest -n 2 --dist worksteal test_salt.py` (offline, CPU, two wor
 plain `pytest test_salt.py` runs them in one); on a GPU machine, `pytest -m cuda test_salt.py` runs the tests that
 need one (skipped elsewhere).
 
-Sections follow the files: model, data and prepare, kernels (every implementation, on the CPU and the GPU),
+Sections follow the files: model, data and prepare, losses (every implementation, on the CPU and the GPU),
 salt (schedule, scores, selection), train (configurator, two stages, DDP, FSDP, checkpoint_manager's resume),
 the end-to-end experiment, evaluation and sampling, and the GPU checks, the heaviest last. Scripts are run as a
 user runs them, each in a process of its own (run_script).
@@ -14,6 +14,7 @@ import fnmatch
 import functools
 import glob
 import itertools
+import importlib.metadata
 import json
 import math
 import os
@@ -37,7 +38,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(REPO, '..', 'shared')
 if os.path.isdir(os.path.join(SHARED, 'tiktoken')):  # offline CI: the GPT-2 BPE file is there
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.join(SHARED, 'tiktoken'))
-# The Triton interpreter is chosen when triton's @jit decorators run, at `import triton` (kernels imports
+# The Triton interpreter is chosen when triton's @jit decorators run, at `import triton` (losses imports
 # it): this must come before any import that pulls in triton. On a GPU the kernel is compiled instead.
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
@@ -53,14 +54,14 @@ import bench  # noqa: E402
 import checkpoint_manager  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
-import evaluate  # noqa: E402
-import kernels  # noqa: E402
-kernels.disagreement('torch', 'cpu')  # checked now, before any test replaces a row function
+import evaluation  # noqa: E402
+import losses  # noqa: E402
+losses.disagreement('torch', 'cpu')  # checked now, before any test replaces a row function
 import prepare  # noqa: E402
 import salt  # noqa: E402
 import sample  # noqa: E402
 import tokenizer  # noqa: E402
-from kernels import salt_loss  # noqa: E402
+from losses import salt_loss  # noqa: E402
 from tokenizer import GPT2, GPT2_EOT, GPT2_VOCAB_SIZE  # noqa: E402
 from memory import memory_plan, memory_table, start_memory  # noqa: E402
 from model import GPT, GPTConfig, compiled, model_args  # noqa: E402
@@ -194,6 +195,23 @@ def run_script(*args, nproc=1, check=True, cwd=REPO, env=None):
     if check:
         assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the project's module names
+
+def test_no_module_of_ours_has_the_import_name_of_an_installed_package():
+    """Run from the repository, our top-level modules come first on sys.path, so one that has the import name of
+    an installed package shadows it for everything in the process (transformers imports Hugging Face's `kernels`,
+    lm-evaluation-harness's tasks import `evaluate`). Each of ours is checked against the import names of every
+    distribution installed here, so the next such release is this one failure, naming both."""
+    installed = importlib.metadata.packages_distributions()
+    assert 'torch' in installed and 'numpy' in installed  # the listing sees this environment's packages
+    ours = [name for name in sorted(os.listdir(REPO)) if name.endswith('.py')
+            or os.path.isfile(os.path.join(REPO, name, '__init__.py'))]
+    collisions = [f"{name} shadows the package {name.removesuffix('.py')!r} of {', '.join(installed[name.removesuffix('.py')])}"
+                  for name in ours if name.removesuffix('.py') in installed]
+    assert not collisions, '; '.join(collisions)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1142,7 +1160,7 @@ def test_bad_tree_commands_are_one_line_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# kernels: salt_loss against kernels.salt_loss_reference in float64, on every device (`pytest -m cuda` runs the
+# losses.py: salt_loss against losses.salt_loss_reference in float64, on every device (`pytest -m cuda` runs the
 # GPU's), implementation and precision
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -1186,7 +1204,7 @@ def make_inputs(device, n_rows=None, logit_scale=1.0, teacher=True, seed=0):
     generator = torch.Generator().manual_seed(seed)
     randn = lambda *shape, scale: (torch.randn(*shape, generator=generator) * scale).to(device).requires_grad_()
     targets = torch.randint(0, vocab, (n_rows,), generator=generator)
-    chunk = chunk or kernels.default_chunk_size(n_rows, hidden, padded_vocab, device)
+    chunk = chunk or losses.default_chunk_size(n_rows, hidden, padded_vocab, device)
     targets[3:4] = -1
     targets[chunk:2 * chunk] = -1
     x = dict(student_hidden=randn(n_rows, hidden, scale=logit_scale),
@@ -1213,7 +1231,7 @@ def precision_inputs(x, precision):
 
 
 def reference(x, kd_weight, temperature, kd_loss, operand_dtype, rows_per_block=1024, kd_token_weight='constant'):
-    """(loss, ce, kd, grad_hidden, grad_weight) in float64 by kernels.salt_loss_reference from the GEMM operands as
+    """(loss, ce, kd, grad_hidden, grad_weight) in float64 by losses.salt_loss_reference from the GEMM operands as
     the GEMMs see them (bf16 under autocast), a block of rows at a time (16384 rows of float64 logits take 6.6 GB
     a buffer): each block's mean, weighted by its share of the counted rows."""
     hidden, weight = (x[k].detach().to(operand_dtype).double().requires_grad_() for k in ('student_hidden', 'student_weight'))
@@ -1225,7 +1243,7 @@ def reference(x, kd_weight, temperature, kd_loss, operand_dtype, rows_per_block=
     for start in range(0, len(targets), rows_per_block):
         rows = slice(start, start + rows_per_block)
         share = (targets[rows] != -1).sum() / n_counted
-        loss, ce, kd = kernels.salt_loss_reference(
+        loss, ce, kd = losses.salt_loss_reference(
             hidden[rows], weight, targets[rows], None if teacher_hidden is None else teacher_hidden[rows],
             teacher_weight, kd_weight=kd_weight, temperature=temperature, vocab_size=vocab, kd_loss=kd_loss,
             kd_token_weight=kd_token_weight)
@@ -1237,18 +1255,18 @@ def reference(x, kd_weight, temperature, kd_loss, operand_dtype, rows_per_block=
 def use_impl(impl, device, monkeypatch):
     """Make sure `impl` is what runs: the other row functions fail if called. The Triton kernel on a CPU runs in
     the interpreter, with blocks of 32 columns: several per row, the last one partial."""
-    if impl == 'triton' and kernels.triton is None:
+    if impl == 'triton' and losses.triton is None:
         pytest.skip('triton is not installed')
     if impl == 'triton' and device == 'cpu':
         from triton.runtime.interpreter import InterpretedFunction
-        assert isinstance(kernels._salt_rows_kernel, InterpretedFunction), (
+        assert isinstance(losses._salt_rows_kernel, InterpretedFunction), (
             "triton was imported before TRITON_INTERPRET=1 was set: move this file's os.environ line above every "
             "import that loads triton")
-        monkeypatch.setattr(kernels, 'TRITON_BLOCK_V', 32)
+        monkeypatch.setattr(losses, 'TRITON_BLOCK_V', 32)
     for other in {'torch', 'triton', 'autograd'} - {impl}:
         def fail(*args, other=other):
             raise AssertionError(f"the {other} rows ran instead of the {impl} rows")
-        monkeypatch.setattr(kernels, f'_rows_{other}', fail)
+        monkeypatch.setattr(losses, f'_rows_{other}', fail)
 
 
 def check_against_reference(x, impl, precision, kd_weight, temperature, kd_loss='forward_kl', grad_tolerance=None,
@@ -1303,7 +1321,7 @@ def test_every_temperature_and_weight_match_the_reference(device, impl, precisio
 
 @pytest.mark.parametrize('device, precision, kd_loss', [
     case(device, precision, kd_loss) for device, impl, precision in KERNELS if impl == 'autograd'
-    for kd_loss in kernels.DIVERGENCES])
+    for kd_loss in losses.DIVERGENCES])
 def test_every_divergence_matches_the_reference(device, precision, kd_loss, monkeypatch, fp32_matmul_precision):
     """A divergence of plain PyTorch, its gradient taken by autograd chunk by chunk, equals its full-logits
     definition."""
@@ -1380,7 +1398,7 @@ def test_no_tensor_of_tokens_by_vocabulary_is_ever_made(device, impl, kd_loss):
             LargestOutput.largest = max([LargestOutput.largest] + sizes)
             return out
     vocab, padded_vocab, _, hidden, _, chunk = KERNEL_SIZES[device]
-    chunk = chunk or kernels.default_chunk_size(1, hidden, padded_vocab, device)
+    chunk = chunk or losses.default_chunk_size(1, hidden, padded_vocab, device)
     x = make_inputs(device, n_rows=16 * chunk)
     with LargestOutput():
         loss, _, _ = salt_loss(**x, kd_weight=0.5, vocab_size=vocab, kd_loss=kd_loss, chunk_size=chunk, impl=impl)
@@ -1420,7 +1438,7 @@ def test_batched_shapes_default_chunk_full_vocab_and_per_position_terms():
     targets = x['targets'][:36].view(4, 9)
     # chunk_size=None: default chunking; vocab_size=None: all 128 weight rows are real tokens
     loss, ce, kd = salt_loss(hidden, weight, targets, teacher_hidden, teacher_weight, kd_weight=0.5, temperature=2.0)
-    want = kernels.salt_loss_reference(hidden, weight, targets, teacher_hidden, teacher_weight, kd_weight=0.5,
+    want = losses.salt_loss_reference(hidden, weight, targets, teacher_hidden, teacher_weight, kd_weight=0.5,
                                        temperature=2.0)
     grad_hidden, = torch.autograd.grad(loss, hidden)
     want_grad_hidden, = torch.autograd.grad(want[0], hidden)
@@ -1440,7 +1458,7 @@ def test_backward_scales_by_grad_output_and_no_grad_mode_matches():
     x = converted(make_inputs('cpu'), torch.float64)
     loss = salt_loss(**x, kd_weight=0.5, vocab_size=100, chunk_size=16)[0]
     grads = torch.autograd.grad(3.0 * loss, (x['student_hidden'], x['student_weight']))
-    want = kernels.salt_loss_reference(**x, kd_weight=0.5, vocab_size=100)[0]
+    want = losses.salt_loss_reference(**x, kd_weight=0.5, vocab_size=100)[0]
     want_grads = torch.autograd.grad(3.0 * want, (x['student_hidden'], x['student_weight']))
     for got, expected in zip(grads, want_grads):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -1493,10 +1511,10 @@ def test_bf16_activations_with_fp32_weights_use_bf16_gemms():
 
 
 def test_default_chunk_size_bounds():
-    assert kernels.default_chunk_size(4096, 256, 50304, "cpu") == 64  # 64 rows * 50304 * 4 B = 13 MiB
-    assert kernels.default_chunk_size(4096, 768, 50304, "cuda") == 256
-    assert kernels.default_chunk_size(32768, 2048, 50304, "cuda") == 2048
-    assert kernels.default_chunk_size(10, 16, 128, "cpu") == 64
+    assert losses.default_chunk_size(4096, 256, 50304, "cpu") == 64  # 64 rows * 50304 * 4 B = 13 MiB
+    assert losses.default_chunk_size(4096, 768, 50304, "cuda") == 256
+    assert losses.default_chunk_size(32768, 2048, 50304, "cuda") == 2048
+    assert losses.default_chunk_size(10, 16, 128, "cpu") == 64
 
 
 def test_divergences_follow_their_definitions():
@@ -1509,28 +1527,28 @@ def test_divergences_follow_their_definitions():
 
     def kl(a, b):
         return (a * (a.log() - b.log())).sum(-1)
-    torch.testing.assert_close(kernels.forward_kl(log_p, log_q, None), kl(q, p))
-    torch.testing.assert_close(kernels.reverse_kl(log_p, log_q, None), kl(p, q))
+    torch.testing.assert_close(losses.forward_kl(log_p, log_q, None), kl(q, p))
+    torch.testing.assert_close(losses.reverse_kl(log_p, log_q, None), kl(p, q))
     for beta in (0.1, 0.5, 0.9):
         m = beta * q + (1 - beta) * p
-        torch.testing.assert_close(kernels.jsd(log_p, log_q, None, beta), beta * kl(q, m) + (1 - beta) * kl(p, m))
-    torch.testing.assert_close(kernels.jsd(log_p, log_q, None), kernels.jsd(log_q, log_p, None))
-    assert torch.all(kernels.jsd(log_p, log_q, None) <= math.log(2))
-    for divergence in kernels.DIVERGENCES.values():
+        torch.testing.assert_close(losses.jsd(log_p, log_q, None, beta), beta * kl(q, m) + (1 - beta) * kl(p, m))
+    torch.testing.assert_close(losses.jsd(log_p, log_q, None), losses.jsd(log_q, log_p, None))
+    assert torch.all(losses.jsd(log_p, log_q, None) <= math.log(2))
+    for divergence in losses.DIVERGENCES.values():
         assert torch.all(divergence(log_p, log_q, None) > 0)
         torch.testing.assert_close(divergence(log_p, log_p, None), torch.zeros(50, dtype=torch.float64))
 
 
 @pytest.mark.parametrize('device, precision', [case('cpu', 'fp64')] + [case('cuda', p) for p in PRECISIONS])
-@pytest.mark.parametrize('kd_token_weight', [name for name in kernels.TOKEN_WEIGHTS if name != 'constant'])
+@pytest.mark.parametrize('kd_token_weight', [name for name in losses.TOKEN_WEIGHTS if name != 'constant'])
 def test_every_token_weight_matches_the_reference(device, precision, kd_token_weight, fp32_matmul_precision):
-    """w_t = w * g(teacher, target) (kernels.TOKEN_WEIGHTS): the chunked loss and its gradients against the
+    """w_t = w * g(teacher, target) (losses.TOKEN_WEIGHTS): the chunked loss and its gradients against the
     definition on full logits; chosen without an impl, it runs the autograd rows, the fast paths refusing it. It
     is another loss than the constant w's, a token's weight the teacher's probability computed by hand here."""
     fp32_matmul_precision('highest')
     x = make_inputs(device)
     loss, _, _ = check_against_reference(x, None, precision, 0.75, 1.5, kd_token_weight=kd_token_weight)
-    assert kernels._pick_impl(None, 'forward_kl', kd_token_weight, torch.device(device)) == 'autograd'
+    assert losses._pick_impl(None, 'forward_kl', kd_token_weight, torch.device(device)) == 'autograd'
     constant, _, _ = check_against_reference(x, 'autograd', precision, 0.75, 1.5)
     assert abs(loss.item() - constant.item()) > 1e-3
     with torch.no_grad():  # g itself, on the teacher's distribution at tau = 1.5
@@ -1538,7 +1556,7 @@ def test_every_token_weight_matches_the_reference(device, precision, kd_token_we
         q = torch.softmax((hidden @ weight.T)[:, :KERNEL_SIZES[device][0]] / 1.5, dim=-1)
         targets = x['targets'].clamp(min=0)
         g = q.amax(-1) if kd_token_weight == 'confidence' else q.gather(1, targets[:, None])[:, 0]
-        torch.testing.assert_close(kernels.TOKEN_WEIGHTS[kd_token_weight](q.log(), x['targets']), g)
+        torch.testing.assert_close(losses.TOKEN_WEIGHTS[kd_token_weight](q.log(), x['targets']), g)
 
 
 def test_a_divergence_takes_its_parameters_in_its_name():
@@ -1547,8 +1565,8 @@ def test_a_divergence_takes_its_parameters_in_its_name():
     generator = torch.Generator().manual_seed(0)
     log_p, log_q = (torch.log_softmax(torch.randn(8, 20, generator=generator, dtype=torch.float64), -1)
                     for _ in range(2))
-    torch.testing.assert_close(kernels.divergence('jsd:beta=0.3')(log_p, log_q, None),
-                               kernels.jsd(log_p, log_q, None, beta=0.3))
+    torch.testing.assert_close(losses.divergence('jsd:beta=0.3')(log_p, log_q, None),
+                               losses.jsd(log_p, log_q, None, beta=0.3))
     x = make_inputs('cpu')
     loss, _, _ = check_against_reference(x, 'autograd', 'fp64', 0.5, 1.0, kd_loss='jsd:beta=0.3')
     default, _, _ = check_against_reference(x, 'autograd', 'fp64', 0.5, 1.0, kd_loss='jsd')
@@ -1565,20 +1583,20 @@ def test_a_hand_derived_path_that_disagrees_with_the_definition_is_not_used(monk
     whose gradient was derived for the old formula. Checked once, the first time salt_loss would choose it, it
     disagrees, a line says so, and the loss runs the autograd rows of the edited divergence, equal to the
     reference. Unedited, the torch path is chosen and nothing is said."""
-    monkeypatch.setattr(kernels, '_DISAGREEMENTS', {})
+    monkeypatch.setattr(losses, '_DISAGREEMENTS', {})
     x = make_inputs('cpu')
     check_against_reference(x, None, 'fp64', 0.5, 1.0)
-    assert kernels.choice('cpu') == "salt_loss runs impl='torch' for kd_loss='forward_kl', kd_token_weight='constant'"
+    assert losses.choice('cpu') == "salt_loss runs impl='torch' for kd_loss='forward_kl', kd_token_weight='constant'"
     assert capfd.readouterr().err == ''
-    monkeypatch.setitem(kernels.DIVERGENCES, 'forward_kl', skewed_kl)
-    monkeypatch.setattr(kernels, '_DISAGREEMENTS', {})
+    monkeypatch.setitem(losses.DIVERGENCES, 'forward_kl', skewed_kl)
+    monkeypatch.setattr(losses, '_DISAGREEMENTS', {})
     check_against_reference(x, None, 'fp64', 0.5, 1.0)  # the edited definition, by the autograd rows
     check_against_reference(x, None, 'fp64', 0.5, 1.0)
     lines = capfd.readouterr().err.splitlines()
     assert lines == ["salt_loss: impl='torch' is not used on cpu: its loss or gradients are off the definition's "
                      + lines[0].split("definition's ")[1]]  # once, however often it is called
-    assert kernels.choice('cpu').startswith("salt_loss runs impl='autograd' for kd_loss='forward_kl'")
-    assert "impl='torch' is not used" in kernels.choice('cpu')
+    assert losses.choice('cpu').startswith("salt_loss runs impl='autograd' for kd_loss='forward_kl'")
+    assert "impl='torch' is not used" in losses.choice('cpu')
 
 
 @pytest.mark.parametrize('context', ['no_grad', 'inference_mode', 'autocast'])
@@ -1586,24 +1604,24 @@ def test_the_check_holds_wherever_the_first_loss_is_computed(monkeypatch, capfd,
     """The first salt_loss of a run may be an evaluation (no gradients; the teacher's val CE of kd_end='teacher')
     or sit in a bfloat16 autocast region: the check still compares the path's gradients with the definition's in
     float32, and the torch path is chosen."""
-    monkeypatch.setattr(kernels, '_DISAGREEMENTS', {})
+    monkeypatch.setattr(losses, '_DISAGREEMENTS', {})
     region = dict(no_grad=torch.no_grad, inference_mode=torch.inference_mode,
                   autocast=lambda: torch.autocast('cpu', dtype=torch.bfloat16))[context]
     with region():
-        assert kernels.disagreement('torch', 'cpu') is None
-    assert kernels.choice('cpu') == "salt_loss runs impl='torch' for kd_loss='forward_kl', kd_token_weight='constant'"
+        assert losses.disagreement('torch', 'cpu') is None
+    assert losses.choice('cpu') == "salt_loss runs impl='torch' for kd_loss='forward_kl', kd_token_weight='constant'"
     assert capfd.readouterr().err == ''
 
 
 COMPILE_FOR_SM90 = """
-import triton, kernels
+import triton, losses
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 signature = dict(logits_ptr="*fp32", logits_stride="i64", teacher_ptr="*fp32", teacher_stride="i64", targets_ptr="*i64",
                  ce_ptr="*fp32", kl_ptr="*fp32", grad_scale_ptr="*fp32", vocab_size="i32", padded_width="i32",
                  ignore_index="i32", kd_weight_ptr="*fp32", inv_temperature="fp32", HAS_TEACHER="constexpr", BLOCK_V="constexpr")
 for has_teacher in (True, False):
-    source = ASTSource(kernels._salt_rows_kernel, signature, constexprs=dict(HAS_TEACHER=has_teacher, BLOCK_V=4096))
+    source = ASTSource(losses._salt_rows_kernel, signature, constexprs=dict(HAS_TEACHER=has_teacher, BLOCK_V=4096))
     assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm
 """
 
@@ -1612,7 +1630,7 @@ for has_teacher in (True, False):
 def test_triton_kernel_compiles_for_gpu():
     """The interpreter accepts things the compiler rejects (e.g. loop-carried type changes):
     compile for an H100 (no GPU needed), in a subprocess because this one interprets."""
-    if kernels.triton is None:
+    if losses.triton is None:
         pytest.skip("triton is not installed")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silence triton 3.9's warning about a changing default
@@ -1631,7 +1649,7 @@ def test_training_with_salt_loss_tracks_the_reference_loss():
         student, teacher = GPT(config), GPT(GPTConfig(**{**vars(config), 'n_embd': 16})).requires_grad_(False)
         optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
         data_rng = torch.Generator().manual_seed(1)
-        losses = []
+        curve = []
         for step in range(120):
             seqs = torch.randint(0, 100, (4, 17), generator=data_rng)
             seqs[:, 1::2] = (seqs[:, 0::2][:, :8] * 7 + 3) % 100  # something learnable
@@ -1641,10 +1659,10 @@ def test_training_with_salt_loss_tracks_the_reference_loss():
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            losses.append(loss.item())
-        return np.array(losses)
+            curve.append(loss.item())
+        return np.array(curve)
 
-    reference_losses = train_losses(kernels.salt_loss_reference)
+    reference_losses = train_losses(losses.salt_loss_reference)
     fused_losses = train_losses(functools.partial(salt_loss, chunk_size=16))  # 4 chunks a step
     assert fused_losses[-1] < 0.8 * np.log(100)  # it learned something beyond the uniform guess
     np.testing.assert_allclose(fused_losses, reference_losses, rtol=1e-4)
@@ -1722,7 +1740,7 @@ def test_bf16_loss_allocates_no_weight_sized_temporary(impl):
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=CUDA)])
 def test_grad_weight_sums_bf16_products_in_place(device):
-    """kernels._accumulate_matmul(out, a, b): out += a @ b in place, for fp32 out and bf16 a, b, at least as
+    """losses._accumulate_matmul(out, a, b): out += a @ b in place, for fp32 out and bf16 a, b, at least as
     accurate as the formula it replaced, out + (a @ b).float(): a bf16 product, off by 2^-9 of
     sum_k |a_ik b_kj| per rounding to bf16 (CPU GEMMs round partial sums too: 2^-8). On CUDA the sum is
     inside the GEMM (fp32 accuracy) and allocates nothing."""
@@ -1735,13 +1753,13 @@ def test_grad_weight_sums_bf16_products_in_place(device):
     old = out + (a @ b).float()
     assert torch.all((old - exact).abs() <= bound)
     result = out.clone()
-    kernels._accumulate_matmul(result, a, b)  # warm-up: cuBLAS's workspace is allocated once
+    losses._accumulate_matmul(result, a, b)  # warm-up: cuBLAS's workspace is allocated once
     result = out.clone()
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     address = result.data_ptr()
-    kernels._accumulate_matmul(result, a, b)
+    losses._accumulate_matmul(result, a, b)
     assert result.data_ptr() == address
     assert torch.all((result - exact).abs() <= bound)
     if device == 'cuda':
@@ -2140,8 +2158,8 @@ def test_the_loss_runs_in_the_autocast_dtype(monkeypatch):
     """Under bf16 autocast the model's loss multiplies 16-bit operands (the LM head GEMMs are a large part of a
     small student's step), though the LayerNorm hands it fp32 hidden states and the weights are fp32."""
     gemm_dtypes = []
-    real_matmul = kernels._matmul
-    monkeypatch.setattr(kernels, '_matmul', lambda a, b, out_dtype: gemm_dtypes.append(a.dtype) or real_matmul(a, b, out_dtype))
+    real_matmul = losses._matmul
+    monkeypatch.setattr(losses, '_matmul', lambda a, b, out_dtype: gemm_dtypes.append(a.dtype) or real_matmul(a, b, out_dtype))
     model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=32))
     x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -2201,7 +2219,7 @@ def test_val_loss_per_subset_and_few_shot_tasks_are_logged(tmp_path, pile, files
         logits = model(val.get(ids)[:, :-1]).double()
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), val.get(ids)[:, 1:].flatten())
         assert final['val_loss_subsets'][name] == pytest.approx(ce.item(), rel=1e-5), name
-    scores = evaluate.evaluate_tasks(model, evaluate.read_tasks(tasks), GPT2_TOKENIZER)
+    scores = evaluation.evaluate_tasks(model, evaluation.read_tasks(tasks), GPT2_TOKENIZER)
     for task, metric in (('hellaswag', 'acc_norm'), ('lambada', 'ppl')):
         assert final[f'{task}/{metric}'] == pytest.approx(scores[task][metric], rel=1e-5)
 
@@ -2884,7 +2902,7 @@ def test_report_on_pile_data_with_subsets(slm, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# evaluate.py and sample.py
+# evaluation.py and sample.py
 
 def run_scripts(commands):
     """Several scripts at once (each single-threaded), for the quick ones: {name: CompletedProcess}."""
@@ -3030,7 +3048,7 @@ def greedy_line(model):
 
 
 def check_rows(scored, rows):
-    """Per example and ending: evaluate.py's (log-prob, tokens, greedy) against the brute force's."""
+    """Per example and ending: evaluation.py's (log-prob, tokens, greedy) against the brute force's."""
     assert [index for index, _, _ in scored] == list(range(len(rows)))
     for (_, endings, truncated), expected in zip(scored, rows):
         assert truncated == any(t for _, _, _, t in expected)
@@ -3039,23 +3057,23 @@ def check_rows(scored, rows):
             assert logprob == pytest.approx(want, rel=1e-5, abs=1e-4)
 
 # ----------------------------------------------------------------------------------------------------------
-# evaluate.py
+# evaluation.py
 
 
 @pytest.mark.slow
 def test_task_scores_equal_brute_force(tiny, files, tmp_path):
     _, model = tiny
     hellaswag, lambada = read_lines(files['hellaswag']), read_lines(files['lambada']) + [greedy_line(model)]
-    tasks = evaluate.read_tasks(f"hellaswag:{files['hellaswag']},lambada:{write_jsonl(tmp_path / 'l.jsonl', lambada)}")
+    tasks = evaluation.read_tasks(f"hellaswag:{files['hellaswag']},lambada:{write_jsonl(tmp_path / 'l.jsonl', lambada)}")
     want_h, rows_h = expected_hellaswag(model, hellaswag, [line['ctx'] for line in hellaswag])
     want_l, rows_l = expected_lambada(model, lambada, [line['text'].rsplit(' ', 1)[0] for line in lambada])
     for task, rows in zip(tasks, (rows_h, rows_l)):  # batches of 5 rows: examples split across batches
-        check_rows(evaluate.score_examples(model, task, GPT2_TOKENIZER, shots=0, seed=1, batch_size=5), rows)
+        check_rows(evaluation.score_examples(model, task, GPT2_TOKENIZER, shots=0, seed=1, batch_size=5), rows)
 
     seen = []  # the mode and grad mode the model runs in, and the shape of what it returns
     hook = model.register_forward_hook(lambda m, _, out: seen.append((m.training, torch.is_grad_enabled(), out.shape)))
     model.train()
-    got = evaluate.evaluate_tasks(model, tasks, GPT2_TOKENIZER, batch_size=5)
+    got = evaluation.evaluate_tasks(model, tasks, GPT2_TOKENIZER, batch_size=5)
     hook.remove()
     assert model.training  # put back as it was found
     model.eval()
@@ -3076,14 +3094,14 @@ def test_long_contexts_are_cut_from_the_left_and_counted(tiny, files, tmp_path):
     hellaswag = read_lines(files['hellaswag'])[:3]
     hellaswag[1]['ctx'] = ' '.join(long_words)
     lambada = read_lines(files['lambada'])[:3] + [dict(text=' '.join(long_words))]
-    tasks = evaluate.read_tasks(f"hellaswag:{write_jsonl(tmp_path / 'h.jsonl', hellaswag)},"
+    tasks = evaluation.read_tasks(f"hellaswag:{write_jsonl(tmp_path / 'h.jsonl', hellaswag)},"
                                 f"lambada:{write_jsonl(tmp_path / 'l.jsonl', lambada)}")
     assert len(ENC.encode_ordinary(hellaswag[1]['ctx'])) > BLOCK_SIZE + 1
     want_h, rows_h = expected_hellaswag(model, hellaswag, [line['ctx'] for line in hellaswag])
     want_l, rows_l = expected_lambada(model, lambada, [line['text'].rsplit(' ', 1)[0] for line in lambada])
     for task, rows in zip(tasks, (rows_h, rows_l)):
-        check_rows(evaluate.score_examples(model, task, GPT2_TOKENIZER, shots=0, seed=1, batch_size=4), rows)
-    got = evaluate.evaluate_tasks(model, tasks, GPT2_TOKENIZER)
+        check_rows(evaluation.score_examples(model, task, GPT2_TOKENIZER, shots=0, seed=1, batch_size=4), rows)
+    got = evaluation.evaluate_tasks(model, tasks, GPT2_TOKENIZER)
     assert got['hellaswag'] == dict(want_h, chance=0.25, examples=3, truncated=1)
     assert got['lambada'] == pytest.approx(dict(want_l, chance=0.0, examples=4, truncated=1), rel=1e-5)
 
@@ -3095,14 +3113,14 @@ def solved(line):
 @pytest.mark.slow
 def test_k_shot_prompts_hold_k_examples_and_are_seeded(tiny, files):
     _, model = tiny
-    tasks = evaluate.read_tasks(f"hellaswag:{files['hellaswag']},lambada:{files['lambada']}",
+    tasks = evaluation.read_tasks(f"hellaswag:{files['hellaswag']},lambada:{files['lambada']}",
                                 f"hellaswag:{files['hellaswag_fewshot']},lambada:{files['lambada_fewshot']}")
-    zero_shot = evaluate.evaluate_tasks(model, tasks, GPT2_TOKENIZER)
+    zero_shot = evaluation.evaluate_tasks(model, tasks, GPT2_TOKENIZER)
     for task, context_of in zip(tasks, (lambda line: line['ctx'], lambda line: line['text'].rsplit(' ', 1)[0])):
         lines, pool = read_lines(task.path), {solved(line) for line in read_lines(task.fewshot_path)}
-        prompts = [evaluate.prompt(task, i, 3, 1234) for i in range(len(lines))]
-        assert prompts == [evaluate.prompt(task, i, 3, 1234) for i in range(len(lines))]  # deterministic
-        assert prompts != [evaluate.prompt(task, i, 3, 99) for i in range(len(lines))]  # and the seed matters
+        prompts = [evaluation.prompt(task, i, 3, 1234) for i in range(len(lines))]
+        assert prompts == [evaluation.prompt(task, i, 3, 1234) for i in range(len(lines))]  # deterministic
+        assert prompts != [evaluation.prompt(task, i, 3, 99) for i in range(len(lines))]  # and the seed matters
         shots = []
         for text, line in zip(prompts, lines):
             *examples, context = text.split('\n\n')  # three solved examples, a blank line after each
@@ -3111,17 +3129,17 @@ def test_k_shot_prompts_hold_k_examples_and_are_seeded(tiny, files):
         assert len(set(shots)) > 1  # each example draws its own
         expected = expected_hellaswag if task.name == 'hellaswag' else expected_lambada
         want, rows = expected(model, lines, prompts)
-        check_rows(evaluate.score_examples(model, task, GPT2_TOKENIZER, shots=3, seed=1234, batch_size=7), rows)
-        got = evaluate.evaluate_tasks(model, [task], GPT2_TOKENIZER, shots=3, batch_size=7)[task.name]
+        check_rows(evaluation.score_examples(model, task, GPT2_TOKENIZER, shots=3, seed=1234, batch_size=7), rows)
+        got = evaluation.evaluate_tasks(model, [task], GPT2_TOKENIZER, shots=3, batch_size=7)[task.name]
         assert got['truncated'] == 0  # the model read every shot
         assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-5)
-    assert evaluate.evaluate_tasks(model, tasks, GPT2_TOKENIZER, shots=3) != zero_shot
+    assert evaluation.evaluate_tasks(model, tasks, GPT2_TOKENIZER, shots=3) != zero_shot
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_give_the_scores_of_one_process(tiny, files, tmp_path):
     ckpt, _ = tiny
-    args = ['evaluate.py', f'--ckpt={ckpt}', '--task', f"hellaswag:{files['hellaswag']}", '--task',
+    args = ['evaluation.py', f'--ckpt={ckpt}', '--task', f"hellaswag:{files['hellaswag']}", '--task',
             f"lambada:{files['lambada']}", '--shots=2', '--fewshot_file', f"hellaswag:{files['hellaswag_fewshot']}",
             '--fewshot_file', f"lambada:{files['lambada_fewshot']}"]
     one = run_script(*args, '--batch_size=3', f'--out={tmp_path / "one.json"}')
@@ -3139,9 +3157,9 @@ def test_two_gloo_ranks_give_the_scores_of_one_process(tiny, files, tmp_path):
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), (task, key)
     # the in-process function gives the same scores as the command
     model = salt.load_model(ckpt, 'cpu')
-    tasks = evaluate.read_tasks(f"hellaswag:{files['hellaswag']},lambada:{files['lambada']}",
+    tasks = evaluation.read_tasks(f"hellaswag:{files['hellaswag']},lambada:{files['lambada']}",
                                 f"hellaswag:{files['hellaswag_fewshot']},lambada:{files['lambada_fewshot']}")
-    for task, scores in evaluate.evaluate_tasks(model, tasks, GPT2_TOKENIZER, shots=2).items():
+    for task, scores in evaluation.evaluate_tasks(model, tasks, GPT2_TOKENIZER, shots=2).items():
         assert scores == pytest.approx(results[0]['results'][task], rel=1e-5)
 
 
@@ -3166,7 +3184,7 @@ def test_each_malformed_line_is_a_one_line_error(tiny, tmp_path):
         good = GOOD_H if task == 'hellaswag' else GOOD_L
         path = tmp_path / (case.replace(' ', '_') + '.jsonl')
         path.write_text(f"{good}\n{good}\n{bad}\n{good}\n")
-        commands[case] = ['evaluate.py', f'--ckpt={ckpt}', f'--task={task}:{path}']
+        commands[case] = ['evaluation.py', f'--ckpt={ckpt}', f'--task={task}:{path}']
         expected[case] = (str(path), 'line 3', message)
     for case, result in run_scripts(commands).items():
         assert_one_line_error(result, *expected[case])
@@ -3188,7 +3206,7 @@ def test_bad_task_arguments_name_what_is_wrong(files, tmp_path):
     ]
     for spec, fewshot, shots, message in cases:
         with pytest.raises(common.InputError) as error:
-            evaluate.check_shots(evaluate.read_tasks(spec, fewshot), shots)
+            evaluation.check_shots(evaluation.read_tasks(spec, fewshot), shots)
         assert message in str(error.value) and '\n' not in str(error.value)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3242,7 +3260,7 @@ def test_gpu_check_dry_run_fits_eight_files_and_states_every_target(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(os.listdir(out)) == GPU_CHECK_FILES
     summary = (out / 'summary.md').read_text()
-    assert '- git commit c0ffee' in summary and "- kernels' choices here: " in summary
+    assert '- git commit c0ffee' in summary and "- the loss's choices here: " in summary
     targets = dict(re.findall(r'^target: (.+?) \| measured: .+ \| (met|missed|not measured.*)$', summary, re.M))
     assert len(targets) == 6, summary
     measured_here = [verdict for what, verdict in targets.items() if 'Liger' not in what and 'MFU' not in what]
@@ -3432,27 +3450,27 @@ def gpu_train(loss_fn, tokens, n_embd, steps, kd_steps=0, teacher=None):
     model = small_gpt(n_embd)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     generator = torch.Generator().manual_seed(1)
-    losses = []
+    curve = []
     for step in range(steps):
         x, y = batch(tokens, generator)
         loss = micro_batch_loss(loss_fn, model, teacher, x, y, kd_weight=0.5 if step < kd_steps else 0.0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())  # no .item(): the loop never waits for the GPU
-    return model, torch.stack(losses).float().cpu().numpy()
+        curve.append(loss.detach())  # no .item(): the loop never waits for the GPU
+    return model, torch.stack(curve).float().cpu().numpy()
 
 
 @cuda_test
 def test_bf16_training_with_salt_loss_tracks_the_reference_loss(real_tokens):
     """300 steps on real text, KD from a briefly trained teacher for the first 100: salt_loss and
-    kernels.salt_loss_reference (full bf16 logits, log_softmax, autograd) give the same loss curve within 1% at
+    losses.salt_loss_reference (full bf16 logits, log_softmax, autograd) give the same loss curve within 1% at
     every step. They round differently (the reference's GEMM rounds the logits to bf16, salt_loss keeps them
     fp32), so the runs drift apart a little."""
     teacher, _ = gpu_train(salt_loss, real_tokens, n_embd=64, steps=100)
     teacher.requires_grad_(False)
     _, fused = gpu_train(salt_loss, real_tokens, n_embd=128, steps=300, kd_steps=100, teacher=teacher)
-    _, eager = gpu_train(kernels.salt_loss_reference, real_tokens, n_embd=128, steps=300, kd_steps=100, teacher=teacher)
+    _, eager = gpu_train(losses.salt_loss_reference, real_tokens, n_embd=128, steps=300, kd_steps=100, teacher=teacher)
     assert fused[-20:].mean() < 0.75 * np.log(GPU_VOCAB)  # it learned: the uniform guess scores log(V)
     np.testing.assert_allclose(fused, eager, rtol=1e-2)
 
@@ -3716,7 +3734,7 @@ def test_the_memory_plan_counts_the_rows_a_loss_chunk_really_has():
     student = GPTConfig.from_preset('demo-student', block_size=512)
     vocab, hidden = student.padded_vocab_size, student.n_embd
     for device_type, tokens in (('cuda', 512), ('cpu', 512), ('cuda', 32)):
-        rows = min(tokens, kernels.default_chunk_size(tokens, hidden, vocab, device_type))
+        rows = min(tokens, losses.default_chunk_size(tokens, hidden, vocab, device_type))
         plan = memory_plan(student, None, tokens=tokens, world_size=1, compute_bytes=4, device_type=device_type)
         assert plan['loss (LM head)'][0] == vocab * hidden * 4 + 3 * rows * vocab * 4 and rows <= min(tokens, 256)
 
@@ -3763,7 +3781,7 @@ def test_loss_runs_outside_the_compiled_model_where_inductor_cannot_compile_it(m
     """The start-up probe (train.py, compile_scope='model') compiles salt_loss once on a tiny input: where the
     backend fails on it, the reason is reported, and a compiled model runs the loss outside its graph, with the
     eager loss and gradients; where the backend works, the loss is inside the graph."""
-    monkeypatch.setattr(kernels, '_LOSS_OUTSIDE_COMPILE', {})
+    monkeypatch.setattr(losses, '_LOSS_OUTSIDE_COMPILE', {})
     graphs = []
 
     def recording(gm, example_inputs):  # the graphs dynamo hands a backend, run as they are
@@ -3787,7 +3805,7 @@ def test_loss_runs_outside_the_compiled_model_where_inductor_cannot_compile_it(m
     eager_loss, eager_grads = loss_and_grads(student)
     for backend, expected in ((failing, 'runs outside the compiled graph (compiling it failed: RuntimeError: no '
                                         'kernel for this op)'), (recording, 'is compiled with the model')):
-        assert kernels.compile_loss_or_not('cpu', backend=backend).endswith(expected)
+        assert losses.compile_loss_or_not('cpu', backend=backend).endswith(expected)
         torch._dynamo.reset()
         graphs.clear()
         loss, grads = loss_and_grads(compiled(student, 'model', backend=recording))
@@ -3803,13 +3821,13 @@ def test_gemm_without_out_dtype_takes_the_fp32_product_path(monkeypatch):
     def refuse(*args, **kwargs):
         raise TypeError("addmm() got an unexpected keyword argument 'out_dtype'")
     monkeypatch.setattr(torch, 'addmm', refuse)
-    assert kernels._probe_out_dtype_gemm(torch.device('cpu')) is False
+    assert losses._probe_out_dtype_gemm(torch.device('cpu')) is False
     probes = []
-    monkeypatch.setattr(kernels, '_probe_out_dtype_gemm', lambda device: probes.append(device) or False)
-    monkeypatch.setattr(kernels, '_OUT_DTYPE_GEMM', {})
-    assert not kernels.out_dtype_gemm('cuda:0') and not kernels.out_dtype_gemm(torch.device('cuda:0'))
-    assert len(probes) == 1 and kernels._OUT_DTYPE_GEMM == {'cuda:0': False}
-    assert 'no out_dtype GEMM' in kernels.describe_choices(torch.device('cpu'))
+    monkeypatch.setattr(losses, '_probe_out_dtype_gemm', lambda device: probes.append(device) or False)
+    monkeypatch.setattr(losses, '_OUT_DTYPE_GEMM', {})
+    assert not losses.out_dtype_gemm('cuda:0') and not losses.out_dtype_gemm(torch.device('cuda:0'))
+    assert len(probes) == 1 and losses._OUT_DTYPE_GEMM == {'cuda:0': False}
+    assert 'no out_dtype GEMM' in losses.describe_choices(torch.device('cpu'))
 
 
 # ---- Hugging Face export
@@ -3915,7 +3933,7 @@ def test_the_export_teaches_and_scores_as_its_checkpoint(text_data, exported, sl
         assert json.load(f)['teacher'] == salt.teacher_id(hf_dir) == hf_model.identity(hf_dir)
 
 
-# A task of lm-evaluation-harness over a local jsonl in HellaSwag's format, scored as evaluate.py scores it: the
+# A task of lm-evaluation-harness over a local jsonl in HellaSwag's format, scored as evaluation.py scores it: the
 # context as written, each ending after a space (docs/evaluation.md's)
 HELLASWAG_TASK = """task: hellaswag_local
 dataset_path: json
@@ -3937,7 +3955,7 @@ metric_list:
 @pytest.mark.parametrize('tiny', ['gpt2', 'llama'], indirect=True)
 def test_lm_evaluation_harness_on_the_export_scores_as_evaluate_py(tiny, files, tmp_path):
     """`lm_eval --model hf` on the export (a GPT2LMHeadModel, a LlamaForCausalLM), offline, on a HellaSwag-format
-    file of real text: its acc and acc_norm are evaluate.py's on the checkpoint, and its log-likelihood of every
+    file of real text: its acc and acc_norm are evaluation.py's on the checkpoint, and its log-likelihood of every
     ending is ours up to float summation."""
     ckpt, _ = tiny
     export_hf.export(ckpt, str(tmp_path / 'hf'))
@@ -3955,13 +3973,13 @@ def test_lm_evaluation_harness_on_the_export_scores_as_evaluate_py(tiny, files, 
         samples = sorted(map(json.loads, f), key=lambda sample: sample['doc_id'])
 
     model = salt.load_model(ckpt, 'cpu')
-    task, = evaluate.read_tasks(f"hellaswag:{files['hellaswag']}")
-    ours = evaluate.evaluate_tasks(model, [task], GPT2_TOKENIZER)['hellaswag']
+    task, = evaluation.read_tasks(f"hellaswag:{files['hellaswag']}")
+    ours = evaluation.evaluate_tasks(model, [task], GPT2_TOKENIZER)['hellaswag']
     assert harness['n-samples']['hellaswag_local'] == dict(original=13, effective=13) == dict(
         original=ours['examples'], effective=ours['examples'])
     scores = harness['results']['hellaswag_local']
     assert (scores['acc,none'], scores['acc_norm,none']) == (ours['acc'], ours['acc_norm'])
-    scored = evaluate.score_examples(model, task, GPT2_TOKENIZER, shots=0, seed=0, batch_size=8)
+    scored = evaluation.score_examples(model, task, GPT2_TOKENIZER, shots=0, seed=0, batch_size=8)
     assert [sample['doc_id'] for sample in samples] == [index for index, _, _ in scored]
     for sample, (_, endings, _) in zip(samples, scored):
         assert [float(ll) for ll, _ in sample['filtered_resps']] == pytest.approx([lp for lp, _, _ in endings],
@@ -4155,12 +4173,12 @@ def test_a_real_slm_scores_sequences_as_its_own_logits_say(smollm2, smol_data):
     np.testing.assert_allclose(scores[exact, 0], want.quantile(0.5, dim=1).numpy()[exact], rtol=1e-5, atol=1e-5)
     with open(os.path.splitext(score_file)[0] + '.json') as f:
         assert json.load(f)['teacher'] == hf_model.identity(smollm2)
-    # its val loss on the data, as train.py measures a student's: evaluate.py --data_dir, against the same logits
+    # its val loss on the data, as train.py measures a student's: evaluation.py --data_dir, against the same logits
     out = os.path.join(os.path.dirname(score_file), 'val.json')
-    result = run_script('evaluate.py', f'--ckpt={smollm2}', f'--data_dir={data_dir}', '--block_size=32',
+    result = run_script('evaluation.py', f'--ckpt={smollm2}', f'--data_dir={data_dir}', '--block_size=32',
                         '--val_sequences=16', f'--out={out}')
     val_data = data.TokenSequences(data_dir, 'val', 32)
-    ids, _, _ = evaluate.val_set(val_data, 16)
+    ids, _, _ = evaluation.val_set(val_data, 16)
     seqs = val_data.get(ids)
     with torch.no_grad():
         logits = model(seqs[:, :-1]).logits.double()
@@ -4174,7 +4192,7 @@ def test_a_real_slm_scores_sequences_as_its_own_logits_say(smollm2, smol_data):
 def test_a_real_slm_teaches_salt_ds_students_that_resume_evaluate_sample_and_export(smollm2, smol_data, files,
                                                                                     tmp_path):
     """SmolLM2 teaches a SALT_DS student in its tokens (and a SALT one); stopped and resumed, the student's losses
-    are those of an uninterrupted run; evaluate.py, sample.py and export_hf.py decode with SmolLM2's tokenizer,
+    are those of an uninterrupted run; evaluation.py, sample.py and export_hf.py decode with SmolLM2's tokenizer,
     and the export, reloaded in transformers, computes the checkpoint's logits and evaluates to its scores."""
     data_dir, scores = smol_data
     salt_ds = [f'--teacher_ckpt={smollm2}', f'--score_file={scores}', '--kd_steps=2', '--select_fraction=0.5',
@@ -4201,9 +4219,9 @@ def test_a_real_slm_teaches_salt_ds_students_that_resume_evaluate_sample_and_exp
     tasks = [f"--task=hellaswag:{files['hellaswag']}", f"--task=lambada:{files['lambada']}"]
     sample_args = ['--start=ROMEO: But soft', '--num_samples=2', '--max_new_tokens=6', '--seed=3']
     run_script('export_hf.py', f'--ckpt={ckpt}', f'--out={tmp_path / "hf"}')
-    results = run_scripts({'ckpt': ['evaluate.py', f'--ckpt={ckpt}', *tasks, f'--out={tmp_path / "ckpt.json"}'],
-                           'hf': ['evaluate.py', f'--ckpt={tmp_path / "hf"}', *tasks, f'--out={tmp_path / "hf.json"}'],
-                           'smol': ['evaluate.py', f'--ckpt={smollm2}', f"--task=lambada:{files['lambada']}"],
+    results = run_scripts({'ckpt': ['evaluation.py', f'--ckpt={ckpt}', *tasks, f'--out={tmp_path / "ckpt.json"}'],
+                           'hf': ['evaluation.py', f'--ckpt={tmp_path / "hf"}', *tasks, f'--out={tmp_path / "hf.json"}'],
+                           'smol': ['evaluation.py', f'--ckpt={smollm2}', f"--task=lambada:{files['lambada']}"],
                            'sample': ['sample.py', f'--ckpt={ckpt}', *sample_args],
                            'sample_smol': ['sample.py', f'--ckpt={smollm2}', *sample_args],
                            'report': ['salt.py', 'report', f'--scores={scores}', f'--data_dir={data_dir}',
@@ -4401,7 +4419,7 @@ def test_models_and_data_that_do_not_fit_are_one_line_errors_that_write_nothing(
             ('stray shard', train_with(teacher, data=mixed), f"{mixed / 'train_000001.bin'} is not a shard of"),
             ('not a causal LM', ['salt.py', 'score', f'--ckpt={tmp_path / "t5"}', f'--data_dir={data_dir}',
                                  '--block_size=32', f'--out={tmp_path / "s.npy"}'], "model_type 't5' is not a causal LM"),
-            ('no weights', ['evaluate.py', f"--ckpt={models['no weights']}", f'--task=lambada:{tmp_path / "t.jsonl"}'],
+            ('no weights', ['evaluation.py', f"--ckpt={models['no weights']}", f'--task=lambada:{tmp_path / "t.jsonl"}'],
              'no file named model.safetensors'),
             ('other tokenizer', ['prepare.py', 'text', str(tmp_path / 'text.txt'), f'--out_dir={data_dir}',
                                  f'--tokenizer={other}'],

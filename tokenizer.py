@@ -7,7 +7,7 @@ Where a tokenizer is written down, as its record (below):
 - a data directory's meta.json, "tokenizer"; a transformers tokenizer's files are saved in DATA_DIR/tokenizer,
   which every worker of prepare.py and every later reader loads;
 - a train.py checkpoint's meta.pt, "tokenizer", with those files copied into the checkpoint directory, so that a
-  checkpoint decodes its own text wherever it is moved (evaluate.py, sample.py, export_hf.py);
+  checkpoint decodes its own text wherever it is moved (evaluation.py, sample.py, export_hf.py);
 - a transformers model directory holds its own files.
 
 The record: kind ('tiktoken' or 'transformers'), name, vocab_size (the ids are 0..vocab_size-1), eot and

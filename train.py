@@ -9,7 +9,7 @@ One training loop for the small LM, the baseline and the SALT students.
 
 A config file sets any of the globals below and `--key=value` overrides them (configurator.py). The run is
 SALT as soon as `teacher_ckpt` is set: for the first `kd_steps` steps the loss is (1-w) CE + w KD(teacher ||
-student) (kernels.py), then plain CE (salt.Schedule says what each step does); with `score_file` too it is
+student) (losses.py), then plain CE (salt.Schedule says what each step does); with `score_file` too it is
 SALT_DS, stage 1 reading only the SLM-selected sequences. parallelism='fsdp' shards the student over the GPUs
 where 'ddp' keeps a replica on each (the memory plan printed at start tells). A run continues from the
 checkpoint in its out_dir (checkpoint_manager.py), and holds out_dir/run.lock while it lives: a second job on the
@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint_manager
 import configurator
-import evaluate
-import kernels
+import evaluation
+import losses
 import salt
 import tokenizer
 from common import InputError, compute_init, end_job, fsdp_shard, git_commit, lock_for_the_job, report_input_errors
@@ -88,9 +88,9 @@ kd_schedule = 'constant'     # w over stage 1: 'constant' (the paper's hard swit
 kd_end = 'steps'             # stage 1 ends after kd_steps ('steps'), or once the student's val CE is at or below the
                              # teacher's ('teacher'; kd_steps the limit): salt.Schedule
 kd_loss = 'forward_kl'       # KD: KL(teacher || student), the paper's; or 'reverse_kl', 'jsd', 'jsd:beta=0.3' ...
-                             # (kernels.DIVERGENCES, their parameters after the colon)
+                             # (losses.DIVERGENCES, their parameters after the colon)
 kd_token_weight = 'constant' # w per token: 'constant' (the paper's), or w times the teacher's 'confidence' or its
-                             # probability of the true token, 'on_target' (kernels.TOKEN_WEIGHTS)
+                             # probability of the true token, 'on_target' (losses.TOKEN_WEIGHTS)
 score_file = ''              # SALT_DS: the SLM's scores (python salt.py score); '' = no selection
 select_fraction = 0.25       # SALT_DS: stage 1 trains on this fraction of sequences, the highest scores
 # evaluation and logging
@@ -100,7 +100,7 @@ log_interval = 10
 ckpt_interval = 200          # steps between checkpoints (also at the end; 0 = none, e.g. a benchmark)
 wandb_log = False
 wandb_project = 'salt'
-eval_tasks = ''              # few-shot tasks run at each evaluation too: 'hellaswag:PATH,lambada:PATH' (evaluate.py)
+eval_tasks = ''              # few-shot tasks run at each evaluation too: 'hellaswag:PATH,lambada:PATH' (evaluation.py)
 eval_shots = 0               # with eval_tasks: solved examples before each one, from eval_fewshot_files
 eval_fewshot_files = ''      # 'hellaswag:PATH,lambada:PATH': where the shots come from (another split)
 # system
@@ -156,8 +156,8 @@ if score_file:
     selected_ids = salt.select_top(scores, select_fraction)
     if master:
         print(salt.selection_summary(scores, selected_ids))
-val_set = evaluate.val_set(val_data, eval_batches * batch_size)  # the same sequences every time
-tasks = evaluate.read_tasks(eval_tasks, eval_fewshot_files) if eval_tasks else []
+val_set = evaluation.val_set(val_data, eval_batches * batch_size)  # the same sequences every time
+tasks = evaluation.read_tasks(eval_tasks, eval_fewshot_files) if eval_tasks else []
 text_tokenizer = tokenizer.of_data(data_dir) if tasks else None  # the tasks' text into the data's tokens
 
 
@@ -229,7 +229,7 @@ if schedule.at(step).teacher:  # frozen, in the compute dtype: no fp32 master co
                                 dtype=None if dtype == 'float32' else getattr(torch, dtype))
     teacher_flops = teacher.forward_flops_per_token(block_size)  # for mfu_with_teacher
     if schedule.needs_teacher_val_ce(step):  # kd_end='teacher': its val CE on the student's val set, measured once
-        schedule.teacher_val_ce = evaluate.val_loss(teacher, val_data, val_set, batch_size=batch_size, rank=rank,
+        schedule.teacher_val_ce = evaluation.val_loss(teacher, val_data, val_set, batch_size=batch_size, rank=rank,
                                                     world_size=world_size, autocast=autocast)['val_loss']
         teacher.eval()  # val_loss leaves a model in train mode
         if master:
@@ -251,13 +251,13 @@ loader = make_loader(upcoming)
 if checkpoint:
     checkpoint_manager.restore_progress(checkpoint, loader)
     checkpoint = None  # free the memory
-loss_choice = kernels.choice(device, kd_loss, kd_token_weight)  # checked on this device, before any compiling
+loss_choice = losses.choice(device, kd_loss, kd_token_weight)  # checked on this device, before any compiling
 if master:
     print(loss_choice)
 compile_choice = None  # what torch.compile does to the loss, decided once here and logged
 if compile:
     compile_choice = "salt_loss runs uncompiled, after the compiled blocks" if compile_scope == 'blocks' else \
-        kernels.compile_loss_or_not(device, kd_loss, None if dtype == 'float32' else getattr(torch, dtype),
+        losses.compile_loss_or_not(device, kd_loss, None if dtype == 'float32' else getattr(torch, dtype),
                                     kd_token_weight=kd_token_weight)
     if master:
         print(f"torch.compile per {'block' if compile_scope == 'blocks' else 'model'}: {compile_choice}")
@@ -298,11 +298,11 @@ def gradient_sync(on):
     return model.no_sync() if distributed and parallelism == 'ddp' and not on else nullcontext()
 
 
-def evaluation():
+def evaluate():
     """The metrics of an evaluation: val loss, overall and per data subset, and the few-shot tasks' scores."""
     ranks = dict(batch_size=batch_size, rank=rank, world_size=world_size, autocast=autocast)
-    record = evaluate.val_loss(raw_model, val_data, val_set, **ranks)
-    results = evaluate.evaluate_tasks(raw_model, tasks, text_tokenizer, shots=eval_shots, **ranks) if tasks else {}
+    record = evaluation.val_loss(raw_model, val_data, val_set, **ranks)
+    results = evaluation.evaluate_tasks(raw_model, tasks, text_tokenizer, shots=eval_shots, **ranks) if tasks else {}
     return dict(record, **{f"{task}/{metric}": value for task, scores in results.items()
                            for metric, value in scores.items()
                            if metric not in ('chance', 'examples', 'truncated')})
@@ -356,7 +356,7 @@ def throughput(tokens_per_s, current):
 # the loop
 t_start, step_at_start = time.time(), step
 if step == 0:
-    first_eval = evaluation()  # every rank takes part in the all-reduces
+    first_eval = evaluate()  # every rank takes part in the all-reduces
     if master:
         metrics.log(dict(step=0, **first_eval))
 # tokens/s leaves out evaluation and checkpoint time, and the first step of this process and of stage 2:
@@ -369,20 +369,20 @@ while step < max_steps:
     lr = lr_at(step)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    losses = torch.zeros(3, device=device)  # the step's loss and its CE and KD terms, over its micro-batches
+    step_losses = torch.zeros(3, device=device)  # the step's loss and its CE and KD terms, over its micro-batches
     for micro in range(grad_accum_steps):
         x, y = loader.next_batch()
         with gradient_sync(micro == grad_accum_steps - 1):
             loss, ce, kd = loss_on(x, y, current)
             (loss / grad_accum_steps).backward()
-        losses += torch.stack([loss.detach(), ce, kd]) / grad_accum_steps
+        step_losses += torch.stack([loss.detach(), ce, kd]) / grad_accum_steps
     # clip_grad_norm_ also gives the norm for the check below (max_norm=inf: measure, don't clip)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # fsdp: the global norm
     if distributed:
-        dist.all_reduce(losses, op=dist.ReduceOp.AVG)  # every rank takes the same decision below
-    if not torch.isfinite(torch.stack([losses[0], grad_norm])).all():  # the one host-device sync of a step
-        nonfinite_skipped = checkpoint_manager.nonfinite(step + 1, losses[0], grad_norm, nonfinite_skipped,
+        dist.all_reduce(step_losses, op=dist.ReduceOp.AVG)  # every rank takes the same decision below
+    if not torch.isfinite(torch.stack([step_losses[0], grad_norm])).all():  # the one host-device sync of a step
+        nonfinite_skipped = checkpoint_manager.nonfinite(step + 1, step_losses[0], grad_norm, nonfinite_skipped,
                                                          skip_nonfinite, last_good, master)
         optimizer.zero_grad(set_to_none=True)
         continue
@@ -395,7 +395,7 @@ while step < max_steps:
 
     do_eval = step % eval_interval == 0 or step == max_steps
     t_eval = time.time()
-    evaluated = evaluation() if do_eval else {}
+    evaluated = evaluate() if do_eval else {}
     not_training_s += time.time() - t_eval
     if evaluated and schedule.evaluated(step, evaluated['val_loss']) and master:
         print(f"step {step}: the student's val CE {evaluated['val_loss']:.4f} is at or below the teacher's "
@@ -409,7 +409,7 @@ while step < max_steps:
         loader = make_loader(upcoming)
     if master and (step % log_interval == 0 or do_eval):
         now = time.time()
-        loss_v, ce_v, kd_v = losses.tolist()
+        loss_v, ce_v, kd_v = step_losses.tolist()
         record = dict(step=step, loss=loss_v, ce=ce_v, kd=kd_v, kd_weight=current.kd_weight, lr=lr,
                       grad_norm=grad_norm.item(), elapsed_s=elapsed_before + now - t_start)
         if step > step_at_last:  # else this interval was all warm-up

@@ -2,12 +2,12 @@ r"""
 Evaluation: the val loss that train.py logs (val_loss), and few-shot evaluation of a checkpoint: multiple
 choice in HellaSwag's format, last-word cloze in LAMBADA's.
 
-  python evaluate.py --ckpt out/demo/baseline/ckpt --task hellaswag:hellaswag_val.jsonl \
+  python evaluation.py --ckpt out/demo/baseline/ckpt --task hellaswag:hellaswag_val.jsonl \
       --task lambada:lambada_test.jsonl --out results/eval.json
-  python evaluate.py --ckpt gpt2 --task hellaswag:hellaswag_val.jsonl --shots 10 \
+  python evaluation.py --ckpt gpt2 --task hellaswag:hellaswag_val.jsonl --shots 10 \
       --fewshot_file hellaswag:hellaswag_train.jsonl                       # 10-shot
-  torchrun --standalone --nproc_per_node=8 evaluate.py --ckpt out/pile/student/ckpt --task ...
-  python evaluate.py --ckpt /models/pythia-1.4b --data_dir data/pile_neox --block_size 2048   # its val loss
+  torchrun --standalone --nproc_per_node=8 evaluation.py --ckpt out/pile/student/ckpt --task ...
+  python evaluation.py --ckpt /models/pythia-1.4b --data_dir data/pile_neox --block_size 2048   # its val loss
 
 --ckpt: a train.py checkpoint, a transformers model's directory or a GPT-2 name ('gpt2', ...), each scored with its
 own tokenizer (a checkpoint's is its data's: tokenizer.py). --task TASK:PATH, repeatable (or comma-separated,
@@ -32,8 +32,8 @@ summation. A malformed line is an error naming its file and line.
 
 During training, on the model being trained, on every rank (the task files are read once):
 
-  tasks = evaluate.read_tasks('hellaswag:PATH,lambada:PATH')
-  scores = evaluate.evaluate_tasks(raw_model, tasks, tokenizer.of_data(data_dir), rank=rank, world_size=world_size,
+  tasks = evaluation.read_tasks('hellaswag:PATH,lambada:PATH')
+  scores = evaluation.evaluate_tasks(raw_model, tasks, tokenizer.of_data(data_dir), rank=rank, world_size=world_size,
                                    autocast=autocast)
   # {'hellaswag': {'acc': ..., 'acc_norm': ..., ...}, 'lambada': {'acc': ..., 'ppl': ...}}
 """

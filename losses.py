@@ -69,7 +69,7 @@ def divergence(kd_loss):
     (numbers as Python literals). A ValueError names what is wrong."""
     name, _, arguments = kd_loss.partition(':')
     if name not in DIVERGENCES:
-        raise ValueError(f"kd_loss={kd_loss!r}: the divergences are {', '.join(DIVERGENCES)} (kernels.DIVERGENCES)")
+        raise ValueError(f"kd_loss={kd_loss!r}: the divergences are {', '.join(DIVERGENCES)} (losses.DIVERGENCES)")
     settable = list(inspect.signature(DIVERGENCES[name]).parameters)[3:]  # after log_p, log_q, targets
     values = {}
     for item in filter(None, arguments.split(',')):
@@ -374,7 +374,7 @@ def _compare_with_the_definition(impl, device):
         results.append([t.detach().double().cpu() for t in (loss, x['student_hidden'].grad, x['student_weight'].grad)])
     worst = max(((ours - want).abs().max() / want.abs().max()).item() for want, ours in zip(*results))
     if not worst <= 1e-4:  # float32 rounding of a few hundred terms: ~1e-6; a wrong formula: ~1
-        return f"its loss or gradients are off the definition's (kernels.salt_loss_reference) by {worst:.2g} of " \
+        return f"its loss or gradients are off the definition's (losses.salt_loss_reference) by {worst:.2g} of " \
                f"their size"
     return None
 
