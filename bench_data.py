@@ -2,6 +2,8 @@
 Benchmarks of the data path, on whatever machine runs them (prints the numbers, asserts nothing):
 
     python bench_data.py tokenize     # `python prepare.py pile` tokens/s on Pile-format shards of real text
+    python bench_data.py readers      # the same text as pile, parquet, a save_to_disk dataset, and an indexed
+                                      # dataset (prepare.py megatron: the vocabulary check alone), tokens/s
     python bench_data.py loader       # BatchLoader.next_batch against a training step of the demo SLM
     python bench_data.py score        # SALT_DS scoring tokens/s against training tokens/s of the demo SLM
 
@@ -23,6 +25,7 @@ import zstandard
 import data
 import prepare
 import salt
+import tokenizer
 from losses import salt_loss
 from model import GPT, GPTConfig
 
@@ -50,6 +53,55 @@ def bench_tokenize(folder, n_shards=8):
     result = subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), 'pile', *paths,
                              '--out_dir', os.path.join(folder, 'out')], capture_output=True, text=True, check=True)
     print(result.stdout.strip().splitlines()[-1])
+
+
+def prepare_rate(folder, *args):
+    """tokens/s of one prepare.py command, from the last line it prints, and the worker processes it had."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), *args, '--out_dir',
+                             os.path.join(folder, args[0])], capture_output=True, text=True, check=True)
+    line = result.stdout.strip().splitlines()[-1]
+    inputs = int(line.split(' of ')[1].split()[0])
+    return float(line.split(' tokens/s')[0].rsplit('(', 1)[1].replace(',', '')), min(inputs, prepare._cpus())
+
+
+def write_indexed(prefix):
+    """The stdlib's files in GPT-2's tokens, one document each ending with its EOT, as an indexed dataset (the
+    layout of prepare.read_index: header, int32 sizes, int64 byte pointers, int64 document indices)."""
+    root, tok = prepare.sysconfig.get_paths()['stdlib'], tokenizer.GPT2Tokenizer()
+    texts = [prepare._read_text(os.path.join(root, f)) for f in prepare.stdlib_files()]
+    documents = [ids + [tok.eot] for ids in tok.encode_batch(texts, threads=os.cpu_count())]
+    sizes = np.array([len(d) for d in documents], dtype='<i4')
+    pointers = 2 * np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)])
+    header = prepare.INDEX_HEADER.pack(prepare.INDEX_MAGIC, 1, 8, len(sizes), len(sizes) + 1)
+    with open(prefix + '.idx', 'wb') as f:
+        f.write(header + sizes.tobytes() + pointers.tobytes() + np.arange(len(sizes) + 1, dtype='<i8').tobytes())
+    np.concatenate(documents).astype('<u2').tofile(prefix + '.bin')
+
+
+def bench_readers(folder, n_shards=8):
+    """prepare.py's tokens/s per worker process on the same text (the stdlib's files) from each format."""
+    import datasets
+    import pyarrow
+    import pyarrow.parquet
+    paths, megabytes = write_pile_shards(folder, n_shards)
+    parquets = []
+    for path in paths:
+        with open(path, 'rb') as f:
+            rows = [json.loads(line) for line in zstandard.ZstdDecompressor().stream_reader(f).read().splitlines()]
+        parquets.append(path.replace('.jsonl.zst', '.parquet'))
+        pyarrow.parquet.write_table(pyarrow.table({'text': [r['text'] for r in rows],
+                                                   'source': [r['meta']['pile_set_name'] for r in rows]}), parquets[-1])
+    datasets.Dataset.from_parquet(parquets, cache_dir=os.path.join(folder, 'cache')).save_to_disk(
+        os.path.join(folder, 'saved'))
+    write_indexed(os.path.join(folder, 'stdlib'))
+    print(f"{megabytes:.1f} MB of text in {n_shards} files, {prepare._cpus()} CPUs")
+    runs = {'pile': ['pile', *paths], 'parquet': ['parquet', *parquets, '--subset_column', 'source'],
+            'hf (save_to_disk)': ['hf', os.path.join(folder, 'saved'), '--subset_column', 'source'],
+            'megatron (vocabulary check)': ['megatron', os.path.join(folder, 'stdlib'), '--tokenizer', tokenizer.GPT2,
+                                            '--check_tokens', '2000000']}
+    for name, args in runs.items():
+        rate, processes = prepare_rate(folder, *args)
+        print(f"{name:28s} {rate:>14,.0f} tokens/s, {processes} processes: {rate / processes:>14,.0f} per process")
 
 
 def bench_loader(folder, steps=20, batches=2000):
@@ -112,8 +164,9 @@ def bench_score(folder, steps=20):
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('what', choices=['tokenize', 'loader', 'score'], nargs='+')
+    parser.add_argument('what', choices=['tokenize', 'readers', 'loader', 'score'], nargs='+')
     args = parser.parse_args()
     for what in args.what:
         with tempfile.TemporaryDirectory() as folder:
-            {'tokenize': bench_tokenize, 'loader': bench_loader, 'score': bench_score}[what](folder)
+            {'tokenize': bench_tokenize, 'readers': bench_readers, 'loader': bench_loader,
+             'score': bench_score}[what](folder)

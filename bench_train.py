@@ -15,6 +15,12 @@ its preset after one training step: its weights do not matter for speed; the stu
 MFU counts the student's training FLOPs (`mfu`) or those and the teacher's forward (`mfu_with_teacher`),
 over --peak_flops (H100/H200 SXM dense bf16 by default).
 
+With --fsdp the runs train under FSDP in one process (torchrun), as a cluster's rank does. Each --out record also
+holds what the first GPU run must show besides speed (`run`): the loss's path, the memory plan and the peak, and
+with compile the graphs at the first and the last logged step (more at the last: it recompiled) and the graph
+breaks. --prepare makes the data and the teachers and stops, so that a time limit on the measurement leaves
+them out.
+
 Every row is printed and written to --out as soon as it is measured. A run that fails is a "failed: reason"
 row and the next run goes on; stopped by SIGTERM (a time limit), the run in progress still gives the rows of
 the steps it logged, marked "stopped", and its train.log and metrics.jsonl stay in --work_dir.
@@ -46,12 +52,15 @@ def on_sigterm(signum, frame):
     raise Stopped()
 
 
-def train(out_dir, *settings):
+def train(out_dir, *settings, fsdp=False):
     """Run train.py to the end in a fresh out_dir (a benchmark never resumes), its output in out_dir/train.log.
     A time limit's SIGTERM reaches train.py too (it is in our process group), so it is waited for, not left."""
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
-    command = [sys.executable, os.path.join(HERE, 'train.py'), f'--out_dir={out_dir}', *settings]
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1'] if fsdp else \
+        [sys.executable]
+    command = [*launcher, os.path.join(HERE, 'train.py'), f'--out_dir={out_dir}', *settings,
+               *(['--parallelism=fsdp'] if fsdp else [])]
     with open(os.path.join(out_dir, 'train.log'), 'w') as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -65,16 +74,34 @@ def train(out_dir, *settings):
             raise RuntimeError(f"train.py exit status {status}: {last_error_line(log.read())}")
 
 
+def read_records(out_dir):
+    """A run's metrics.jsonl, without the half line a stopped run may have left; none before it starts."""
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith('\n')]
+
+
+def run_facts(out_dir):
+    """The loss's path and the memory plan (the header), the peak memory (CUDA only), and with compile the
+    graphs at the first and the last logged step and the graph breaks, from a run's metrics.jsonl."""
+    records = read_records(out_dir)
+    header = next((r for r in records if r.get('type') == 'header'), {})
+    steps = [r for r in records if 'kd_weight' in r]
+    graphs = [r['compiled_graphs'] for r in steps if 'compiled_graphs' in r]
+    facts = dict(loss_impl=header.get('loss_impl'), memory_plan=header.get('memory_plan'),
+                 peak_memory=max((r['peak_memory'] for r in steps if 'peak_memory' in r), default=None))
+    if graphs:
+        facts.update(compiled_graphs=[graphs[0], graphs[-1]], graph_breaks=steps[-1].get('graph_breaks'))
+    return facts
+
+
 def stage_medians(out_dir):
     """{'kd' | 'plain': {metric: median over the stage's logged steps, and compile_s: the stage's first step}}
     from a run's metrics.jsonl, for the stages that logged a step (a stopped run may have logged none of
     stage 2)."""
-    path = os.path.join(out_dir, 'metrics.jsonl')
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.endswith('\n')]
-    records = [r for r in records if 'kd_weight' in r]  # the steps' records, not the header or step 0's eval
+    records = [r for r in read_records(out_dir) if 'kd_weight' in r]  # the steps', not the header or step 0's eval
     stages = {'kd': [r for r in records if r['kd_weight'] > 0], 'plain': [r for r in records if r['kd_weight'] == 0]}
     medians = {}
     for stage, rows in stages.items():
@@ -92,22 +119,32 @@ def predicted_kd_cost(student, teacher, block_size):
     return 1 + teacher_config.flops_per_token(block_size, backward=False) / student_config.flops_per_token(block_size)
 
 
-def bench_pair(student, teacher, compile_scope, args, run_dir):
-    """One SALT run of the pair, into run_dir; its medians per stage come from its metrics.jsonl."""
-    common = [f'--data_dir={args.data_dir}', f'--block_size={args.block_size}', f'--batch_size={args.batch_size}',
-              '--warmup_steps=1', '--eval_batches=1', '--log_interval=1', f'--peak_flops={args.peak_flops}']
+def common_settings(args):
+    return [f'--data_dir={args.data_dir}', f'--block_size={args.block_size}', f'--batch_size={args.batch_size}',
+            '--warmup_steps=1', '--eval_batches=1', '--log_interval=1', f'--peak_flops={args.peak_flops}']
+
+
+def teacher_ckpt(teacher, args):
+    """The teacher's checkpoint, made once per work_dir (for gpt2-medium's teacher, 2.4 GB written and checksummed:
+    --prepare makes it before the time limit of the measurement)."""
     teacher_dir = os.path.join(args.work_dir, f'teacher-{teacher}')
     if not os.path.isdir(os.path.join(teacher_dir, 'ckpt')):
-        train(teacher_dir, *common, f'--model_size={teacher}', '--max_steps=1')
-    train(run_dir, *common, f'--model_size={student}', f'--teacher_ckpt={os.path.join(teacher_dir, "ckpt")}',
+        train(teacher_dir, *common_settings(args), f'--model_size={teacher}', '--max_steps=1')
+    return os.path.join(teacher_dir, 'ckpt')
+
+
+def bench_pair(student, teacher, compile_scope, args, run_dir):
+    """One SALT run of the pair, into run_dir; its medians per stage come from its metrics.jsonl."""
+    train(run_dir, *common_settings(args), f'--model_size={student}', f'--teacher_ckpt={teacher_ckpt(teacher, args)}',
           f'--kd_steps={args.steps // 2}', f'--max_steps={args.steps}', f'--eval_interval={args.steps}',
           '--ckpt_interval=0', *([] if compile_scope == 'off' else
-                                 ['--compile=True', f'--compile_scope={compile_scope}']))
+                                 ['--compile=True', f'--compile_scope={compile_scope}']), fsdp=args.fsdp)
 
 
 def table_rows(record):
     """The table's two lines (plain, KD) of one run's record; '-' where a stage has no median."""
-    medians, name = record['medians'], f"{record['student']} ({COMPILE_NAMES[record['compile']]})"
+    medians = record['medians']
+    name = f"{record['student']} ({COMPILE_NAMES[record['compile']]}{', FSDP' if record.get('fsdp') else ''})"
 
     def value(stage, key, form):
         return form.format(medians[stage][key]) if key in medians.get(stage, {}) else '-'
@@ -151,6 +188,8 @@ def parse_args(argv=None):
     parser.add_argument('--data_dir', default='data/stdlib')
     parser.add_argument('--work_dir', default='out/bench_train', help="the runs' out_dirs (replaced)")
     parser.add_argument('--out', help='also write the rows as JSON lines here')
+    parser.add_argument('--fsdp', action='store_true', help='train under FSDP, one process (torchrun)')
+    parser.add_argument('--prepare', action='store_true', help='make the data and the teachers, then stop')
     args = parser.parse_args(argv)
     for name in ('block_size', 'batch_size', 'peak_flops'):
         if getattr(args, name) <= 0:
@@ -163,27 +202,33 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     signal.signal(signal.SIGTERM, on_sigterm)
+    if not os.path.isfile(os.path.join(args.data_dir, 'meta.json')):
+        subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), 'stdlib', f'--out_dir={args.data_dir}'],
+                       check=True, stdout=subprocess.DEVNULL)
+    if args.prepare:
+        for teacher in dict.fromkeys(teacher for _, teacher in args.pairs):
+            print(f"teacher {teacher}: {teacher_ckpt(teacher, args)}", flush=True)
+        return
     out = open(args.out, 'w') if args.out else None
     if out is not None:
         out.write(json.dumps(dict(type='header', git_commit=git_commit(), **vars(args))) + '\n')
     print(f"| {' | '.join(HEADER)} |\n" + '|---' * len(HEADER) + '|', flush=True)
-    if not os.path.isfile(os.path.join(args.data_dir, 'meta.json')):
-        subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), 'stdlib', f'--out_dir={args.data_dir}'],
-                       check=True, stdout=subprocess.DEVNULL)
     # in the order asked: on a GPU under a time limit, the first run is the one that matters most (the MFU target)
     runs = [(student, teacher, scope) for student, teacher in args.pairs for scope in args.compile]
     for student, teacher, scope in runs:
-        run_dir = os.path.join(args.work_dir, f"{student}-{COMPILE_NAMES[scope].replace(' ', '-')}")
-        record = dict(student=student, teacher=teacher, compile=scope,
+        run_dir = os.path.join(args.work_dir, f"{student}-{COMPILE_NAMES[scope].replace(' ', '-')}" +
+                               ('-fsdp' if args.fsdp else ''))
+        record = dict(student=student, teacher=teacher, compile=scope, fsdp=args.fsdp,
                       predicted=predicted_kd_cost(student, teacher, args.block_size))
         try:
             bench_pair(student, teacher, scope, args, run_dir)
         except Stopped:
-            emit(dict(record, medians=stage_medians(run_dir), note='stopped by the time limit'), out)
+            emit(dict(record, medians=stage_medians(run_dir), run=run_facts(run_dir), note='stopped by the time limit'),
+                 out)
             sys.exit(124)
         except Exception as error:  # one run's failure is its row; the next run may well work
             record['note'] = f"failed: {type(error).__name__}: {error}".replace('|', '/').replace('\n', ' ')[:300]
-        emit(dict(record, medians=stage_medians(run_dir)), out)
+        emit(dict(record, medians=stage_medians(run_dir), run=run_facts(run_dir)), out)
 
 
 if __name__ == '__main__':

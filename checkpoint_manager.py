@@ -8,13 +8,17 @@ holds the rest: the step, the config, the loader's position, the RNG state. It i
 renamed; the previous one stays as ckpt.prev, which a run falls back to if ckpt is incomplete or damaged
 (meta.pt records every other file's size and checksum, verified before loading), or does not load all the same.
 A run whose out_dir holds a checkpoint continues from it, so that a job killed at any moment is restarted with
-the same command; a run with other settings is refused. out_dir/run.lock keeps a second job out while one runs
+the same command; a run with other settings is refused. A run keeps a copy of its checkpoint at each of its
+branch_steps (out_dir/ckpt_stepN, which no later checkpoint replaces); a branch (branch_from='DIR@N') starts
+from that copy in an out_dir of its own, exactly as if its parent's run had been resumed there with another
+max_steps and learning-rate decay, and once it has a checkpoint of its own it continues from that one. out_dir/run.lock keeps a second job out while one runs
 (common.lock_for_the_job).
 """
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -31,14 +35,17 @@ RESUMABLE_CHANGES = {'out_dir', 'init_from', 'max_steps', 'eval_interval', 'eval
                      'ckpt_interval', 'wandb_log', 'wandb_project', 'eval_tasks', 'eval_shots',
                      'eval_fewshot_files', 'compile', 'device', 'dtype', 'peak_flops', 'ddp_timeout',
                      'skip_nonfinite', 'parallelism', 'shard_teacher', 'activation_checkpointing',
-                     'grad_accum_steps'}
+                     'grad_accum_steps', 'branch_steps'}
+# and those a branch may change besides: where its learning rate decays (check_branch compares the rates before
+# the branch point, step by step)
+BRANCH_CHANGES = {'lr_decay_steps', 'decay_fraction', 'branch_from'}
 # paths a resumed run compares by what they hold (fingerprints, kept in meta.pt as 'inputs'), not by name
 MOVABLE = {'data_dir': 'data', 'teacher_ckpt': 'teacher', 'score_file': 'SALT_DS selection'}
 # settings younger than some checkpoints, with the value the runs that wrote those had
 ADDED_SETTINGS = {'kd_loss': 'forward_kl', 'kd_end': 'steps', 'kd_token_weight': 'constant', 'architecture': '',
                   'n_layer': None, 'n_head': None, 'n_embd': None, 'n_kv_head': None, 'positions': None,
                   'rope_theta': None, 'norm': None, 'mlp': None, 'mlp_hidden': None, 'bias': None,
-                  'tie_embeddings': None}
+                  'tie_embeddings': None, 'lr_schedule': 'cosine', 'decay_fraction': 0.2, 'branch_from': ''}
 
 
 def checkpoint_paths(out_dir):
@@ -164,21 +171,69 @@ def fingerprints(data_fingerprint, selected_ids, teacher_id):
     return dict(data_dir=data_fingerprint, score_file=selection, teacher_ckpt=teacher_id)
 
 
-def check_resumable(meta, config, fingerprints, world_size):
-    """Refuse to continue a run with other settings; paths may differ where they hold the same thing."""
+def check_resumable(meta, config, fingerprints, world_size, branch=False):
+    """Refuse to continue a run with other settings; paths may differ where they hold the same thing. A branch
+    (branch=True: meta is its parent's) may change BRANCH_CHANGES too."""
     saved = {**ADDED_SETTINGS, **meta['config']}
+    may_change = RESUMABLE_CHANGES | set(MOVABLE) | (BRANCH_CHANGES if branch else set())
     changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in config.items()
-               if key not in RESUMABLE_CHANGES | set(MOVABLE) and saved.get(key) != value]
+               if key not in may_change and saved.get(key) != value]
     changed += [f"{key}={config[key]!r} (the run read another {what} from {saved[key]!r})"
                 for key, what in MOVABLE.items() if fingerprints[key] != meta['inputs'][key]]
     # the global batch: on other processes, grad_accum_steps must keep it (the loader reads the same batches)
     if saved['grad_accum_steps'] * meta['world_size'] != config['grad_accum_steps'] * world_size:
         changed.append(f"grad_accum_steps x processes = {saved['grad_accum_steps']} x {meta['world_size']} "
                        f"(now {config['grad_accum_steps']} x {world_size})")
+    if changed and branch:
+        raise InputError(f"branch_from={config['branch_from']!r} is a checkpoint of a run with other settings: "
+                         f"{', '.join(changed)}. A branch changes only max_steps and where its learning rate decays.")
     if changed:
         raise InputError(f"{config['out_dir']} holds a checkpoint of a run with other settings: "
                          f"{', '.join(changed)}. Continue that run with its settings, or give this one "
                          f"another out_dir.")
+
+
+def kept_path(out_dir, step):
+    return os.path.join(out_dir, f'ckpt_step{step}')
+
+
+def keep(out_dir, step):
+    """Copy out_dir/ckpt, just written at `step`, to kept_path (as a .tmp, then renamed: a kill leaves it whole or
+    absent): a branch point, which later checkpoints do not replace."""
+    kept = kept_path(out_dir, step)
+    shutil.rmtree(kept + '.tmp', ignore_errors=True)
+    shutil.copytree(checkpoint_paths(out_dir)[0], kept + '.tmp')
+    if os.path.exists(kept):  # a rerun of a run that was killed after keeping it
+        shutil.rmtree(kept)
+    os.replace(kept + '.tmp', kept)
+
+
+def branch_point(spec):
+    """(path, meta) of the checkpoint a branch starts from: branch_from='DIR@STEP', the copy that the run in DIR
+    kept at STEP (its branch_steps), checked like any checkpoint."""
+    parent, _, step = spec.rpartition('@')
+    path = kept_path(parent, int(step))
+    if not os.path.isdir(path):
+        kept = sorted(int(name[len('ckpt_step'):]) for name in (os.listdir(parent) if os.path.isdir(parent) else [])
+                      if re.fullmatch(r'ckpt_step\d+', name))
+        raise InputError(f"branch_from={spec!r}: {parent!r} holds no checkpoint of step {step} (it kept "
+                         f"{', '.join(map(str, kept)) or 'none'}: a run keeps one at each of its branch_steps)")
+    meta = checked(path)
+    if meta is None:
+        raise InputError(f"branch_from={spec!r}: {path!r} is damaged (the warning above says how)")
+    return path, meta
+
+
+def check_branch(meta, config, lr_at):
+    """A branch must have the learning rate of its parent's run (meta's) at every step before the branch point,
+    or it would not be the run it stands for: lr_at is salt.lr_at."""
+    parent = {**ADDED_SETTINGS, **meta['config']}
+    step = next((s for s in range(meta['step']) if lr_at(s, parent) != lr_at(s, config)), None)
+    if step is not None:
+        raise InputError(f"branch_from={config['branch_from']!r}: at step {step} the learning rate was "
+                         f"{lr_at(step, parent):.4g} and would be {lr_at(step, config):.4g} in this branch: a "
+                         f"branch point lies before the branch's decay and its parent's (lr_schedule='wsd', "
+                         f"salt.decay_start)")
 
 
 def restore(out_dir, path, meta, model, optimizer):
@@ -187,7 +242,7 @@ def restore(out_dir, path, meta, model, optimizer):
     before they were hashed) gives way to the previous intact one, with a warning line, as latest() falls back
     on any other damage. Returns the (path, meta) that loaded."""
     paths = checkpoint_paths(out_dir)
-    for candidate in paths[paths.index(path):]:
+    for candidate in paths[paths.index(path):] if path in paths else [path]:  # a branch point: no other
         if candidate != path:
             meta = checked(candidate) if os.path.isdir(candidate) else None
             if meta is None:
@@ -350,12 +405,15 @@ class Metrics:
     """out_dir/metrics.jsonl, one JSON record a line, the first a header (the config, the code version, the
     device), so that any number in it can be traced to what produced it; and Weights & Biases, given a
     project. On resume it keeps the records up to the checkpoint's step only: a killed job may have logged
-    steps after its last checkpoint, which are about to be trained again, and may have left half a line."""
+    steps after its last checkpoint, which are about to be trained again, and may have left half a line. A new
+    branch's starts with its parent's records (history, that run's metrics.jsonl) up to the branch point, so that
+    it reads as the one run it stands for."""
 
-    def __init__(self, out_dir, step, header, wandb_project=''):
+    def __init__(self, out_dir, step, header, wandb_project='', history=None):
         path, kept = os.path.join(out_dir, 'metrics.jsonl'), []
-        if step > 0 and os.path.isfile(path):
-            with open(path) as f:
+        source = path if os.path.isfile(path) else history  # a new branch: its parent's records up to its start
+        if step > 0 and source and os.path.isfile(source):
+            with open(source) as f:
                 kept = [line for line in f if line.endswith('\n') and json.loads(line).get('step', 0) <= step]
         with open(path + '.tmp', 'w') as f:
             f.writelines(kept + [json.dumps(header) + '\n'])

@@ -173,10 +173,19 @@ def fsdp_shard(model, bf16, blocks_only=False):
     """FSDP2 on an LM (model.py: our GPT, or a transformers teacher): each block its own unit, gathered whole only
     inside its forward and backward, so at any moment a rank holds its shard of everything plus the few blocks at
     work; the root unit holds the embeddings, the final norm and the LM head. bf16: compute in bf16, reduce
-    gradients in fp32."""
+    gradients in fp32. blocks_only (a frozen teacher, whose head feeds the student's loss whole): the blocks alone."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     for block in model.blocks():
         fully_shard(block, mp_policy=policy)
+        if blocks_only:  # each block is then a root, and FSDP keeps a root gathered after its forward, for the
+            block.register_forward_hook(_reshard)  # backward that follows in training: a teacher has none
     if not blocks_only:
-        fully_shard(model, mp_policy=policy)
+        # the root's inputs as given: the KD weight is an fp32 tensor, which bf16 would make 0.66797 of 0.667
+        fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=policy.param_dtype,
+                                                          reduce_dtype=policy.reduce_dtype, cast_forward_inputs=False))
+
+
+@torch.compiler.disable  # a compiled block's hook: FSDP's own code, run as it is
+def _reshard(block, args, output):
+    block.reshard()

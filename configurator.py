@@ -12,6 +12,7 @@ the model's keys, which override a preset's only when set.
 """
 import ast
 import os
+import re
 
 from common import InputError
 from losses import TOKEN_WEIGHTS, divergence
@@ -44,6 +45,8 @@ def configure(defaults, argv):
                 value = ast.literal_eval(text)
             except (SyntaxError, ValueError):
                 value = text
+            if isinstance(config.get(key), str) and not isinstance(value, str):
+                value = text  # a string key's text, also where it reads as numbers: --branch_steps=300,420
             set_key(config, key, value, arg)
     check(config)
     return config
@@ -101,6 +104,10 @@ def check(c):
          '>= 0, with eval_tasks'),
         ('skip_nonfinite', c['skip_nonfinite'] >= 0, '>= 0'), ('kd_steps', c['kd_steps'] >= 0, '>= 0'),
         ('ddp_timeout', c['ddp_timeout'] > 0, '> 0'), ('peak_flops', c['peak_flops'] > 0, '> 0'),
+        ('lr_schedule', c['lr_schedule'] in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
+        ('decay_fraction', 0 <= c['decay_fraction'] <= 1, 'in [0, 1]'),
+        ('branch_from', not c['branch_from'] or re.fullmatch(r'.+@\d+', c['branch_from']) and
+         int(c['branch_from'].rpartition('@')[2]) < c['max_steps'], "'' or 'DIR@STEP', STEP < max_steps"),
     ]
     for key, ok, expected in rules:
         if not ok:
@@ -109,11 +116,23 @@ def check(c):
         divergence(c['kd_loss'])
     except ValueError as error:  # names the divergence or the argument
         raise InputError(str(error)) from error
+    branch_steps(c)
     student_config(c)  # the model's keys together: a shape that does not divide, switches that do not go together
     if c['teacher_ckpt'] and not 0 < c['kd_steps'] <= steps:
         raise InputError(f"kd_steps={c['kd_steps']}: with a teacher, 0 < kd_steps <= the run's {steps} steps")
     if c['score_file'] and not c['teacher_ckpt']:
         raise InputError("score_file is set but teacher_ckpt is not: SALT_DS selects data for the KD stage")
+
+
+def branch_steps(c):
+    """The steps of branch_steps ('300,420'), a set of ints >= 1."""
+    try:
+        steps = {int(step) for step in c['branch_steps'].split(',') if step.strip()}
+    except ValueError:
+        steps = {0}
+    if min(steps, default=1) < 1:
+        raise InputError(f"branch_steps={c['branch_steps']!r}: expected steps >= 1 separated by commas, e.g. '300,420'")
+    return steps
 
 
 def student_config(c, **data):

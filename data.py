@@ -77,6 +77,12 @@ class TokenSequences:
     vocab_size is meta.json's (GPT-2's without one): a token at or beyond it is an error naming its shard.
     """
 
+    def __new__(cls, data_dir, *args, **kwargs):
+        # a directory of prepare.py megatron reads someone else's .bin files in place: the same interface
+        meta = read_data_meta(data_dir) if cls is TokenSequences else None
+        indexed = meta and meta.get("source", {}).get("kind") == "megatron"
+        return super().__new__(IndexedSequences if indexed else cls)
+
     def __init__(self, data_dir, split, block_size, max_sequences=None):
         if block_size < 1:
             raise InputError(f"block_size must be positive, got {block_size}")
@@ -112,15 +118,22 @@ class TokenSequences:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
             raise IndexError(f"sequence ids must be in [0, {len(self)})")
+        out = self._windows(ids)
+        if out.size and out.max() >= self.vocab_size:  # cheap next to the copy; open checked the shards' ends only
+            row = int(np.argmax(out.max(axis=1)))
+            self._check_vocab(f"{self._file_of(ids[row])} (sequence {ids[row]})", out[row])
+        return torch.from_numpy(out)
+
+    def _windows(self, ids):
         shard = np.searchsorted(self.offsets, ids, side="right") - 1
         T = self.block_size
         out = np.empty((ids.size, T + 1), dtype=np.int64)
         for row, (s, i) in enumerate(zip(shard, ids - self.offsets[shard])):
             out[row] = self.tokens[s][i * T: i * T + T + 1]
-        if out.size and out.max() >= self.vocab_size:  # cheap next to the copy; open checked the shards' ends only
-            row = int(np.argmax(out.max(axis=1)))
-            self._check_vocab(f"{self.shards[shard[row]]} (sequence {ids[row]})", out[row])
-        return torch.from_numpy(out)
+        return out
+
+    def _file_of(self, sequence_id):
+        return self.shards[np.searchsorted(self.offsets, sequence_id, side="right") - 1]
 
     def domains(self):
         """(int64 array of len(self), list of names): the subset of each sequence id, as an index into the names.
@@ -165,6 +178,92 @@ class TokenSequences:
     def _check_vocab(self, where, tokens):
         if tokens.size and int(tokens.max()) >= self.vocab_size:
             raise InputError(f"{where}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
+
+
+class IndexedSequences(TokenSequences):
+    """TokenSequences over Megatron-LM / GPT-NeoX indexed datasets, their .bin files memory-mapped where they lie
+    (prepare.py megatron checked them and wrote meta.json's "indexed" and {split}.runs.npy).
+
+    A split is a stream: its runs (rows: first token, tokens, subset), each a range of consecutive documents of
+    that split in the concatenation of every .bin, one after the other. Windows are at stride block_size along it,
+    as in a shard; but where every document has the same length L >= block_size+1 (fixed training sequences, as
+    Pythia's 2049 tokens), windows lie inside documents, (L-1)//block_size each: block_size 2048 reads exactly
+    Pythia's sequences. Ids are int64 and stable for a given data_dir.
+    """
+
+    def __init__(self, data_dir, split, block_size, max_sequences=None):
+        if block_size < 1:
+            raise InputError(f"block_size must be positive, got {block_size}")
+        self.data_dir, self.split, self.block_size = data_dir, split, block_size
+        meta = read_data_meta(data_dir)
+        self.vocab_size, indexed = meta["vocab_size"], meta["indexed"]
+        self.shards = [piece["path"] for piece in indexed["pieces"]]
+        self.tokens = [_map_piece(piece) for piece in indexed["pieces"]]
+        self.piece_offsets = np.concatenate([[0], np.cumsum([len(t) for t in self.tokens])]).astype(np.int64)
+        self.runs = np.load(os.path.join(data_dir, f"{split}.runs.npy"), mmap_mode="r")
+        self.stream = np.concatenate([[0], np.cumsum(self.runs[:, 1])]).astype(np.int64)  # where each run starts
+        length = indexed["document_tokens"]  # None: documents of many lengths
+        if length and length >= block_size + 1:
+            self.per_document, self.length = (length - 1) // block_size, length
+            counts = self.runs[:, 1] // length * self.per_document
+            self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first window of each run
+            total = int(self.offsets[-1])
+        else:
+            self.per_document, total = 0, max(0, (int(self.stream[-1]) - 1) // block_size)
+        self.n_sequences = total if max_sequences is None else min(max_sequences, total)
+
+    def _starts(self, ids):
+        """Where each window starts in the split's stream."""
+        if not self.per_document:
+            return ids * self.block_size
+        run = np.searchsorted(self.offsets, ids, side="right") - 1
+        document, i = np.divmod(ids - self.offsets[run], self.per_document)
+        return self.stream[run] + document * self.length + i * self.block_size
+
+    def _windows(self, ids):
+        out = np.empty((ids.size, self.block_size + 1), dtype=np.int64)
+        for row, start in enumerate(self._starts(ids)):
+            _gather(out[row], start, self.stream, lambda k, at, n: _gather(
+                np.empty(n, np.int64), int(self.runs[k, 0]) + at, self.piece_offsets,
+                lambda p, at_, n_: self.tokens[p][at_:at_ + n_]))
+        return out
+
+    def _file_of(self, sequence_id):
+        run = np.searchsorted(self.stream, self._starts(np.int64(sequence_id)), side="right") - 1
+        return self.shards[np.searchsorted(self.piece_offsets, self.runs[run, 0], side="right") - 1]
+
+    def domains(self):
+        """The subset of each window: that of the run its first token lies in (meta.json's "subsets": one per
+        dataset named to prepare.py megatron)."""
+        starts = self._starts(np.arange(len(self), dtype=np.int64))
+        return np.asarray(self.runs[np.searchsorted(self.stream, starts, side="right") - 1, 2]), \
+            read_data_meta(self.data_dir)["subsets"]
+
+    def fingerprint(self):
+        """The .bin files' (as TokenSequences'), and the split's runs."""
+        runs = hashlib.sha256(np.ascontiguousarray(self.runs).tobytes()).hexdigest()
+        return hashlib.sha256(f"{super().fingerprint()} runs={runs}".encode()).hexdigest()
+
+
+def _gather(out, position, offsets, read):
+    """Fill out with the tokens from `position` on of a concatenation of parts, part k holding positions
+    [offsets[k], offsets[k+1]) and read(k, at, n) giving its n tokens from its own position `at`."""
+    k, filled = int(np.searchsorted(offsets, position, side="right")) - 1, 0
+    while filled < len(out):
+        n = int(min(len(out) - filled, offsets[k + 1] - position))
+        out[filled:filled + n] = read(k, int(position - offsets[k]), n)
+        filled, position, k = filled + n, position + n, k + 1
+    return out
+
+
+def _map_piece(piece):
+    """A .bin (or one piece of it) of an indexed dataset, memory-mapped, checked to be the size prepare.py saw."""
+    path, dtype = piece["path"], np.dtype(piece["dtype"])
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    if size != piece["tokens"] * dtype.itemsize:
+        raise InputError(f"{path}: {'missing' if size is None else f'{size} bytes'}, but prepare.py megatron read "
+                         f"{piece['tokens'] * dtype.itemsize} bytes there: moved or changed? Prepare it again")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(piece["tokens"],))
 
 
 class BatchLoader:

@@ -7,6 +7,7 @@ and SALT_DS again on 70% of the steps (--short) -> a results table and val-loss 
   python experiment.py --name pile --slm_config config/pile_slm.py --student_config config/pile_student.py \\
       --nproc 8 --tokenize=                # data tokenized beforehand with `python prepare.py pile ...`
   python experiment.py --ablate kd_weight=0.5,0.667,0.9 --ablate top_k=1,10,100
+  python experiment.py --design branches   # WSD branches at 50/60/70/85/100%, a BPE of the corpus (docs/cpu_studies.md)
 
 Every seed (--seeds, two by default) trains every run; the tables give each seed and the mean. An ablation
 `--ablate KEY=V1,V2,...` trains one more student per value and seed: SALT with --KEY=V, or SALT_DS for the
@@ -15,16 +16,18 @@ its own after a '+': `--ablate kd_end=teacher+kd_steps=600` (the adaptive end of
 
 Each step is an ordinary command (printed before it runs), so any of them can be rerun by hand. A step
 whose output already exists is skipped: rerunning after an interruption continues where it stopped, and
-rerunning with more seeds, ablations or --short trains only what is new.
+rerunning with more seeds, ablations or --short trains only what is new. The report is rewritten after every run,
+and once more, saying where it stopped, when SIGTERM (a time limit) stops the study. --fit SECONDS --rate_file F
+shrinks the steps until the study fits SECONDS with 30% slack at the tokens/s that gpu_check.sh measured in F.
 """
 import argparse
 import ast
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
-
 import time
 
 import matplotlib
@@ -32,9 +35,12 @@ matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
+import salt
+from bench_train import Stopped, on_sigterm, read_records as read_raw_records
 from model import GPTConfig
 
 RUNS = ('baseline', 'salt', 'salt_ds')
+WEAK = 'weak_slm'  # --weak_slm_config's name: its SLM's folder, and its runs' labels end with it
 SELECTION_KEYS = ('top_k', 'select_fraction')  # ablated on SALT_DS; every other key on SALT
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts; out/ and results/ go to the working directory
 
@@ -69,9 +75,7 @@ def python(nproc):
 def read_records(out_dir):
     """metrics.jsonl's records; a run killed mid-write may have left half a last line, which is skipped. The KD term
     is 'kd', which runs before that name logged as 'kl'."""
-    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-        records = [json.loads(line) for line in f if line.endswith('\n')]
-    return [{**r, 'kd': r['kl']} if 'kl' in r and 'kd' not in r else r for r in records]
+    return [{**r, 'kd': r['kl']} if 'kl' in r and 'kd' not in r else r for r in read_raw_records(out_dir)]
 
 
 def read_metrics(out_dir):
@@ -122,19 +126,23 @@ def score(args, student, data_dir, slm_ckpt, top_k, out):
     return score_file, timings[f'score_top{top_k}']
 
 
-def planned_runs(args, slm_ckpt, score_files, student):
-    """{label: (kind, train.py overrides)} for one seed: the three main runs; with --short, SALT and SALT_DS
+def planned_runs(args, slms, student):
+    """{label: (kind, SLM, train.py overrides)} for one seed: the three main runs; with --short, SALT and SALT_DS
     again on that fraction of the steps, with their own LR schedule (the paper's claim: SALT at < 70% of the
     steps matches the baseline; a cosine run's mid-way checkpoint, not yet annealed, would understate it);
-    then one run per ablated value (the value the main run already has is that run: same label, no second
-    training)."""
-    teacher = [f'--teacher_ckpt={slm_ckpt}']
-    runs = {'baseline': ('baseline', []), 'salt': ('salt', teacher),
-            'salt_ds': ('salt_ds', teacher + [f'--score_file={score_files[args.top_k]}'])}
-    if args.short:
-        steps = round(student['max_steps'] * args.short)
-        for kind in ('salt', 'salt_ds'):
-            runs[f'{kind} {steps} steps'] = (kind, runs[kind][1] + [f'--max_steps={steps}'])
+    SALT and SALT_DS again with each further SLM, labelled by its name; then one run per ablated value (the value
+    the main run already has is that run: same label, no second training). `slms`: {name: run_slm's dict}."""
+    runs = {'baseline': ('baseline', None, [])}
+    for name, slm in slms.items():
+        suffix = '' if name == 'slm' else f' {name}'  # the first SLM's runs keep the names they always had
+        teacher = [f"--teacher_ckpt={slm['ckpt']}"]
+        runs[f'salt{suffix}'] = ('salt', name, teacher)
+        runs[f'salt_ds{suffix}'] = ('salt_ds', name, teacher + [f"--score_file={slm['scores'][args.top_k]}"])
+        if args.short and name == 'slm':
+            steps = round(student['max_steps'] * args.short)
+            for kind in ('salt', 'salt_ds'):
+                runs[f'{kind} {steps} steps'] = (kind, name, runs[kind][2] + [f'--max_steps={steps}'])
+    teacher = runs['salt'][2]
     for key, values in args.ablate:
         kind = 'salt_ds' if key in SELECTION_KEYS else 'salt'
         current = str(args.top_k if key == 'top_k' else student.get(key))
@@ -142,11 +150,11 @@ def planned_runs(args, slm_ckpt, score_files, student):
             if ablation_label(kind, key, value, current) == kind:
                 continue
             if key == 'top_k':
-                overrides = teacher + [f'--score_file={score_files[int(value)]}']
+                overrides = teacher + [f"--score_file={slms['slm']['scores'][int(value)]}"]
             else:  # a value may bring settings of its own: kd_end=teacher+kd_steps=600
                 first, *more = value.split('+')
-                overrides = runs[kind][1] + [f'--{key}={first}'] + [f'--{setting}' for setting in more]
-            runs[ablation_label(kind, key, value, current)] = (kind, overrides)
+                overrides = runs[kind][2] + [f'--{key}={first}'] + [f'--{setting}' for setting in more]
+            runs[ablation_label(kind, key, value, current)] = (kind, 'slm', overrides)
     return runs
 
 
@@ -163,9 +171,11 @@ def ablation_label(kind, key, value, current):
     return kind if same else f'{kind} {key}={value}'
 
 
-def teacher_minutes(kind, slm_minutes, score_minutes):
-    """What a run costs before its student trains: the SLM for SALT, the SLM and the scoring for SALT_DS."""
-    return {'baseline': 0.0, 'salt': slm_minutes, 'salt_ds': slm_minutes + score_minutes}[kind]
+def teacher_minutes(kind, slm):
+    """What a run costs before its student trains: its SLM for SALT, the SLM and the scoring for SALT_DS."""
+    if kind == 'baseline':
+        return 0.0
+    return slm['minutes'] + (slm['score_minutes'] if kind == 'salt_ds' else 0.0)
 
 
 def marks(max_step):
@@ -217,7 +227,7 @@ def wallclock_table(curves, runs, seeds, costs):
               "to the baseline's final val loss: student (min)", 'all included (min)', "vs the baseline's total"]
     rows = []
     for label in main_labels(runs):
-        teacher = costs[runs[label][0]]
+        teacher = costs[label]
         for seed in seeds:
             curve, baseline = curves[(seed, label)], curves[(seed, 'baseline')]
             student = curve[-1]['elapsed_s'] / 60
@@ -231,12 +241,15 @@ def wallclock_table(curves, runs, seeds, costs):
     return markdown_table(header, rows)
 
 
-def ablation_tables(curves, args, student, max_step):
+def ablation_tables(curves, args, student, max_step, done):
+    """A table per ablated key whose runs are all done."""
     tables = []
     for key, values in args.ablate:
         kind = 'salt_ds' if key in SELECTION_KEYS else 'salt'
         current = str(args.top_k if key == 'top_k' else student.get(key))
         labels = [ablation_label(kind, key, value, current) for value in values]
+        if not set(labels) <= set(done):
+            continue
         rows = [[value + (' (main run)' if label == kind else '')] +
                 summary_row([curves[(s, label)] for s in args.seeds], [curves[(s, 'baseline')] for s in args.seeds],
                             max_step) for value, label in zip(values, labels)]
@@ -272,19 +285,20 @@ def task_table(curves, runs, seeds):
     return markdown_table(['run'] + metrics, rows)
 
 
-def cost_table(out, seeds):
-    """KD-stage vs plain step time of the SALT runs against the FLOP estimate of what KD adds: a teacher
-    forward over a student step (model.GPTConfig.flops_per_token)."""
+def cost_table(out, seeds, labels):
+    """KD-stage vs plain step time of the SALT runs among labels against the FLOP estimate of what KD adds: a
+    teacher forward over a student step (model.GPTConfig.flops_per_token)."""
     def model_config(run_dir):  # the header's model_args (runs before them: the preset of their model_size)
         header = [r for r in read_records(run_dir) if r.get('type') == 'header'][-1]
         if 'model_args' in header:
             return GPTConfig(**header['model_args'])
         return GPTConfig.from_preset(header['config']['model_size'], block_size=header['config']['block_size'])
 
-    slm, student = model_config(os.path.join(out, 'slm')), model_config(os.path.join(out, f'seed{seeds[0]}', 'salt'))
+    slm = model_config(os.path.join(out, 'slm'))
+    student = model_config(os.path.join(out, f'seed{seeds[0]}', 'baseline'))
     flop_ratio = slm.flops_per_token(student.block_size, backward=False) / student.flops_per_token(student.block_size)
     rows = []
-    for label in ('salt', 'salt_ds'):
+    for label in [label for label in ('salt', 'salt_ds') if label in labels]:
         for seed in seeds:
             records = [r for r in read_records(os.path.join(out, f'seed{seed}', label))
                        if 'tokens_per_s' in r and r['step'] > 1]  # the first interval includes start-up
@@ -337,7 +351,8 @@ def plot_curves(curves, costs, runs, path):
     palette = iter(plt.get_cmap('tab10').colors)
     shown = []
     for label in labels:
-        style = dict(color='0.4' if label == 'baseline' else next(palette), linestyle='-' if label in RUNS else '--')
+        style = dict(color='0.4' if label == 'baseline' else next(palette), linestyle='-' if label in RUNS else
+                     ':' if label.endswith(WEAK) else '--')
         gaps = []
         for seed in seeds:
             evals = [r for r in curves[(seed, label)] if r['step'] > 0]
@@ -347,7 +362,7 @@ def plot_curves(curves, costs, runs, path):
             if label != 'baseline':
                 by_gap.plot(list(gaps[-1]), list(gaps[-1].values()), alpha=0.3, linewidth=1, **style)
             by_step.plot([r['step'] for r in evals], [r['val_loss'] for r in evals], alpha=0.7, **style, **named)
-            by_time.plot([costs[runs[label][0]] + r['elapsed_s'] / 60 for r in evals], [r['val_loss'] for r in evals],
+            by_time.plot([costs[label] + r['elapsed_s'] / 60 for r in evals], [r['val_loss'] for r in evals],
                          alpha=0.7, **style, **named)
             shown += [r['val_loss'] for r in evals if r['step'] >= 0.15 * evals[-1]['step']]
         if label != 'baseline':
@@ -379,6 +394,31 @@ def parse_setting(text):
         return key, value
 
 
+def parse_fractions(text):
+    fractions = [float(f) for f in text.split(',')]
+    if not all(0 < f <= 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"--fractions {text!r}: expected fractions in (0, 1], e.g. 0.5,0.7,1.0")
+    return fractions
+
+
+# --design: the defaults of a study's flags. 'branches' (docs/cpu_studies.md): Llama students whose parameters are
+# mostly blocks, in a 4,096-token BPE trained on the corpus's train split, WSD branches at five fractions
+DESIGNS = {'branches': dict(name='branches', student_config='config/branches_student.py',
+                            slm_config='config/branches_slm_strong.py', weak_slm_config='config/branches_slm.py',
+                            fractions=[0.5, 0.6, 0.7, 0.85, 1.0],
+                            tokenize='stdlib --tokenizer tokenizers/stdlib_bpe4096')}
+BPE = ('data/stdlib', 4096, 20_000_000, 'tokenizers/stdlib_bpe4096')  # its tokenizer: trained on, size, bytes, dir
+
+
+def make_bpe():
+    """The branches design's tokenizer: GPT-2's tokens of the stdlib first, then a BPE on their train split's text."""
+    data_dir, vocab_size, max_bytes, out_dir = BPE
+    run([sys.executable, os.path.join(HERE, 'prepare.py'), 'stdlib', f'--out_dir={data_dir}'],
+        done_file=os.path.join(data_dir, 'meta.json'))
+    run([sys.executable, os.path.join(HERE, 'prepare.py'), 'bpe', f'--data_dir={data_dir}', f'--vocab_size={vocab_size}',
+         f'--max_bytes={max_bytes}', f'--out_dir={out_dir}'], done_file=os.path.join(out_dir, 'tokenizer.json'))
+
+
 def parse_ablation(text):
     key, sep, values = text.partition('=')
     if not sep or not values:
@@ -386,7 +426,322 @@ def parse_ablation(text):
     return key, values.split(',')
 
 
-def main():
+STARTUP_S = 15  # a run's start-up and final checkpoint, assumed (not measured on a GPU yet)
+SLACK = 1.3     # a study sized from a measured rate must fit its time limit 30% slower than that
+
+
+def study_seconds(student, slm, step_s, kd_step_s, short, fractions=()):
+    """The time of one seed's study without ablations (what gpu_experiment.sh runs), from the student's measured
+    step time, plain and in the KD stage (gpu_check.sh's experiment_steps), and from the FLOP count for the rest:
+    the SLM's training, its scoring of the pool and the students' evaluations (forwards: a third of a training
+    token's FLOPs), plus each run's start-up. With --fractions, each main run's branches too: a decay from its
+    branch point each, with KD where the point comes before kd_steps. The SLM's few evaluations are left to the
+    slack."""
+    block = student['block_size']
+    flops = [GPTConfig.from_preset(c['model_size'], block_size=block).flops_per_token(block) for c in (student, slm)]
+    token_s = step_s / (student['batch_size'] * block)  # a student token's training
+    slm_token_s = token_s * flops[1] / flops[0]
+    runs = [student['max_steps']] * 3 + [round(student['max_steps'] * short)] * (2 if short else 0)
+    plan = branch_plan(fractions, student).values()
+    points = [point for point, _ in plan]
+    decays = [steps - point for point, steps in plan] * 3
+    kd_steps = (len(runs) - 1) * student['kd_steps'] + 2 * sum(max(0, student['kd_steps'] - p) for p in points)
+    training = (sum(runs) + sum(decays)) * step_s + kd_steps * (kd_step_s - step_s)
+    evaluations = (sum(steps // student['eval_interval'] + 2 for steps in runs) +
+                   sum(steps // student['eval_interval'] + 1 for steps in decays)) * student['eval_batches'] * \
+        student['batch_size'] * block * token_s / 3
+    slm_s = slm['max_steps'] * slm['batch_size'] * slm['block_size'] * slm_token_s
+    scoring = student['train_sequences'] * block * slm_token_s / 3
+    return training + evaluations + slm_s + scoring + STARTUP_S * (len(runs) + len(decays) + 2)
+
+
+def scaled(config, steps):
+    """config at `steps` steps, its KD stage, evaluations and checkpoints in proportion."""
+    factor = steps / config['max_steps']
+    return config | {key: max(1, round(config[key] * factor)) for key in ('kd_steps', 'eval_interval', 'ckpt_interval')
+                     if key in config} | {'max_steps': steps}
+
+
+def fit(student, slm, rate_file, seconds, short, fractions=()):
+    """The student and SLM configs shrunk (same steps for both, as the configs have) until the study fits
+    `seconds` with SLACK at the rate rate_file measured (gpu_check.sh's experiment_steps.jsonl), and what that
+    rate was; the configs' own size where it fits."""
+    if not os.path.isfile(rate_file):
+        sys.exit(f"--rate_file {rate_file!r} does not exist")
+    rows = [r for r in map(json.loads, open(rate_file)) if 'kd' in r.get('medians', {}) and 'plain' in r['medians']]
+    if not rows:
+        sys.exit(f"{rate_file}: no run with tokens/s in both stages: run gpu_check.sh's experiment_steps again")
+    tokens = student['batch_size'] * student['block_size']
+    step_s, kd_step_s = (tokens / rows[-1]['medians'][stage]['tokens_per_s'] for stage in ('plain', 'kd'))
+    steps = student['max_steps']
+    while steps > 1 and SLACK * study_seconds(scaled(student, steps), scaled(slm, steps), step_s, kd_step_s,
+                                              short, fractions) > seconds:
+        steps -= 1
+    return scaled(student, steps), scaled(slm, steps), rows[-1]['medians']['plain']['tokens_per_s']
+
+
+def run_slm(args, student, study, name, config, top_ks):
+    """Train the SLM `name` (out/<study>/<name>) and score the pool with it; its files go where the first SLM's
+    always went (the scores beside the seeds, so that a study that ran before finds them), a further SLM's in its
+    own folder. Returns its checkpoint, score files, minutes of training and scoring, and final val loss."""
+    out = os.path.join('out', args.name)
+    slm_dir = os.path.join(out, name)
+    study['doing'] = f'training the SLM {name}'
+    train(args.nproc, config, slm_dir, [f'--{k}={v}' for k, v in args.slm_set])
+    study['doing'] = f'scoring the pool with the SLM {name}'
+    scored = {k: score(args, student, student['data_dir'], os.path.join(slm_dir, 'ckpt'), k,
+                       out if name == 'slm' else slm_dir) for k in sorted(top_ks)}
+    final = read_metrics(slm_dir)[-1]
+    return dict(config=config, ckpt=os.path.join(slm_dir, 'ckpt'), scores={k: path for k, (path, _) in scored.items()},
+                minutes=final['elapsed_s'] / 60, score_minutes=scored[args.top_k][1] / 60, val_loss=final['val_loss'])
+
+
+def run_study(args, student, study):
+    """The SLMs, the scoring and every run, the report rewritten after each run; `study` holds how far it got."""
+    out = os.path.join('out', args.name)
+    top_ks = {args.top_k} | {int(v) for key, values in args.ablate if key == 'top_k' for v in values}
+    study['slms']['slm'] = run_slm(args, student, study, 'slm', args.slm_config, top_ks)
+    if args.weak_slm_config:
+        study['slms'][WEAK] = run_slm(args, student, study, WEAK, args.weak_slm_config, {args.top_k})
+    study['runs'] = planned_runs(args, study['slms'], student)
+    study['costs'] = {label: teacher_minutes(kind, study['slms'].get(slm)) for label, (kind, slm, _) in study['runs'].items()}
+    for label, (_, _, overrides) in study['runs'].items():  # every seed of a run, then the next: the report grows
+        for seed in args.seeds:
+            study['doing'] = f"training {label} (seed {seed})"
+            run_dir = os.path.join(out, f'seed{seed}', label.replace(' ', '_'))
+            settings = [f'--seed={seed}'] + [f'--{k}={v}' for k, v in args.set] + overrides  # the run's own win
+            branches = branch_plan(args.fractions, student)
+            points = ','.join(str(point) for point, _ in branches.values())
+            train(args.nproc, args.student_config, run_dir, settings + ([f'--branch_steps={points}'] if branches else []))
+            study['curves'][(seed, label)] = read_metrics(run_dir)
+            for fraction, (point, steps) in branches.items():  # each a short decay from the run's stable phase
+                study['doing'] = f"training {label} (seed {seed}) to {fraction:.0%} of the steps"
+                branch_dir = f"{run_dir}_{round(fraction * 100)}pct"
+                train(args.nproc, args.student_config, branch_dir,
+                      settings + [f'--branch_from={run_dir}@{point}', f'--max_steps={steps}'])
+                study['branches'][(seed, label, fraction)] = read_metrics(branch_dir)
+                study['branch_seconds'][(seed, label, fraction)] = branch_seconds(branch_dir, point)
+        write_report(args, student, study)
+
+
+def branch_seconds(branch_dir, point):
+    """A branch's own wall-clock: its metrics begin with its parent's records up to the branch point, and its clock
+    goes on from the parent's there (train.py)."""
+    timed = [r for r in read_records(branch_dir) if 'elapsed_s' in r and 'step' in r]
+    return timed[-1]['elapsed_s'] - [r['elapsed_s'] for r in timed if r['step'] <= point][-1]
+
+
+def branch_plan(fractions, student):
+    """{fraction: (branch point, steps)} of the fractions below 1 (1: the run itself): a WSD run of round(fraction *
+    max_steps) steps is the main run's checkpoint at its decay_start, decayed (salt.py, "branches")."""
+    if fractions and student.get('lr_schedule') != 'wsd':
+        sys.exit("--fractions branches a run's stable phase: the student config needs lr_schedule = 'wsd'")
+    plan = {}
+    for fraction in sorted(f for f in fractions if f < 1):
+        steps = round(fraction * student['max_steps'])
+        plan[fraction] = (salt.decay_start(steps, student.get('decay_fraction', 0.2)), steps)
+    return plan
+
+
+def fraction_reached(losses, target):
+    """The smallest fraction of the steps whose loss reaches target, linear between the fractions around it, from
+    {fraction: final val loss}; None where none does."""
+    fractions = sorted(losses)
+    for i, fraction in enumerate(fractions):
+        if losses[fraction] <= target:
+            if i == 0:
+                return fraction
+            before = fractions[i - 1]
+            return before + (losses[before] - target) / (losses[before] - losses[fraction]) * (fraction - before)
+    return None
+
+
+def of_run(per_branch, seed, label):
+    """{fraction: value} of one run's branches, from {(seed, label, fraction): value}."""
+    return {f: value for (s, l, f), value in per_branch.items() if (s, l) == (seed, label)}
+
+
+def fraction_curves(study, labels, seeds):
+    """{(seed, label): {fraction: final val loss}}, the run itself at 1.0."""
+    return {(seed, label): {1.0: study['curves'][(seed, label)][-1]['val_loss'],
+                            **{f: c[-1]['val_loss'] for f, c in of_run(study['branches'], seed, label).items()}}
+            for label in labels for seed in seeds}
+
+
+def fraction_table(study, labels, seeds):
+    """Per run and seed (and the mean, the spread over seeds in brackets): the final val loss of each fraction's
+    branch; the fraction at which it reaches the same seed's baseline at 100%; what KD gave at 100% (the baseline's
+    loss minus the run's) beside what the baseline's last 30% of the steps gave it (its 70% branch minus its 100%,
+    the nearest fraction below 100% where 70% is not one): the gain the claim needs to buy back that cost."""
+    losses = fraction_curves(study, labels, seeds)
+    fractions = sorted(losses[(seeds[0], 'baseline')])
+    short = min(fractions[:-1] or [1.0], key=lambda f: abs(f - 0.7))
+    rows = []
+    for label in labels:
+        per_seed = []
+        for seed in seeds:
+            run, baseline = losses[(seed, label)], losses[(seed, 'baseline')]
+            per_seed.append([run[f] for f in fractions] + [fraction_reached(run, baseline[1.0]),
+                                                           baseline[1.0] - run[1.0], baseline[short] - baseline[1.0]])
+            rows.append([label, seed] + [f"{v:.4f}" for v in per_seed[-1][:-3]] +
+                        [reached(per_seed[-1][-3])] + [f"{v:+.4f}" for v in per_seed[-1][-2:]])
+        if len(seeds) > 1:
+            columns = list(zip(*per_seed))
+            reach = columns[-3]
+            rows.append([label, 'mean'] + [spread(c, '.4f') for c in columns[:-3]] +
+                        [spread(reach, '.0%') if None not in reach else f"not reached ({reach.count(None)} of "
+                         f"{len(reach)} seeds)"] + [spread(c, '+.4f') for c in columns[-2:]])
+    return markdown_table(['run', 'seed'] + [f"val loss at {f:.0%}" for f in fractions] +
+                          ["reaches the baseline's 100% at", 'KD gain at 100%',
+                           f"the baseline's last {1 - short:.0%} of the steps"], rows)
+
+
+def reached(fraction):
+    return 'not reached' if fraction is None else f"{fraction:.0%}"
+
+
+def spread(values, spec):
+    """The mean over seeds and, in brackets, the smallest and largest; one seed's value alone."""
+    if len(values) == 1:
+        return f"{values[0]:{spec}}"
+    return f"{np.mean(values):{spec}} ({min(values):{spec}} .. {max(values):{spec}})"
+
+
+def lead_table(study, labels, seeds, kd_steps):
+    """Each SLM's final val loss (it is trained before the students) beside the students' at the end of stage 1 (the
+    evaluation at or before kd_steps) and at the end; per run, its lead over the same seed's baseline there (the
+    baseline's val loss minus the run's: positive where KD led); in the baseline's row the seed-to-seed spread of
+    the baseline (largest minus smallest), against which a lead of the same size says nothing."""
+    curves = study['curves']
+    baseline = curves[(seeds[0], 'baseline')]
+    ends = [[r['step'] for r in baseline if r['step'] <= kd_steps][-1], baseline[-1]['step']]
+    rows = [[f"SLM `{name}` (trained before)", f"{slm['val_loss']:.4f}", '', f"{slm['val_loss']:.4f}", '']
+            for name, slm in study['slms'].items()]
+    for label in labels:
+        row = [label]
+        for step in ends:
+            losses = [val_at(curves[(seed, label)], step) for seed in seeds]
+            leads = [val_at(curves[(seed, 'baseline')], step) - loss for seed, loss in zip(seeds, losses)]
+            if label == 'baseline':
+                lead = f"seeds differ by {max(losses) - min(losses):.4f}" if len(seeds) > 1 else '-'
+            else:
+                lead = f"{spread(leads, '+.4f')}, ahead on {sum(d > 0 for d in leads)} of {len(seeds)} seeds"
+            row += [spread(losses, '.4f'), lead]
+        rows.append(row)
+    return markdown_table(['run', f'val loss at the end of stage 1 (step {ends[0]})', 'lead over the baseline there',
+                           f'val loss at the end (step {ends[1]})', 'lead over the baseline there'], rows)
+
+
+def branches_wallclock_table(study, labels, seeds):
+    """Per run and seed: its SLM's training and the scoring (done before the students, shown apart, and counted),
+    the run and its branches, the total; and the time of a run of the fraction at which it reaches the baseline's
+    100%, the SLM and scoring included: a branch's clock is that of a whole run of its length (train.py counts its
+    parent's up to the branch point), linear between fractions."""
+    losses = fraction_curves(study, labels, seeds)
+    rows = []
+    for label in labels:
+        slm = study['slms'].get(study['runs'][label][1])
+        teacher = study['costs'][label]
+        slm_minutes = slm['minutes'] if slm else 0.0
+        for seed in seeds:
+            run = study['curves'][(seed, label)][-1]['elapsed_s'] / 60
+            branches = sum(of_run(study['branch_seconds'], seed, label).values()) / 60
+            minutes = {1.0: run, **{f: c[-1]['elapsed_s'] / 60 for f, c in of_run(study['branches'], seed, label).items()}}
+            fraction = fraction_reached(losses[(seed, label)], losses[(seed, 'baseline')][1.0])
+            reach = ['not reached', '-']
+            if fraction is not None:
+                at = np.interp(fraction, sorted(minutes), [minutes[f] for f in sorted(minutes)]) + teacher
+                reach = [f"{at:.1f}", f"{at / (study['curves'][(seed, 'baseline')][-1]['elapsed_s'] / 60):.2f}x"]
+            rows.append([label, seed, f"{slm_minutes:.1f}", f"{teacher - slm_minutes:.1f}", f"{run:.1f}",
+                         f"{branches:.1f}", f"{teacher + run + branches:.1f}"] + reach)
+    return markdown_table(['run', 'seed', 'SLM, trained before (min)', 'scoring (min)', 'the run (min)',
+                           'its branches (min)', 'total (min)', "a run of the fraction that reaches the baseline's "
+                           "100%, SLM and scoring included (min)", "vs the baseline's 100%"], rows)
+
+
+def plot_fractions(study, labels, seeds, path):
+    """Final val loss against the fraction of the steps, per run: the mean over seeds bold, each seed faint; the
+    baseline's 100% as a line, where a run's curve crosses it is the fraction in the table."""
+    losses = fraction_curves(study, labels, seeds)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, color in zip(labels, plt.get_cmap('tab10').colors):
+        fractions = sorted(losses[(seeds[0], label)])
+        for seed in seeds:
+            ax.plot(fractions, [losses[(seed, label)][f] for f in fractions], color=color, alpha=0.3, linewidth=1)
+        ax.plot(fractions, [np.mean([losses[(seed, label)][f] for seed in seeds]) for f in fractions], color=color,
+                linewidth=2.5, marker='o', label=f"{label} (mean of {len(seeds)} seeds)")
+    ax.axhline(np.mean([losses[(seed, 'baseline')][1.0] for seed in seeds]), color='0.4', linestyle='--',
+               label="the baseline's 100%")
+    ax.set(xlabel='fraction of the steps (a WSD branch each)', ylabel='final val loss', title='val loss vs budget')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report_tables(args, student, study, done):
+    """The report's tables over the runs in `done`, the baseline among them."""
+    curves, seeds, out = study['curves'], args.seeds, os.path.join('out', args.name)
+    max_step = curves[(seeds[0], 'baseline')][-1]['step']
+    return ("## Val loss\n\n" + main_table(curves, main_labels(done), seeds, max_step) +
+            "\n## The SLMs, and KD's lead over the baseline\n\n" +
+            lead_table(study, main_labels(done), seeds, student['kd_steps']) +
+            "\n## Wall-clock\n\n" + wallclock_table(curves, done, seeds, study['costs']) +
+            (f"\n## Ablations\n\n{ablation_tables(curves, args, student, max_step, done)}" if args.ablate else "") +
+            extra_tables(curves, done, seeds, max_step, os.path.join(out, f'seed{seeds[0]}', 'baseline')) +
+            "\n## Cost per step\n\n" + cost_table(out, seeds, done) + branches_tables(args, student, study, done))
+
+
+def branched(args, study, done):
+    """The main runs among done whose branches have all finished, the baseline first; [] until the baseline's have."""
+    fractions = [f for f in args.fractions if f < 1]
+    if not fractions:
+        return []
+    labels = [label for label in main_labels(done)
+              if all((seed, label, f) in study['branches'] for seed in args.seeds for f in fractions)]
+    return labels if 'baseline' in labels else []
+
+
+def branches_tables(args, student, study, done):
+    """With --fractions: the fractions' table, and the val loss per data subset at the end of stage 1."""
+    labels = branched(args, study, done)
+    if not labels:
+        return ''
+    stage1 = {key: [r for r in curve if r['step'] <= student['kd_steps']] for key, curve in study['curves'].items()}
+    header = [r for r in read_records(os.path.join('out', args.name, f'seed{args.seeds[0]}', 'baseline'))
+              if r.get('type') == 'header'][-1]
+    subsets = len(header.get('val_tokens_subsets', {})) > 1 and stage1[(args.seeds[0], 'baseline')][-1]['step'] > 0
+    return ("\n## Fractions of the steps (a WSD branch each)\n\n" + fraction_table(study, labels, args.seeds) +
+            "\n## Wall-clock with the branches\n\n" + branches_wallclock_table(study, labels, args.seeds) +
+            (f"\n## Val loss per data subset at the end of stage 1 (step {student['kd_steps']}, or the evaluation "
+             f"before it)\n\n" + subset_table(stage1, {label: () for label in labels}, args.seeds,
+                                                header['val_tokens_subsets']) if subsets else ''))
+
+
+def write_report(args, student, study, stopped=False):
+    """table.md and val_loss.png over the runs that finished for every seed: after each run and when the time limit
+    stops the study (said at the top), so a study that runs out of time still reports what it trained."""
+    results = os.path.join('results', args.name)
+    done = {label: plan for label, plan in study['runs'].items()
+            if all((seed, label) in study['curves'] for seed in args.seeds)}
+    report = (f"# SALT experiment `{args.name}`\n\n{args.student_config} (students), seeds {args.seeds}\n" +
+              "".join(f"- SLM `{name}`: {slm['config']}, trained in {slm['minutes']:.1f} min, scored the pool in "
+                      f"{slm['score_minutes']:.1f} min, final val loss {slm['val_loss']:.4f}\n"
+                      for name, slm in study['slms'].items()) + "\n" +
+              study['sizing'] +
+              (f"**Stopped by its time limit** while {study['doing']}: the tables hold the runs that finished.\n\n"
+               if stopped else '') +
+              (report_tables(args, student, study, done) if 'baseline' in done else ''))
+    with open(os.path.join(results, 'table.md'), 'w') as f:
+        f.write(report)
+    if 'baseline' in done:
+        plot_curves(study['curves'], study['costs'], done, os.path.join(results, 'val_loss.png'))
+    if branched(args, study, done):
+        plot_fractions(study, branched(args, study, done), args.seeds, os.path.join(results, 'fractions.png'))
+    return report
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--name', default='demo', help='out/<name>/ for runs, results/<name>/ for the report')
     parser.add_argument('--slm_config', default='config/demo_slm.py')
@@ -399,59 +754,77 @@ def main():
     parser.add_argument('--ablate', type=parse_ablation, action='append', default=[], metavar='KEY=V1,V2,...')
     parser.add_argument('--tokenize', default='stdlib',
                         help="prepare.py arguments that make the student config's data_dir when it has no "
-                             "meta.json "
-                             "('' = it must exist already)")
-    parser.add_argument('--set', type=parse_setting, nargs='*', default=[], metavar='KEY=VALUE',
+                             "meta.json ('' = it must exist already)")
+    parser.add_argument('--set', type=parse_setting, nargs='*', action='extend', default=[], metavar='KEY=VALUE',
                         help="overrides of the student config for every student run")
-    parser.add_argument('--slm_set', type=parse_setting, nargs='*', default=[], metavar='KEY=VALUE',
+    parser.add_argument('--slm_set', type=parse_setting, nargs='*', action='extend', default=[], metavar='KEY=VALUE',
                         help="overrides of the SLM config")
+    parser.add_argument('--fractions', type=parse_fractions, default=[], metavar='F1,F2,...',
+                        help="each main run at these fractions of its steps too, a WSD branch each (1 = the run)")
+    parser.add_argument('--weak_slm_config', default='',
+                        help=f"a second SLM, out/<name>/{WEAK}: SALT and SALT_DS again with it, labelled '{WEAK}'")
+    parser.add_argument('--design', choices=('demo', *DESIGNS), default='demo',
+                        help="'branches': the study of docs/cpu_studies.md's branches design, its defaults for the "
+                             "flags above (each still overridable)")
+    parser.add_argument('--fit', type=float, default=0, metavar='SECONDS',
+                        help="fewer steps where the study would not fit SECONDS with 30%% slack at --rate_file's rate")
+    parser.add_argument('--rate_file', help="gpu_check.sh's experiment_steps.jsonl: the rate --fit sizes by")
+    parser.set_defaults(**DESIGNS.get(parser.parse_known_args()[0].design, {}))
     args = parser.parse_args()
+    if args.fractions:
+        args.short = 0  # the branches give every shorter budget
     if args.nproc < 1 or args.top_k < 1:
         parser.error(f"--nproc and --top_k must be at least 1, got {args.nproc} and {args.top_k}")
     if not 0 <= args.short < 1:
         parser.error(f"--short must be in [0, 1), got {args.short}")
+    if bool(args.fit) != bool(args.rate_file):
+        parser.error("--fit and --rate_file go together")
+    return args
 
+
+def fit_study(args, student):
+    """With --fit: the student's settings shrunk to fit (and the SLM's, added to --set and --slm_set), and the
+    report's line that says so."""
+    slm = read_config(args.slm_config) | dict(args.slm_set)
+    for config, name in ((student, args.student_config), (slm, args.slm_config)):
+        missing = [key for key in ('model_size', 'batch_size', 'block_size', 'eval_interval', 'eval_batches',
+                                   'train_sequences') if key not in config]
+        if missing:
+            sys.exit(f"{name} must set {', '.join(missing)} for --fit")
+    fitted, slm, rate = fit(student, slm, args.rate_file, args.fit, args.short, args.fractions)
+    args.set += [(key, value) for key, value in fitted.items() if student.get(key) != value]
+    args.slm_set += [(key, slm[key]) for key in ('max_steps', 'eval_interval', 'ckpt_interval') if key in slm]
+    return fitted, (f"Sized to fit {args.fit:.0f} s with 30% slack at the {rate:,.0f} tokens/s that {args.rate_file} "
+                    f"measured (experiment.study_seconds): max_steps={fitted['max_steps']}, "
+                    f"{student['max_steps']} in {args.student_config}.\n\n")
+
+
+def main():
+    args = parse_args()
     student = read_config(args.student_config) | dict(args.set)  # what the main runs train with
     for key in ('data_dir', 'block_size', 'max_steps'):
         if key not in student:
             sys.exit(f"{args.student_config} must set {key}: experiment.py scores the data the students train on "
                      f"and sizes the shorter runs by it")
-    data_dir = student['data_dir']
+    study = dict(curves={}, branches={}, branch_seconds={}, slms={}, runs={}, costs=None, doing='', sizing='')
+    if args.fit:
+        student, study['sizing'] = fit_study(args, student)
+        print(study['sizing'].strip(), flush=True)
+    if args.design == 'branches' and args.tokenize == DESIGNS['branches']['tokenize']:
+        make_bpe()
     if args.tokenize:
         run([sys.executable, os.path.join(HERE, 'prepare.py'), *shlex.split(args.tokenize),
-             f'--out_dir={data_dir}'],
-            done_file=os.path.join(data_dir, 'meta.json'))
-    out, results = os.path.join('out', args.name), os.path.join('results', args.name)
+             f"--out_dir={student['data_dir']}"], done_file=os.path.join(student['data_dir'], 'meta.json'))
+    results = os.path.join('results', args.name)
     os.makedirs(results, exist_ok=True)
-
-    slm_dir = os.path.join(out, 'slm')
-    train(args.nproc, args.slm_config, slm_dir, [f'--{k}={v}' for k, v in args.slm_set])
-    slm_ckpt = os.path.join(slm_dir, 'ckpt')
-    top_ks = {args.top_k} | {int(v) for key, values in args.ablate if key == 'top_k' for v in values}
-    scored = {k: score(args, student, data_dir, slm_ckpt, k, out) for k in sorted(top_ks)}
-    runs = planned_runs(args, slm_ckpt, {k: path for k, (path, _) in scored.items()}, student)
-    costs = {kind: teacher_minutes(kind, read_metrics(slm_dir)[-1]['elapsed_s'] / 60, scored[args.top_k][1] / 60)
-             for kind in RUNS}
-
-    curves = {}
-    for seed in args.seeds:
-        for label, (_, overrides) in runs.items():
-            run_dir = os.path.join(out, f'seed{seed}', label.replace(' ', '_'))
-            settings = [f'--seed={seed}'] + [f'--{k}={v}' for k, v in args.set] + overrides  # the run's own win
-            train(args.nproc, args.student_config, run_dir, settings)
-            curves[(seed, label)] = read_metrics(run_dir)
-    max_step = curves[(args.seeds[0], 'baseline')][-1]['step']
-    report = (f"# SALT experiment `{args.name}`\n\n{args.slm_config} (SLM), {args.student_config} (students), "
-              f"seeds {args.seeds}; SLM {costs['salt']:.1f} min, scoring {scored[args.top_k][1] / 60:.1f} min\n\n"
-              f"## Val loss\n\n" + main_table(curves, main_labels(runs), args.seeds, max_step) +
-              "\n## Wall-clock\n\n" + wallclock_table(curves, runs, args.seeds, costs) +
-              (f"\n## Ablations\n\n{ablation_tables(curves, args, student, max_step)}" if args.ablate else "") +
-              extra_tables(curves, runs, args.seeds, max_step, os.path.join(out, f'seed{args.seeds[0]}', 'baseline')) +
-              "\n## Cost per step\n\n" + cost_table(out, args.seeds))
-    with open(os.path.join(results, 'table.md'), 'w') as f:
-        f.write(report)
-    print(report)
-    plot_curves(curves, costs, runs, os.path.join(results, 'val_loss.png'))
+    signal.signal(signal.SIGTERM, on_sigterm)  # the time limit of the command: report what finished, then stop
+    try:
+        run_study(args, student, study)
+    except Stopped:
+        write_report(args, student, study, stopped=True)
+        print(f"stopped by the time limit while {study['doing']}: {results}/table.md holds the runs that finished")
+        sys.exit(124)
+    print(write_report(args, student, study))
     print(f"wrote {results}/table.md and {results}/val_loss.png")
 
 

@@ -1,31 +1,57 @@
 #!/usr/bin/env bash
 # The GPU check in one command of at most 8 minutes: the machine (preflight), the MFU of a compiled gpt2-medium
 # step, plain and in the KD stage, the fused loss against eager PyTorch, the bare GEMMs, Liger-Kernel and
-# torch.compile, the CUDA tests, and the tokens/s that sizes gpu_experiment.sh. Everything lands in OUT in
-# at most 8 files: summary.md (the targets, met or missed, then every step's table), each benchmark's JSON
-# lines, and logs.tar.gz (every step's log, every training run's train.log and metrics.jsonl).
+# torch.compile, the CUDA tests, the tokens/s that sizes gpu_experiment.sh, and an FSDP step's peak memory against
+# the memory plan. Everything lands in OUT in at most 8 files: summary.md (the targets, met or missed, each training
+# run's loss path, compiled graphs and peak memory, then every step's table), each benchmark's JSON lines, and
+# logs.tar.gz (every step's log, every training run's train.log and metrics.jsonl).
 #
-#   SALT_GIT_COMMIT=$(git rev-parse HEAD) TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken bash gpu_check.sh OUT
+#   bash gpu_check.sh --prepare                  # on a machine with network, in the checkout: .cache/ (below)
+#   TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken WHEELS=.cache/wheels bash gpu_check.sh OUT   # on the GPU machine
 #   GPU_CHECK_TINY=1 bash gpu_check.sh OUT       # every step at toy sizes, on a CPU (a test runs this)
 #
-# It measures the machine's own PyTorch and Triton and installs nothing, but for WHEELS=DIR: the wheels in DIR
-# (liger-kernel's, for the comparison) go on the path of this run only. TIKTOKEN_CACHE_DIR names a folder with
-# the GPT-2 BPE file on a machine without network; SALT_GIT_COMMIT names the commit where .git does not travel.
-# Each step has its time limit (GPU_CHECK_BUDGET seconds in all, 470 by default; 4x both at toy sizes); a step that
-# fails or runs out of time is said so in the summary, keeps the rows it measured, and the next step runs.
+# --prepare writes what travels with the checkout to a GPU machine without network: the GPT-2 BPE file in
+# .cache/tiktoken, liger-kernel's wheel in .cache/wheels and the commit in .cache/git_commit (.git need not
+# travel; SALT_GIT_COMMIT overrides it). The check measures the machine's own PyTorch and Triton and installs
+# nothing, but for WHEELS=DIR: the wheels in DIR go on the path of this run only. Each step has its time limit
+# (GPU_CHECK_BUDGET seconds in all, 470 by default; 4x both at toy sizes); a step that fails or runs out of time
+# is said so in the summary, keeps the rows it measured, and the next step runs.
 set -uo pipefail
 cd "$(dirname "$0")"
+
+prepare() {  # --prepare: .cache/ for a GPU machine without network
+    mkdir -p .cache/tiktoken .cache/wheels
+    # GPT-2's BPE file (tiktoken_ext.openai_public's r50k_base) from tiktoken's own cache where it is there, else
+    # downloaded, into .cache/tiktoken under the name tiktoken looks for in TIKTOKEN_CACHE_DIR
+    python3 - <<'EOF' || exit 1
+import hashlib
+from tiktoken.load import read_file_cached
+url = 'https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken'
+with open(f'.cache/tiktoken/{hashlib.sha1(url.encode()).hexdigest()}', 'wb') as f:
+    f.write(read_file_cached(url))
+EOF
+    echo "${SALT_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" > .cache/git_commit
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .cache/wheels liger-kernel ||
+        echo "no liger-kernel wheel: the check will compare the loss without Liger-Kernel"
+    echo "wrote $(find .cache/tiktoken .cache/wheels .cache/git_commit -type f | tr '\n' ' ')"
+}
+if [ "${1:-}" = --prepare ]; then
+    prepare
+    exit
+fi
+
 out=$(realpath -m "${1:-results/gpu_check}")
 mkdir -p "$out"
 rm -f "$out"/summary.md "$out"/*.jsonl "$out"/logs.tar.gz
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # logs, runs, data and wheels: never more than 8 files in OUT
 export PYTHONUNBUFFERED=1
-export SALT_GIT_COMMIT=${SALT_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export SALT_GIT_COMMIT=${SALT_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || cat .cache/git_commit 2>/dev/null ||
+    echo unknown)}
 slack=1
 [ -n "${GPU_CHECK_TINY:-}" ] && slack=4  # toy sizes on a CPU, maybe a shared one: each limit 4x the GPU one
 budget=${GPU_CHECK_BUDGET:-$((470 * slack))}
 ends_at=$((SECONDS + budget))
-if [ -n "${WHEELS:-}" ]; then
+if [ -n "${WHEELS:-}" ] && compgen -G "$WHEELS/*.whl" > /dev/null; then  # none: no liger-kernel, said in the summary
     python3 -m pip install -q --no-index --no-deps --target "$work/site" "$WHEELS"/*.whl || exit 1
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -36,6 +62,7 @@ if [ -n "${GPU_CHECK_TINY:-}" ]; then
     mfu=(--pairs demo-student:demo-slm --block_size 64 --batch_size 4 --steps 8 --compile blocks "${data[@]}")
     more=(--pairs demo-student:demo-slm --block_size 64 --batch_size 4 --steps 8 --compile off "${data[@]}")
     sizing=(--pairs demo-student:demo-slm --block_size 32 --batch_size 4 --steps 6 --compile off "${data[@]}")
+    fsdp=(--pairs demo-student:demo-slm --block_size 32 --batch_size 4 --steps 6 --compile off --fsdp "${data[@]}")
     target_n=512 target_h=64
 else
     grid=(--n 1024 4096 16384 32768 --h 2048)
@@ -45,6 +72,8 @@ else
     more=(--pairs gpt2-medium:gpt2-medium-half gpt2:gpt2-half --compile off "${data[@]}")
     # config/gpu_student.py's model, sequences, batch and compile setting: what sizes gpu_experiment.sh
     sizing=(--pairs gpu-student:gpu-slm --block_size 512 --batch_size 64 --compile off "${data[@]}")
+    # a few FSDP steps in one process, with the prepared teacher: the peak memory against the plan's fsdp total
+    fsdp=(--pairs gpt2-medium:gpt2-medium-half --batch_size 8 --steps 6 --compile off --fsdp "${data[@]}")
     target_n=16384 target_h=2048
 fi
 
@@ -107,6 +136,33 @@ predicted = next((r['predicted'] for r in rows('train_mfu.jsonl') if 'predicted'
 cost = plain['tokens_per_s'] / kd['tokens_per_s'] if 'tokens_per_s' in plain and 'tokens_per_s' in kd else None
 line('KD step / plain step within 5 points of the FLOP prediction', cost, f'{{:.3f}} (predicted {predicted or 0:.3f})',
      lambda c: abs(c - predicted) <= 0.05)
+def gib(n):
+    return f'{n / 2**30:.1f} GiB'
+fsdp = next((r['run'] for r in rows('fsdp_step.jsonl') if 'run' in r), {})
+peak, plan = fsdp.get('peak_memory'), (fsdp.get('memory_plan') or {}).get('fsdp')
+line("an FSDP step's peak memory <= the memory plan's fsdp total (peak / plan)", peak / plan if peak and plan else None,
+     f'{{:.2f}}x ({gib(peak or 0)} of {gib(plan or 0)})', lambda r: r <= 1,
+     ' (no CUDA)' if fsdp and peak is None else ': no memory_plan in the header' if fsdp and not plan else '')
+print('\n## Training runs\n')  # what the first GPU run must show besides speed (bench_train.run_facts)
+for name in ('train_mfu', 'experiment_steps', 'fsdp_step', 'train_more'):
+    for r in rows(f'{name}.jsonl'):
+        if 'run' not in r:
+            continue
+        facts, kind = r['run'], 'fsdp' if r.get('fsdp') else 'ddp'
+        graphs, breaks = facts.get('compiled_graphs'), facts.get('graph_breaks')
+        compiled = (f"{graphs[-1]} compiled graphs, {graphs[-1] - graphs[0]} of them after the first logged step "
+                    f"(recompiles), graph breaks: {'-' if breaks is None else breaks}") if graphs else 'not compiled'
+        plans = facts.get('memory_plan') or {}
+        memory = 'not measured (no CUDA)' if facts.get('peak_memory') is None else gib(facts['peak_memory'])
+        memory += f" against the plan's {gib(plans[kind])} ({kind})" if kind in plans else ', no memory_plan logged'
+        print(f"run: {name} {r['student']} ({r['compile']}{', fsdp' if r.get('fsdp') else ''}) | loss: "
+              f"{facts.get('loss_impl') or '-'} | {compiled} | peak memory: {memory}")
+if any('plain' in r.get('medians', {}) and 'kd' in r['medians'] for r in rows('experiment_steps.jsonl')):
+    import experiment  # the sizing of gpu_experiment.sh by this rate, as it will size itself (experiment.fit)
+    student, slm = (experiment.read_config(f'config/gpu_{name}.py') for name in ('student', 'slm'))
+    fitted, fitted_slm, rate = experiment.fit(student, slm, os.path.join(out, 'experiment_steps.jsonl'), 420, 0.7)
+    print(f"\nsizing: at {rate:,.0f} tokens/s, gpu_experiment.sh's study fits its 420 s with 30% slack at "
+          f"max_steps={fitted['max_steps']} (config/gpu_student.py: {student['max_steps']})")
 print()
 EOF
     mv "$out/summary.md.tmp" "$out/summary.md"
@@ -165,11 +221,14 @@ peak=(--peak_flops "$(cat "$work/peak_flops")")
 per_test=()
 python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(-p timeout --timeout 60)
 # the MFU target first and alone, then the loss, the tests, and the rest
-step train_mfu 180 table python3 bench_train.py "${mfu[@]}" "${peak[@]}" --out "$out/train_mfu.jsonl"
-step loss_grid 75 table python3 bench.py "${grid[@]}" --impls eager fused liger gemm --out "$out/loss_grid.jsonl"
-step cuda_tests 100 tests python3 -m pytest -m cuda test_salt.py -v -rfE --durations=10 -p no:cacheprovider "${per_test[@]}"
-step loss_compiled 40 table python3 bench.py "${one_size[@]}" --impls eager compiled fused --out "$out/loss_compiled.jsonl"
-step experiment_steps 40 table python3 bench_train.py "${sizing[@]}" "${peak[@]}" --out "$out/experiment_steps.jsonl"
-step train_more 35 table python3 bench_train.py "${more[@]}" "${peak[@]}" --out "$out/train_more.jsonl"
+# the data and gpt2-medium's teacher (a 2.4 GB checkpoint) first, outside the MFU step's limit
+step prepare 45 3 python3 bench_train.py "${mfu[@]}" --prepare
+step train_mfu 160 table python3 bench_train.py "${mfu[@]}" "${peak[@]}" --out "$out/train_mfu.jsonl"
+step loss_grid 65 table python3 bench.py "${grid[@]}" --impls eager fused liger gemm --out "$out/loss_grid.jsonl"
+step cuda_tests 85 tests python3 -m pytest -m cuda test_salt.py -v -rfE --durations=10 -p no:cacheprovider "${per_test[@]}"
+step experiment_steps 35 table python3 bench_train.py "${sizing[@]}" "${peak[@]}" --out "$out/experiment_steps.jsonl"
+step fsdp_step 30 table python3 bench_train.py "${fsdp[@]}" "${peak[@]}" --out "$out/fsdp_step.jsonl"
+step loss_compiled 25 table python3 bench.py "${one_size[@]}" --impls eager compiled fused --out "$out/loss_compiled.jsonl"
+step train_more 25 table python3 bench_train.py "${more[@]}" "${peak[@]}" --out "$out/train_more.jsonl"
 rm -rf "$work"
 grep -v ' PASSED' "$out/summary.md"   # the tail a terminal shows: targets, tables, any test that did not pass

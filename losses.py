@@ -16,9 +16,9 @@ three ways (`impl`), each tested against the reference:
 - 'autograd': any divergence and token weight, its gradient by autograd on one chunk's logits;
 - 'torch': the forward KL, its gradient derived by hand (below) and computed in place (the CPU's default);
 - 'triton': the same as a Triton kernel with an online softmax (the GPU's default).
-The two derived by hand are checked against the definition once per process, on a tiny input on the device,
-the first time they would be chosen (`disagreement`): one that disagrees there (an edited divergence, a kernel
-that misbehaves on that GPU or that Triton) is not used, and a line says so.
+The two derived by hand are checked against the definition once per process and autocast dtype, on small inputs on
+the device, the first time they would be chosen (`disagreement`): one that disagrees there (an edited divergence,
+a kernel that misbehaves on that GPU or that Triton) is not used, and a line says so.
 """
 
 import ast
@@ -163,12 +163,13 @@ def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teac
     # w reaches the arithmetic as a tensor: under torch.compile a Python float that changes every step (the
     # linear schedule) would be a guard, and each new value a recompilation of the whole forward
     kd_weight = torch.as_tensor(kd_weight, dtype=torch.float32, device=device)
+    autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     config = _LossConfig(
         temperature=float(temperature), vocab_size=vocab_size or padded_vocab, ignore_index=ignore_index,
-        kd_loss=kd_loss, kd_token_weight=kd_token_weight, impl=_pick_impl(impl, kd_loss, kd_token_weight, device),
+        kd_loss=kd_loss, kd_token_weight=kd_token_weight,
+        impl=_pick_impl(impl, kd_loss, kd_token_weight, device, autocast_dtype),
         chunk_size=chunk_size or default_chunk_size(len(hidden), hidden.shape[1], padded_vocab, device.type),
-        autocast_dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-        else None)
+        autocast_dtype=autocast_dtype)
     if reduction == 'none':
         per_row = [torch.zeros(len(hidden), dtype=torch.float32, device=device) for _ in range(2)]
         with torch.no_grad():
@@ -218,13 +219,16 @@ def compile_loss_or_not(device, kd_loss='forward_kl', autocast_dtype=None, backe
     return "salt_loss is compiled with the model"
 
 
-def choice(device, kd_loss='forward_kl', kd_token_weight='constant'):
-    """What salt_loss runs on `device` for this loss, in words, each hand-derived path that would be chosen checked
-    first (disagreement): the line a run prints at start and keeps in its metrics header."""
+def choice(device, kd_loss='forward_kl', kd_token_weight='constant', autocast_dtype=None):
+    """What salt_loss runs on `device` for this loss under the run's autocast dtype (None: fp32), in words, each
+    hand-derived path that would be chosen checked first (disagreement): the line a run prints at start and keeps
+    in its metrics header. Called before anything is compiled, it also probes the out_dtype GEMMs, so that a
+    compiled graph reads the answer rather than assuming there are none (out_dtype_gemm)."""
     device = torch.device(device)
-    impl = _pick_impl(None, kd_loss, kd_token_weight, device)
-    refused = [f"impl={path!r} is not used: {reason}" for (path, device_type), reason in _DISAGREEMENTS.items()
-               if reason and device_type == device.type]
+    out_dtype_gemm(device)
+    impl = _pick_impl(None, kd_loss, kd_token_weight, device, autocast_dtype)
+    refused = [f"impl={path!r} is not used: {reason}" for (path, device_type, dtype), reason in _DISAGREEMENTS.items()
+               if reason and device_type == device.type and dtype == autocast_dtype]
     return '; '.join([f"salt_loss runs impl={impl!r} for kd_loss={kd_loss!r}, kd_token_weight={kd_token_weight!r}",
                       *refused])
 
@@ -315,13 +319,15 @@ def _check_arguments(student_hidden, student_weight, targets, teacher_hidden, te
     divergence(kd_loss)  # a ValueError for a divergence or an argument that does not exist
 
 
-def _pick_impl(impl, kd_loss, kd_token_weight, device):
+def _pick_impl(impl, kd_loss, kd_token_weight, device, autocast_dtype=None):
     """The row step: impl, checked; or, for impl=None, the first fast path that computes this loss and agrees with
-    the definition on this device (disagreement), else autograd, the definition's own derivative."""
+    the definition on this device under this autocast dtype (disagreement), else autograd, the definition's own
+    derivative."""
     by_hand = kd_loss == 'forward_kl' and kd_token_weight == 'constant'  # what the torch and triton paths compute
     if impl is None:
         fast = (['triton'] if device.type == 'cuda' and triton is not None else []) + ['torch']
-        return next((path for path in fast if by_hand and disagreement(path, device) is None), 'autograd')
+        return next((path for path in fast if by_hand and disagreement(path, device, autocast_dtype) is None),
+                    'autograd')
     if impl not in ('torch', 'triton', 'autograd'):
         raise ValueError(f"impl must be None, 'torch', 'triton' or 'autograd', got {impl!r}")
     if impl != 'autograd' and not by_hand:
@@ -332,50 +338,96 @@ def _pick_impl(impl, kd_loss, kd_token_weight, device):
     return impl
 
 
-_DISAGREEMENTS = {}  # (impl, device type) -> None where the path computes the definition there, else why not
+_DISAGREEMENTS = {}  # (impl, device type, autocast dtype) -> None where the path computes the definition, else why not
 
 
-def disagreement(impl, device):
+def disagreement(impl, device, autocast_dtype=None):
     """Why the hand-derived path `impl` does not compute the definition on `device` (None: it does), found once per
-    process, the first time it would be chosen: the loss and its gradients on a tiny input (96 tokens, a teacher,
-    ignored targets, w = 0.6, tau = 1.5) against salt_loss_reference's in float64. A path that disagrees, or
-    raises, is said to in one line on stderr and not chosen. Under torch.compile, where nothing can be tried,
-    the answer found before is used (train.py asks before it compiles), or the path is trusted."""
-    key = (impl, torch.device(device).type)
+    process and autocast dtype (None: fp32), the first time it would be chosen, on the two inputs of CHECKS against
+    salt_loss_reference in float64. A path that disagrees, or raises, is said to in one line on stderr and not
+    chosen. Under torch.compile, where nothing can be tried, the answer found before is used (train.py asks before
+    it compiles), or the path is trusted."""
+    key = (impl, torch.device(device).type, autocast_dtype)
     if key not in _DISAGREEMENTS:
         if torch.compiler.is_compiling():
             return None
         # wherever the first call comes from: an evaluation under no_grad or inference_mode, an autocast region
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
-            _DISAGREEMENTS[key] = _compare_with_the_definition(impl, torch.device(device))
+            _DISAGREEMENTS[key] = next(filter(None, (_compare_with_the_definition(impl, torch.device(device), check)
+                                                     for check in _checks(autocast_dtype))), None)
         if _DISAGREEMENTS[key]:
             print(f"salt_loss: impl={impl!r} is not used on {key[1]}: {_DISAGREEMENTS[key]}", file=sys.stderr)
     return _DISAGREEMENTS[key]
 
 
-def _compare_with_the_definition(impl, device):
+@dataclass(frozen=True)
+class _Check:
+    """One input a fast path is checked on, and how close to float64 it must come."""
+    name: str
+    rows: int
+    hidden: int
+    vocab: int
+    padded_vocab: int
+    chunk_size: int
+    dtype: torch.dtype | None  # the autocast dtype (None: fp32)
+    exact_fp32_gemms: bool  # TF32 off: the GEMMs' own rounding (~1e-3 with TF32) kept out of a check of a formula
+    tolerance: float  # of the loss and of each gradient, relative to its largest entry
+
+
+def _checks(autocast_dtype):
+    """The formula: a small vocabulary in chunks with a partial last one, fp32 GEMMs in full precision, within fp32's
+    rounding of a few hundred terms (~1e-6; a wrong formula is off by ~1). The variant that trains: a vocabulary of
+    three Triton blocks (TRITON_BLOCK_V = 4096, at its width and warps) under the run's autocast and GEMM settings,
+    within their rounding: three roundings to 16 bits of 2^-9 each (the logits, where no out_dtype GEMM keeps them
+    fp32, d(loss)/d(logits), the 16-bit gradient), summed over a vocabulary of terms whose absolute sum is a few
+    times the largest entry: ~2^-5 (0.014 measured on a CPU, which has no out_dtype GEMMs); TF32 GEMMs in fp32
+    runs round their inputs to 2^-11 (~2e-3 measured). What passes the formula and is off here is a kernel that
+    fails at the production width: off by ~1."""
+    return (_Check('the formula', 96, 16, 100, 128, 32, None, True, 1e-4),
+            _Check('the variant that trains', 80, 32, 10_000, 10_048, 64, autocast_dtype, False, 0.1))
+
+
+@contextlib.contextmanager
+def _fp32_gemms(exact):
+    """fp32 GEMMs without TF32 while exact is set (train.py turns TF32 on for CUDA)."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed and not exact
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+def _compare_with_the_definition(impl, device, check):
+    """Why `impl` is off the definition on `check` (None: it is within the check's tolerance): the loss and the
+    student's gradients, with a teacher, ignored targets, w = 0.6 and tau = 1.5, against float64 on the same
+    operands (rounded to the autocast dtype first, as the run's GEMMs see them)."""
     generator = torch.Generator().manual_seed(0)
-    shapes = dict(student_hidden=(96, 16), student_weight=(128, 16), teacher_hidden=(96, 8), teacher_weight=(128, 8))
-    inputs = {name: torch.randn(shape, generator=generator, dtype=torch.float64) for name, shape in shapes.items()}
-    targets = torch.randint(0, 100, (96,), generator=generator)
+    shapes = dict(student_hidden=(check.rows, check.hidden), student_weight=(check.padded_vocab, check.hidden),
+                  teacher_hidden=(check.rows, check.hidden // 2), teacher_weight=(check.padded_vocab, check.hidden // 2))
+    inputs = {name: torch.randn(shape, generator=generator).to(check.dtype or torch.float32).double()
+              for name, shape in shapes.items()}
+    targets = torch.randint(0, check.vocab, (check.rows,), generator=generator)
     targets[::7] = -1
-    settings = dict(vocab_size=100, temperature=1.5, kd_weight=0.6)
+    settings = dict(vocab_size=check.vocab, temperature=1.5, kd_weight=0.6)
     results = []
     for dtype, run_on, loss_fn in ((torch.float64, 'cpu', salt_loss_reference), (torch.float32, device, salt_loss)):
-        x = {name: t.detach().to(run_on, dtype).requires_grad_(name.startswith('student'))
+        x = {name: t.to(run_on, dtype, copy=True).requires_grad_(name.startswith('student'))
              for name, t in inputs.items()}
-        extra = dict(impl=impl, chunk_size=32, kd_weight=torch.tensor(0.6, device=run_on)) if loss_fn is salt_loss \
-            else {}
+        extra = dict(impl=impl, chunk_size=check.chunk_size, kd_weight=torch.tensor(0.6, device=run_on)) \
+            if loss_fn is salt_loss else {}
         try:
-            loss = loss_fn(**x, targets=targets.to(run_on), **{**settings, **extra})[0]
+            with _fp32_gemms(check.exact_fp32_gemms), torch.autocast(
+                    torch.device(run_on).type, dtype=check.dtype, enabled=check.dtype is not None and loss_fn is salt_loss):
+                loss = loss_fn(**x, targets=targets.to(run_on), **{**settings, **extra})[0]
             loss.backward()
         except Exception as error:  # a kernel that does not compile or launch here: the reason, in a line
-            return f"it raised {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+            return f"it raised {type(error).__name__} on {check.name}: {str(error).strip().splitlines()[0][:200]}"
         results.append([t.detach().double().cpu() for t in (loss, x['student_hidden'].grad, x['student_weight'].grad)])
     worst = max(((ours - want).abs().max() / want.abs().max()).item() for want, ours in zip(*results))
-    if not worst <= 1e-4:  # float32 rounding of a few hundred terms: ~1e-6; a wrong formula: ~1
+    if not worst <= check.tolerance:
         return f"its loss or gradients are off the definition's (losses.salt_loss_reference) by {worst:.2g} of " \
-               f"their size"
+               f"their size on {check.name}, where {check.tolerance:g} is allowed"
     return None
 
 
@@ -542,14 +594,13 @@ def _rows_torch(logits, teacher_logits, targets, grad_scale, kd_weight, config):
     q = None
     kl = torch.zeros_like(ce)
     if teacher_logits is not None:
-        # log q = log_softmax(z_t / tau) and then log q - z, computed in place in the teacher's
-        # buffer, and KL(q || p) = sum_j q_j (log q_j - z_j) + lse_s as a batched dot product:
-        # the only extra (chunk, V) buffer is q itself.
+        # log q = log_softmax(z_t / tau), then q (log q - z), in place in the teacher's buffer, summed:
+        # KL(q || p) = sum_j q_j (log q_j - z_j) + lse_s. The only extra (chunk, V) buffer is q itself, and the
+        # sum is elementwise fp32 (a batched dot product would be a TF32 GEMM on CUDA, on nearly equal terms).
         log_q = teacher_logits[:, :vocab].div_(config.temperature)
         log_q.sub_(torch.logsumexp(log_q, dim=1, keepdim=True))
         q = log_q.exp()
-        log_q_minus_z = log_q.sub_(z)
-        kl = (q.unsqueeze(1) @ log_q_minus_z.unsqueeze(2)).view(-1) + lse.squeeze(1)
+        kl = log_q.sub_(z).mul_(q).sum(dim=1) + lse.squeeze(1)
 
     grad = z.sub_(lse).exp_()  # p = softmax(z_s), written over the logits
     if q is not None:

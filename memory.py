@@ -1,14 +1,16 @@
 """
 Memory per device of a training run, before it starts: what train.py prints, and what chooses ddp or fsdp.
 
-  python memory.py --student salt-2.8b --teacher gpt2-xl --batch_size 8 --block_size 2048 --world_size 8
+  python memory.py --student salt-2.8b --teacher gpt2-xl --batch_size 8 --block_size 2048 --world_size 8 \\
+      --grad_accum_steps 8
   python memory.py --student llama-2.8b --vocab_size 50277 --teacher /models/pythia-1.4b-deduped \\
       --batch_size 8 --block_size 2048 --activation_checkpointing
 
 An estimate from the shapes (model.GPTConfig), not a measurement: fp32 weights, gradients and AdamW's two moments
 are 16 bytes per parameter, whole on every ddp rank, 1/world_size of them on an fsdp rank, which also holds the
 blocks it is gathering (two at a time: one at work, one prefetched) and the root's embeddings, whole from the
-forward to the backward. A teacher (transformers directory: its config.json alone, on the meta device) counts its
+forward to the backward, and, with gradient accumulation in bf16, every gradient whole in fp32 between the
+micro-batches of a step. A teacher (transformers directory: its config.json alone, on the meta device) counts its
 real parameters in their dtype.
 """
 import argparse
@@ -23,11 +25,11 @@ GiB, MiB = 2 ** 30, 2 ** 20
 
 
 def memory_plan(student, teacher, *, tokens, world_size, compute_bytes, checkpointing=False, shard_teacher=False,
-                device_type='cuda'):
+                device_type='cuda', grad_accum_steps=1):
     """{what: (bytes under ddp, bytes under fsdp)} per device for training `student` (a GPTConfig) with AdamW on
-    micro-batches of `tokens` tokens, and, in SALT's stage 1, a frozen `teacher` (an LM, or None) as it is held,
-    its parameters in their own dtype (a GPT or a transformers model; on the meta device, shapes only);
-    compute_bytes: 2 for bf16 autocast, 4 for fp32."""
+    micro-batches of `tokens` tokens, grad_accum_steps of them a step, and, in SALT's stage 1, a frozen `teacher`
+    (an LM, or None) as it is held, its parameters in their own dtype (a GPT or a transformers model; on the meta
+    device, shapes only); compute_bytes: 2 for bf16 autocast, 4 for fp32."""
     n, vocab, hidden = student.n_params(non_embedding=False), student.padded_vocab_size, student.n_embd
     block = sum(student.block_params())
     # the rows a chunk of the loss really has: the kernel's own choice, no more than the micro-batch's tokens
@@ -45,6 +47,11 @@ def memory_plan(student, teacher, *, tokens, world_size, compute_bytes, checkpoi
         # the fused loss: fp32 gradient of the LM head, and a chunk's logits, teacher logits and soft labels
         'loss (LM head)': (vocab * hidden * 4 + 3 * chunk_rows * vocab * 4,) * 2,
     }
+    if grad_accum_steps > 1 and compute_bytes < 4:
+        # FSDP2 reduces once a step; until then each parameter's bf16 gradient is kept whole, in the fp32 reduce
+        # dtype (FSDPParam.unsharded_accumulated_grad): the whole model's fp32 gradients on every rank. ddp adds
+        # nothing: its gradients accumulate in its buckets (gradient_as_bucket_view)
+        plan['gradients accumulated whole between micro-batches (fp32)'] = (0, 4 * n)
     if teacher is not None:  # shard_teacher: each rank its shard of the blocks, the root whole, two blocks gathered
         whole, root, largest = teacher_bytes(teacher)
         plan['teacher (frozen, stage 1)'] = (whole, root + (whole - root) / world_size + 2 * largest if shard_teacher
@@ -96,12 +103,13 @@ if __name__ == '__main__':
                                           "directory (its config.json: shapes only, no weights read)")
     parser.add_argument('--batch_size', type=int, required=True, help='sequences per micro-batch per device')
     parser.add_argument('--block_size', type=int, required=True)
+    parser.add_argument('--grad_accum_steps', type=int, default=1, help='micro-batches per step')
     parser.add_argument('--world_size', type=int, default=8)
     parser.add_argument('--dtype', choices=['bfloat16', 'float32'], default='bfloat16')
     parser.add_argument('--activation_checkpointing', action='store_true')
     parser.add_argument('--shard_teacher', action='store_true')
     args = parser.parse_args()
-    for name in ('batch_size', 'block_size', 'world_size', 'vocab_size'):
+    for name in ('batch_size', 'block_size', 'world_size', 'vocab_size', 'grad_accum_steps'):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.teacher and args.teacher not in PRESETS and not os.path.isfile(os.path.join(args.teacher, 'config.json')):
@@ -116,5 +124,5 @@ if __name__ == '__main__':
         teacher = hf_model.shapes(args.teacher, dtype)
     plan = memory_plan(student, teacher, tokens=args.batch_size * args.block_size, world_size=args.world_size,
                        compute_bytes=2 if args.dtype == 'bfloat16' else 4, checkpointing=args.activation_checkpointing,
-                       shard_teacher=args.shard_teacher)
+                       shard_teacher=args.shard_teacher, grad_accum_steps=args.grad_accum_steps)
     print(memory_table(plan, args.world_size, at_start=start_memory(student, args.world_size)))

@@ -9,8 +9,18 @@ a transformers model; its end-of-text token before every document), as nanoGPT's
     python prepare.py tree --python --include '*.py' '*.md' '*.rst' '*.txt' --out_dir data/python
                                                             # this Python's stdlib and installed packages
     python prepare.py tree ... --max_bytes 50000000         # the first 50 MB of files of the tree's order
+    python prepare.py parquet FILE.parquet... [--text_column text] [--subset_column dump] --out_dir DIR
+    python prepare.py hf NAME_OR_DIR [--name CONFIG] [--split train] [--data_files F...] [--max_tokens 2e9] --out_dir DIR
+    python prepare.py megatron PREFIX... --tokenizer DIR --out_dir DIR  # .bin + .idx, read where they lie
+    python prepare.py bpe --data_dir DATA --vocab_size 4096 --out_dir TOKENIZER  # a BPE trained on DATA's train
+                                                            # split (nanochat's way), for --tokenizer TOKENIZER
     common flags: --val_fraction 0.05 --shard_tokens 100000000
                   --tokenizer DIR   # a transformers model's (or tokenizer's) directory: SmolLM2, Qwen, Pythia ...
+
+parquet and hf (a Hugging Face dataset: streamed, or a save_to_disk folder) are read a batch of rows at a time and go
+the way of pile; a budget (--max_tokens, --max_bytes) is shared equally by the inputs. megatron copies nothing: it
+checks the indexed datasets' headers, sizes and every token against --tokenizer, and writes meta.json and the runs
+of each split's documents for data.py's IndexedSequences (prepare_megatron, read_index).
 
 `pile` tokenizes its input files in parallel, one worker process per file (as many at a time as this process
 may use CPUs), each streaming its file; run again after an interruption, it skips the files already done, with
@@ -65,11 +75,13 @@ import errno
 import fnmatch
 import glob
 import hashlib
+import importlib
 import io
 import json
 import multiprocessing
 import os
 import shutil
+import struct
 import sys
 import signal
 import stat
@@ -82,7 +94,7 @@ import numpy as np
 
 import tokenizer
 from common import InputError, atomic_write, end_with_parent, report_input_errors, write_json
-from data import HEADER_INTS, MAGIC, TOKEN_DTYPES, docs_path
+from data import HEADER_INTS, MAGIC, TOKEN_DTYPES, docs_path, read_bin
 
 SHARD_TOKENS = 100_000_000
 SPLITS = ("train", "val")
@@ -90,6 +102,9 @@ PARTS = 1000  # output shard k = input * PARTS + part: six digits hold 1000 inpu
 BATCH_CHARS = 1 << 22  # characters per encode_ordinary_batch call: big enough to keep all threads busy
 INPUT_BYTES = 1 << 22  # tree: bytes of files per input, the unit of parallel work and of resuming (~1M tokens)
 SKIPPED_PATHS = 100  # tree: paths listed per reason for skipping a file in meta.json (the counts are complete)
+ROWS = 1024  # parquet and hf: rows read at a time (a parquet file is read a batch of rows at a time, never whole)
+HF_ROWS = 100_000  # hf: rows per input of a dataset saved by save_to_disk (a streamed one's input is a data file)
+CHECK_TOKENS = 1 << 28  # megatron: tokens per input of the vocabulary check, the unit of parallel work and resuming
 
 # -----------------------------------------------------------------------------
 # shard files
@@ -215,6 +230,87 @@ def _pile_record(path, number, line):
     if not isinstance(subset, str):
         raise InputError(f'{path}: line {number}: "meta" must be an object whose "pile_set_name" is a string')
     return doc["text"], subset
+
+
+def _import(module, package):
+    """A module that only some sources need (pyarrow, datasets), or a one-line error naming what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise InputError(f"this source needs {package}: pip install {package}") from error
+
+
+def row_documents(batches, name, val_fraction, where):
+    """(split, text, subset) of table rows given as batches of (texts, subsets): a row goes to val by a hash of
+    f"{name}:{row}" (rows counted from 0), a subset of None is "unknown"."""
+    row = 0
+    for texts, subsets in batches:
+        for text, subset in zip(texts, subsets):
+            if not isinstance(text, str):
+                raise InputError(f"{where}: row {row}: the text is {type(text).__name__}, not a string")
+            split = "val" if _is_val(f"{name}:{row}", val_fraction) else "train"
+            yield split, text, "unknown" if subset is None else str(subset)
+            row += 1
+
+
+def parquet_batches(path, text_column, subset_column=None):
+    """(texts, subsets) of a parquet file, ROWS rows at a time (pyarrow's iter_batches: a row group at most in
+    memory); subsets are the subset column's values, or "parquet"."""
+    pq = _import("pyarrow.parquet", "pyarrow")
+    try:
+        reader = pq.ParquetFile(path)
+    except (OSError, pq.lib.ArrowException) as error:
+        raise InputError(f"{path}: not a parquet file ({str(error).splitlines()[0][:200]})") from error
+    columns = [text_column] + ([subset_column] if subset_column else [])
+    _check_columns(path, columns, reader.schema_arrow.names)
+    for batch in reader.iter_batches(batch_size=ROWS, columns=columns):
+        texts = batch.column(0).to_pylist()
+        yield texts, batch.column(1).to_pylist() if subset_column else ["parquet"] * len(texts)
+
+
+def _check_columns(where, columns, names):
+    for column in columns:
+        if column not in names:
+            raise InputError(f"{where}: no column {column!r} (it has {', '.join(map(str, names))}): name the text "
+                             f"with --text_column, the subset with --subset_column")
+
+
+def open_hf(dataset):
+    """A Hugging Face dataset, never read whole into memory: a save_to_disk directory (memory-mapped Arrow files),
+    else load_dataset(..., streaming=True) of dataset {"path", "name", "split", "data_files"}: a hub name (its
+    cache when offline), a local dataset folder, or a builder such as "parquet" with data_files."""
+    datasets = _import("datasets", "datasets")
+    path, split = dataset["path"], dataset["split"]
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json")):
+        return datasets.load_from_disk(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        saved = datasets.load_from_disk(path)
+        if split not in saved:
+            raise InputError(f"{path}: no split {split!r} (it has {', '.join(saved)}); name one with --split")
+        return saved[split]
+    try:
+        return datasets.load_dataset(path, dataset["name"], split=split, data_files=dataset["data_files"],
+                                     streaming=True)
+    except (OSError, ValueError) as error:  # ConnectionError is an OSError; an unknown config a ValueError
+        import huggingface_hub
+        offline = isinstance(error, ConnectionError) or huggingface_hub.constants.HF_HUB_OFFLINE
+        raise InputError(f"{path}: cannot be read{' (offline: not in the local cache)' if offline else ''}: "
+                         f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
+
+
+def hf_inputs(ds):
+    """How many inputs a dataset is cut into: a streamed one's data files (datasets' shards), a saved one's
+    blocks of HF_ROWS rows; at most PARTS. Depends on the dataset alone, so that a rerun finds the same inputs."""
+    count = ds.n_shards if hasattr(ds, "n_shards") else -(-ds.num_rows // HF_ROWS)
+    return max(1, min(PARTS, count))
+
+
+def hf_batches(ds, index, inputs, text_column, subset_column=None):
+    """(texts, subsets) of input `index` of `inputs` of a dataset, ROWS rows at a time."""
+    shard = ds.shard(inputs, index) if hasattr(ds, "n_shards") else ds.shard(inputs, index, contiguous=True)
+    for batch in shard.iter(batch_size=ROWS):
+        texts = batch[text_column]
+        yield texts, batch[subset_column] if subset_column else ["hf"] * len(texts)
 
 
 # a tree of files (the rules are at the top of this file)
@@ -462,11 +558,16 @@ def _tokenize_input(index, documents, out_dir, shard_tokens, job, threads, read=
     tok = _job_tokenizer(job, out_dir, threads)
     writers = {split: ShardWriter(out_dir, split, index, shard_tokens, tok) for split in SPLITS}
     subsets = {}  # name -> index, in order of first appearance in this input
+    budget = _Budget(job.get("max_tokens", 0), job.get("max_bytes", 0))
     start = last_print = time.time()
     for batch in _batches(documents):
         encoded = tok.encode_batch([text for _, text, _ in batch], threads=threads)
-        for (split, _, subset), tokens in zip(batch, encoded):
+        for (split, text, subset), tokens in zip(batch, encoded):
+            if not budget.take(text, tokens):
+                break
             writers[split].add(tokens, subsets.setdefault(subset, len(subsets)))
+        if budget.stopped:
+            break  # the reader is closed with the loop: a stream stops here
         if time.time() - last_print >= 60:
             last_print, total = time.time(), sum(w.tokens for w in writers.values())
             print(f"{out_dir} input {index}: {total:,} tokens, {total / (last_print - start):,.0f} tokens/s",
@@ -478,8 +579,29 @@ def _tokenize_input(index, documents, out_dir, shard_tokens, job, threads, read=
                            for s, w in writers.items()}}
     if read is not None:
         manifest["read"] = read
+    if budget.limits:
+        manifest["budget"] = {"stopped": budget.stopped, "bytes": budget.bytes, "tokens": budget.tokens}
     write_json(_manifest_path(out_dir, index), manifest)
     return manifest
+
+
+class _Budget:
+    """An input's share of --max_tokens / --max_bytes (0: none): documents are taken in order while their tokens
+    (each with its EOT) and UTF-8 bytes add up to at most the share, and none from the first that would go over."""
+
+    def __init__(self, max_tokens, max_bytes):
+        self.max_tokens, self.max_bytes, self.limits = max_tokens, max_bytes, bool(max_tokens or max_bytes)
+        self.tokens = self.bytes = 0
+        self.stopped = False
+
+    def take(self, text, tokens):
+        size = len(text.encode("utf-8")) if self.max_bytes else 0
+        if ((self.max_tokens and self.tokens + len(tokens) + 1 > self.max_tokens)
+                or (self.max_bytes and self.bytes + size > self.max_bytes)):
+            self.stopped = True
+        else:
+            self.tokens, self.bytes = self.tokens + len(tokens) + 1, self.bytes + size
+        return not self.stopped
 
 
 def _is_done(out_dir, index, job):
@@ -624,7 +746,8 @@ def _tokenize_in_pool(task, inputs, jobs, out_dir, shard_tokens, start):
         try:
             tokens = 0
             for done, future in enumerate(as_completed(futures), 1):
-                tokens += sum(split["tokens"] for split in future.result()["splits"].values())
+                manifest = future.result()  # the megatron check's has no splits, only its tokens
+                tokens += manifest.get("tokens", sum(split["tokens"] for split in manifest["splits"].values()))
                 print(f"{out_dir}: {done} of {len(todo)} inputs tokenized, {tokens:,} tokens, "
                       f"{tokens / (time.time() - start):,.0f} tokens/s", flush=True)
         except BaseException:  # an input failed, or Ctrl-C: stop now (the executor would run every input queued)
@@ -639,19 +762,71 @@ def _tokenize_pile_file(index, path, out_dir, shard_tokens, job, threads):
     return _tokenize_input(index, documents, out_dir, shard_tokens, job, threads)
 
 
+def _tokenize_parquet_file(index, path, out_dir, shard_tokens, job, threads):
+    batches = parquet_batches(path, job["text_column"], job.get("subset_column"))
+    documents = row_documents(batches, os.path.basename(path), job["val_fraction"], path)
+    return _tokenize_input(index, documents, out_dir, shard_tokens, job, threads)
+
+
 def tokenize_pile(paths, out_dir, source, val_fraction=0.05, shard_tokens=SHARD_TOKENS, tok=None):
-    """Tokenize Pile-format files into shards under out_dir, file i being input i, one worker process per file
-    and one per CPU at a time; write meta.json and return it. A file finished by an earlier run with the same
-    settings (same size and mtime too) is skipped, so a re-run resumes an interrupted one: the files written
-    are the same either way."""
+    """Tokenize Pile-format files into shards under out_dir (tokenize_files)."""
+    return tokenize_files(_tokenize_pile_file, paths, out_dir, source, {"val_fraction": val_fraction}, shard_tokens,
+                          tok)
+
+
+def tokenize_files(task, paths, out_dir, source, settings, shard_tokens=SHARD_TOKENS, tok=None):
+    """Tokenize files into shards under out_dir, file i being input i of task (_tokenize_pile_file, ...), one
+    worker process per file and one per CPU at a time; write meta.json and return it. settings: the job's
+    val_fraction and the source's other settings (columns, budget shares). A file finished by an earlier run with
+    the same settings (same size and mtime too) is skipped, so a re-run resumes an interrupted one: the files
+    written are the same either way."""
     if len(paths) > PARTS:
         raise InputError(f"{len(paths)} input files: at most {PARTS} per directory; concatenate some")
     tok = tok or tokenizer.GPT2Tokenizer()
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such file")
+    settings = _budget_shares(settings, len(paths))
     jobs = [{"file": os.path.abspath(p), "bytes": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns,
-             "val_fraction": val_fraction, "shard_tokens": shard_tokens, **tokenizer_key(tok)} for p in paths]
+             **settings, "shard_tokens": shard_tokens, **tokenizer_key(tok)} for p in paths]
     start = _begin(out_dir, shard_tokens, tok)
-    todo = _tokenize_in_pool(_tokenize_pile_file, paths, jobs, out_dir, shard_tokens, start)
-    return _finish(out_dir, source, _read_manifests(out_dir, len(paths)), todo, start, tok)
+    todo = _tokenize_in_pool(task, paths, jobs, out_dir, shard_tokens, start)
+    manifests = _read_manifests(out_dir, len(paths))
+    if "max_tokens" in settings:  # what the budget took
+        source["stopped_by_budget"] = sum(m["budget"]["stopped"] for m in manifests if "budget" in m)
+    return _finish(out_dir, source, manifests, todo, start, tok)
+
+
+def _budget_shares(settings, inputs):
+    """settings with --max_tokens and --max_bytes cut into equal shares, one per input: each input is a stream
+    stopped at its share, so that a budget samples every input and the inputs still run in parallel."""
+    return dict(settings, **{key: -(-settings[key] // inputs) for key in ("max_tokens", "max_bytes")
+                             if settings.get(key)})
+
+
+def _tokenize_hf_input(index, dataset, out_dir, shard_tokens, job, threads):
+    batches = hf_batches(open_hf(dataset), index, job["inputs"], job["text_column"], job.get("subset_column"))
+    documents = row_documents(batches, f"{index}-of-{job['inputs']}", job["val_fraction"],
+                              f"{dataset['path']} input {index}")
+    return _tokenize_input(index, documents, out_dir, shard_tokens, job, threads)
+
+
+def tokenize_hf(dataset, out_dir, source, settings, shard_tokens=SHARD_TOKENS, tok=None):
+    """Tokenize a Hugging Face dataset (open_hf) into shards under out_dir, in parallel and resumably as
+    tokenize_files: input i is the dataset's shard i of hf_inputs, its rows going to val by a hash of
+    f"{i}-of-{inputs}:{row}"."""
+    ds = open_hf(dataset)
+    if ds.column_names is not None:  # None: a stream whose features are known only once read
+        _check_columns(dataset["path"], [c for c in (settings["text_column"], settings["subset_column"]) if c],
+                       ds.column_names)
+    tok, inputs = tok or tokenizer.GPT2Tokenizer(), hf_inputs(ds)
+    jobs = [dict(_budget_shares(settings, inputs), dataset=dataset, inputs=inputs, shard_tokens=shard_tokens,
+                 **tokenizer_key(tok)) for _ in range(inputs)]
+    start = _begin(out_dir, shard_tokens, tok)
+    todo = _tokenize_in_pool(_tokenize_hf_input, [dataset] * inputs, jobs, out_dir, shard_tokens, start)
+    manifests = _read_manifests(out_dir, inputs)
+    source["stopped_by_budget"] = sum(m["budget"]["stopped"] for m in manifests if "budget" in m)
+    return _finish(out_dir, source, manifests, todo, start, tok)
 
 
 def _tokenize_tree_files(index, files, out_dir, shard_tokens, job, threads):
@@ -741,6 +916,191 @@ def _tree_job(files, val_fraction, shard_tokens):
 
 
 # -----------------------------------------------------------------------------
+# Megatron-LM / GPT-NeoX indexed datasets (PREFIX.bin + PREFIX.idx), read where they lie
+
+INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents; then the arrays
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+# the tokens' dtype codes of Megatron-core (8 = uint16). GPT-NeoX's are the same but for 6 and 7, float32 and
+# float64 swapped, and no writer stores tokens as floats: both layouts read the same, a float code is refused.
+INDEX_DTYPES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 8: "<u2"}
+
+
+def read_index(prefix):
+    """PREFIX.idx, checked against its tokens: ([{"path", "dtype", "tokens"}] of the .bin, PREFIX.bin or the
+    pieces PREFIX-00000-of-000NN.bin that Pythia's preshuffled Pile ships instead (byte ranges of one .bin), and
+    int64 token offsets of its documents' starts, then of the end). The sequences must lie one after the other."""
+    idx = prefix + ".idx"
+    if not os.path.isfile(idx):
+        raise InputError(f"{idx}: no such file (name a dataset by its prefix: PREFIX.bin and PREFIX.idx)")
+    with open(idx, "rb") as f:
+        header = f.read(INDEX_HEADER.size)
+    if len(header) < INDEX_HEADER.size or header[:len(INDEX_MAGIC)] != INDEX_MAGIC:
+        raise InputError(f"{idx}: unknown magic {header[:len(INDEX_MAGIC)]!r}, not a Megatron / GPT-NeoX index "
+                         f"({INDEX_MAGIC!r})")
+    _, version, code, n_sequences, n_documents = INDEX_HEADER.unpack(header)
+    if version != 1:
+        raise InputError(f"{idx}: index version {version}; only version 1 is known")
+    if code not in INDEX_DTYPES:
+        raise InputError(f"{idx}: dtype code {code} is {'a float type' if code in (6, 7) else 'unknown'}: tokens "
+                         f"are integers, codes {sorted(INDEX_DTYPES)}")
+    expected = INDEX_HEADER.size + 12 * n_sequences + 8 * n_documents
+    if n_sequences == 0 or os.path.getsize(idx) not in (expected, expected + n_sequences):  # + Megatron's modes
+        raise InputError(f"{idx}: {os.path.getsize(idx)} bytes, but its header says {n_sequences} sequences and "
+                         f"{n_documents} documents ({expected} bytes): truncated, or empty")
+    dtype = np.dtype(INDEX_DTYPES[code])
+    lengths = np.memmap(idx, "<i4", "r", INDEX_HEADER.size, (n_sequences,))
+    pointers = np.memmap(idx, "<i8", "r", INDEX_HEADER.size + 4 * n_sequences, (n_sequences,))
+    documents = np.memmap(idx, "<i8", "r", INDEX_HEADER.size + 12 * n_sequences, (n_documents,))
+    ends = np.cumsum(lengths, dtype=np.int64)
+    if (pointers != (ends - lengths) * dtype.itemsize).any():
+        raise InputError(f"{idx}: its sequences do not lie one after the other in the .bin")
+    if documents[0] != 0 or documents[-1] != n_sequences or (np.diff(documents) < 0).any():
+        raise InputError(f"{idx}: its document indices do not run from 0 to its {n_sequences} sequences")
+    return _bin_pieces(prefix, dtype, int(ends[-1]), idx), np.concatenate([[0], ends])[documents]
+
+
+def _bin_pieces(prefix, dtype, tokens, idx):
+    """The .bin of an index, whole or in pieces, checked to hold its tokens."""
+    paths = [prefix + ".bin"] if os.path.isfile(prefix + ".bin") else sorted(
+        glob.glob(glob.escape(prefix) + "-[0-9]*-of-[0-9]*.bin"))
+    if not paths:
+        raise InputError(f"{prefix}.bin: no such file (nor its pieces {prefix}-00000-of-NNNNN.bin)")
+    sizes = [os.path.getsize(path) for path in paths]
+    if sum(sizes) != tokens * dtype.itemsize:
+        pieces = f" and its {len(paths) - 1} other pieces" if len(paths) > 1 else ""
+        raise InputError(f"{paths[0]}{pieces}: {sum(sizes):,} bytes, but {idx} says {tokens:,} tokens of "
+                         f"{dtype.name} ({tokens * dtype.itemsize:,} bytes)")
+    for path, size in zip(paths, sizes):
+        if size % dtype.itemsize:
+            raise InputError(f"{path}: {size:,} bytes, cut inside a {dtype.name} token")
+    return [{"path": os.path.abspath(path), "dtype": dtype.str, "tokens": size // dtype.itemsize}
+            for path, size in zip(paths, sizes) if size]
+
+
+def _check_vocabulary(index, span, out_dir, shard_tokens, job, threads):
+    """Input `index` of megatron's pass: tokens [start, end) of one .bin, read in order, each checked to be an id of
+    the tokenizer's vocabulary; its manifest marks it done."""
+    path, dtype, start, end = span
+    tokens, vocab_size = np.memmap(path, dtype, "r"), job["vocab_size"]
+    for at in range(start, end, 1 << 24):
+        chunk = np.asarray(tokens[at:min(end, at + (1 << 24))])
+        if chunk.max() >= vocab_size or chunk.min() < 0:
+            bad = int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
+            raise InputError(f"{path}: token {int(chunk[bad])} at token offset {at + bad:,} is not in the vocabulary "
+                             f"of {job['encoding']!r} ({vocab_size:,} ids): is that the tokenizer of this data?")
+    manifest = {"job": job, "tokens": end - start, "splits": {}}
+    write_json(_manifest_path(out_dir, index), manifest)
+    return manifest
+
+
+def prepare_megatron(prefixes, out_dir, tok, val_fraction=0.05, check_tokens=CHECK_TOKENS):
+    """Make out_dir read Megatron-LM / GPT-NeoX indexed datasets where they lie, copying no token: every token
+    checked against tok's vocabulary once (spans of check_tokens, in parallel, resumably), then meta.json (the
+    .bin files, their subsets: each dataset's name) and {split}.runs.npy (data.py's IndexedSequences)."""
+    if check_tokens < 1:
+        raise InputError(f"--check_tokens must be positive, got {check_tokens}")
+    datasets = [read_index(prefix) for prefix in prefixes]  # every header and size checked before any write
+    pieces = [piece for dataset_pieces, _ in datasets for piece in dataset_pieces]
+    spans = [(piece["path"], piece["dtype"], at, min(at + check_tokens, piece["tokens"]))
+             for piece in pieces for at in range(0, piece["tokens"], check_tokens)]
+    jobs = [{"file": path, "bytes": os.path.getsize(path), "mtime_ns": os.stat(path).st_mtime_ns, "dtype": dtype,
+             "span": [at, end], "vocab_size": tok.vocab_size, **tokenizer_key(tok)} for path, dtype, at, end in spans]
+    start = _begin(out_dir, SHARD_TOKENS, tok)
+    todo = _tokenize_in_pool(_check_vocabulary, spans, jobs, out_dir, SHARD_TOKENS, start)
+    names = sorted({os.path.basename(prefix) for prefix in prefixes})
+    runs, splits, lengths = _indexed_runs(prefixes, datasets, names, val_fraction)
+    for split, counts in splits.items():
+        if counts["documents"] == 0 and (split == "train" or val_fraction > 0):
+            raise InputError(f"{out_dir}: the {split} split got no documents of the {sum(splits[s]['documents'] for s in SPLITS)} "
+                             f"(see --val_fraction)")
+        _write_npy(os.path.join(out_dir, f"{split}.runs.npy"), runs[split])
+    for path in sorted(glob.glob(os.path.join(out_dir, "input_*.json")))[len(jobs):]:
+        os.remove(path)  # an earlier run's, of more spans
+    record = tok.record()
+    meta = {"tokenizer": record, "encoding": record["name"], "vocab_size": record["vocab_size"], "eot": record["eot"],
+            "source": {"kind": "megatron", "prefixes": [os.path.abspath(p) for p in prefixes],
+                       "val_fraction": val_fraction, "check_tokens": check_tokens},
+            "indexed": {"pieces": pieces, "document_tokens": lengths.pop() if len(lengths) == 1 else None},
+            "subsets": names, "splits": splits, "inputs": _read_manifests(out_dir, len(jobs))}
+    write_json(os.path.join(out_dir, "meta.json"), meta)
+    checked, seconds = sum(spans[i][3] - spans[i][2] for i in todo), time.time() - start
+    print(f"{out_dir}: done, {len(todo)} of {len(jobs)} spans checked now, {checked:,} tokens in {seconds:.1f}s "
+          f"({checked / seconds:,.0f} tokens/s); " +
+          ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} documents" for s, v in splits.items()))
+    return meta
+
+
+def _indexed_runs(prefixes, datasets, names, val_fraction):
+    """Per split, int64 rows (first token, tokens, subset) of its runs of consecutive documents in the
+    concatenation of the datasets' tokens, its counts, and the set of document lengths. A document goes to val by
+    a hash of (its dataset's name, its index) (_is_val_index)."""
+    runs, splits, lengths, offset = {s: [] for s in SPLITS}, {s: {"tokens": 0, "documents": 0} for s in SPLITS}, set(), 0
+    for prefix, (_, bounds) in zip(prefixes, datasets):
+        name = os.path.basename(prefix)
+        val = _is_val_index(name, len(bounds) - 1, val_fraction)
+        first = np.concatenate([[0], np.flatnonzero(val[1:] != val[:-1]) + 1])  # where each run starts
+        last = np.append(first[1:], len(val))
+        for split, in_val in (("train", False), ("val", True)):
+            mine = val[first] == in_val
+            rows = np.stack([offset + bounds[first[mine]], bounds[last[mine]] - bounds[first[mine]],
+                             np.full(mine.sum(), names.index(name))], axis=1)
+            runs[split].append(rows[rows[:, 1] > 0])
+            splits[split]["tokens"] += int(rows[:, 1].sum())
+            splits[split]["documents"] += int((val == in_val).sum())
+        lengths |= set(np.unique(np.diff(bounds)).tolist())
+        offset += int(bounds[-1])
+    return {s: np.concatenate(r).astype(np.int64) for s, r in runs.items()}, splits, lengths
+
+
+def _is_val_index(name, n, val_fraction):
+    """Whether each of a dataset's n documents goes to val: by a hash of (name, index) as _is_val's of a key,
+    but vectorized (crc32 of a key a document would take minutes for the Pile's 134M)."""
+    x = np.arange(n, dtype=np.uint64) + np.uint64(zlib.crc32(name.encode("utf-8")) << 32)
+    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # splitmix64: every bit moves all
+        x = (x ^ (x >> np.uint64(shift))) * np.uint64(factor)
+    return (x ^ (x >> np.uint64(31))) % np.uint64(1000) < round(val_fraction * 1000)
+
+
+# -----------------------------------------------------------------------------
+# a tokenizer trained on the corpus
+
+
+def train_split_texts(data_dir, max_bytes=0):
+    """The documents of a data directory's train split as text (decoded with its own tokenizer, cut at its end-of-text
+    tokens), in the order of its shards, the first up to max_bytes bytes of text (0 = all)."""
+    shards = sorted(glob.glob(os.path.join(data_dir, "train_*.bin")))
+    if not shards:
+        raise InputError(f"--data_dir {data_dir}: no train_*.bin shards (made by prepare.py stdlib, text, pile, ...)")
+    tok, total = tokenizer.of_data(data_dir), 0
+    for shard in shards:
+        tokens = np.asarray(read_bin(shard))
+        # the text between end-of-text tokens; a document across two shards as its two pieces (BPE's pre-tokenization
+        # cuts the text into words before it counts pairs: one word at most is lost to the cut)
+        ends = np.flatnonzero(tokens == tok.eot)
+        for start, end in zip(np.concatenate([[0], ends + 1]), np.concatenate([ends, [len(tokens)]])):
+            if end <= start:
+                continue
+            text = tok.decode(tokens[start:end].tolist())
+            total += len(text.encode("utf-8"))
+            if max_bytes and total > max_bytes:
+                return
+            yield text
+
+
+def train_tokenizer(data_dir, vocab_size, out_dir, max_bytes=0):
+    """prepare.py bpe: a byte-level BPE of vocab_size tokens trained on data_dir's train split (the val split never
+    seen), saved in out_dir for --tokenizer. The same split gives the same tokenizer."""
+    if os.path.exists(out_dir):
+        raise InputError(f"--out_dir {out_dir} exists: a tokenizer is trained once; remove it to train another")
+    if vocab_size < 257:
+        raise InputError(f"--vocab_size {vocab_size}: at least 257 (the 256 bytes and <|endoftext|>)")
+    started = time.time()
+    tok = tokenizer.save_bpe(tokenizer.train_bpe(train_split_texts(data_dir, max_bytes), vocab_size), out_dir)
+    print(f"trained {tokenizer.describe(tok.record())} on {data_dir}'s train split in {time.time() - started:.0f} s: "
+          f"{out_dir} (vocab_sha256 {tok.record()['vocab_sha256'][:12]}); now python prepare.py ... --tokenizer {out_dir}")
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -768,11 +1128,42 @@ def main(argv=None):
     p.add_argument("--input_bytes", type=int, default=INPUT_BYTES, help="bytes of files per parallel input")
     p.add_argument("--max_bytes", type=int, default=0, help="the first files of the order up to N bytes")
     p.add_argument("--out_dir", required=True)
+    table = argparse.ArgumentParser(add_help=False, parents=[common])  # parquet and hf: rows of a table
+    table.add_argument("--text_column", default="text", help="the column of the documents' text")
+    table.add_argument("--subset_column", default="", help="a column naming each row's subset (e.g. dump, source)")
+    table.add_argument("--max_tokens", type=float, default=0, help="budget: stop at N tokens (shared by the inputs)")
+    table.add_argument("--max_bytes", type=float, default=0, help="budget: stop at N bytes of text")
+    table.add_argument("--out_dir", required=True)
+    p = sub.add_parser("parquet", parents=[table], help="parquet files with a text column (FineWeb, DCLM, ...)")
+    p.add_argument("files", nargs="+")
+    p = sub.add_parser("hf", parents=[table], help="a Hugging Face dataset: a hub name, or a local one")
+    p.add_argument("dataset", help="load_dataset's path (streamed), or a save_to_disk directory")
+    p.add_argument("--name", default=None, help="the dataset's configuration (e.g. sample-10BT)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--data_files", nargs="*", default=None, help="load_dataset's data_files")
+    p = sub.add_parser("megatron", parents=[common], help="Megatron-LM / GPT-NeoX indexed datasets, read in place")
+    p.add_argument("prefixes", nargs="+", metavar="PREFIX", help="PREFIX.bin (or its pieces) and PREFIX.idx")
+    p.add_argument("--check_tokens", type=int, default=CHECK_TOKENS, help="tokens per span of the vocabulary check")
+    p.add_argument("--out_dir", required=True)
+    p = sub.add_parser("bpe", help="train a byte-level BPE tokenizer on a data directory's train split")
+    p.add_argument("--data_dir", required=True, help="a data directory (of any tokenizer): the text to train on")
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--max_bytes", type=float, default=0, help="the split's first documents up to N bytes (0 = all)")
+    p.add_argument("--out_dir", required=True, help="the tokenizer's directory, for --tokenizer")
     args = parser.parse_args(argv)
+    if args.source == "bpe":
+        return train_tokenizer(args.data_dir, args.vocab_size, args.out_dir, int(args.max_bytes))
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.source == "megatron" and not args.tokenizer:
+        parser.error(f"megatron: name the tokenizer (--tokenizer DIR, or {tokenizer.GPT2} for GPT-2's): the .bin "
+                     f"files do not say which one made them")
     tok = tokenizer.for_prepare(args.tokenizer)
 
+    if args.source == "megatron":
+        return prepare_megatron(args.prefixes, args.out_dir, tok, args.val_fraction, args.check_tokens)
+    if args.source in ("parquet", "hf"):
+        return _tokenize_table(args, tok)
     if args.source == "pile":
         source = {"kind": "pile", "files": args.files, "val_fraction": args.val_fraction}
         return tokenize_pile(args.files, args.out_dir, source, args.val_fraction, args.shard_tokens, tok)
@@ -791,6 +1182,22 @@ def main(argv=None):
         documents = text_documents(args.files, args.val_fraction)  # pairs: their subset is "text"
     source["val_fraction"] = args.val_fraction
     return tokenize(documents, args.out_dir, source, args.shard_tokens, tok)
+
+
+def _tokenize_table(args, tok):
+    """prepare.py parquet and hf."""
+    if args.max_tokens < 0 or args.max_bytes < 0:
+        raise InputError(f"--max_tokens and --max_bytes must be >= 0: {args.max_tokens:g} and {args.max_bytes:g}")
+    settings = {"val_fraction": args.val_fraction, "text_column": args.text_column,
+                "subset_column": args.subset_column, "max_tokens": int(args.max_tokens),
+                "max_bytes": int(args.max_bytes)}
+    if args.source == "parquet":
+        source = dict(settings, kind="parquet", files=args.files)
+        return tokenize_files(_tokenize_parquet_file, args.files, args.out_dir, source, settings, args.shard_tokens,
+                              tok)
+    dataset = {"path": args.dataset, "name": args.name, "split": args.split, "data_files": args.data_files}
+    return tokenize_hf(dataset, args.out_dir, dict(settings, kind="hf", dataset=dataset), settings,
+                       args.shard_tokens, tok)
 
 
 if __name__ == "__main__":

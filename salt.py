@@ -23,6 +23,7 @@ saved as OUT_DIR/selection.md and OUT_DIR/score_histogram.png:
 import argparse
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -112,6 +113,33 @@ class Schedule:
 
     def load_state_dict(self, state):
         self.end, self.teacher_val_ce = state['end'], state['teacher_val_ce']
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The learning rate, and branches. After a linear warmup, either a cosine decay to min_lr over the run, or
+# warmup-stable-decay (WSD: constant, then a linear decay to min_lr over the last decay_fraction of the steps;
+# Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"). A WSD run of
+# N steps has the learning rate of a WSD run of any M <= N steps up to the latter's decay_start: its checkpoint
+# there, decayed to M steps (train.py's branch_from), is that M-step run, so one run and a short decay per budget
+# answer "this method at 50/70/100% of the steps" where cosine needs a run per budget.
+
+
+def decay_start(steps, decay_fraction):
+    """The first step of a WSD run's decay: the last round(decay_fraction * steps) of its steps decay."""
+    return steps - round(decay_fraction * steps)
+
+
+def lr_at(step, c):
+    """The learning rate of step `step` (0-based) of a run of config c (train.py's keys): lr_schedule 'cosine' or
+    'wsd', over lr_decay_steps (0 = max_steps). WSD's last step trains at min_lr; beyond the schedule, min_lr."""
+    steps, top, bottom, warmup = c['lr_decay_steps'] or c['max_steps'], c['learning_rate'], c['min_lr'], c['warmup_steps']
+    if step < warmup:
+        return top * (step + 1) / warmup
+    if c['lr_schedule'] == 'wsd':
+        start = decay_start(steps, c['decay_fraction'])
+        return top + (bottom - top) * min(1.0, max(0, step + 1 - start) / max(1, steps - start))
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return bottom + 0.5 * (1.0 + math.cos(math.pi * progress)) * (top - bottom)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tarfile
@@ -458,6 +459,27 @@ def test_single_text_file_split_and_stale_shards(tmp_path):
     prepare.main(["text", REAL_TEXT, "--out_dir", out])  # one shard now: the old extra shards must go
     assert sorted(f for f in os.listdir(out) if f.endswith(".bin")) == ["train_000000.bin", "val_000000.bin"]
     assert split_documents(out, "train") == train
+
+
+def test_a_tokenizer_trained_on_the_train_split_is_the_same_twice_and_tokenizes_the_corpus(tmp_path):
+    """prepare.py bpe: a byte-level BPE trained on a data directory's train split (a text cut into documents across
+    small shards), the same tokenizer twice (by the hashes of its vocabulary and files); the val split's text is
+    not in what it trained on. prepare.py --tokenizer makes the data with it, which meta.json records, and it
+    decodes back to the text. A second training into the same directory is refused."""
+    gpt2 = str(tmp_path / 'gpt2')
+    prepare.main(['text', REAL_TEXT, '--out_dir', gpt2, '--shard_tokens', '50000'])
+    train, val = split_documents(gpt2, 'train'), split_documents(gpt2, 'val')
+    assert ''.join(prepare.train_split_texts(gpt2)) == ''.join(train) and val[0] not in ''.join(train)
+    for name in ('a', 'b'):
+        prepare.main(['bpe', '--data_dir', gpt2, '--vocab_size', '500', '--out_dir', str(tmp_path / name)])
+    a, b = (tokenizer.TransformersTokenizer(str(tmp_path / name)).record() for name in ('a', 'b'))
+    assert a['vocab_sha256'] == b['vocab_sha256'] and a['files_sha256'] == b['files_sha256']
+    assert a['vocab_size'] == 500 and a['eot_token'] == '<|endoftext|>' and a['eot'] == 0
+    ours = str(tmp_path / 'ours')
+    prepare.main(['text', REAL_TEXT, '--out_dir', ours, '--tokenizer', str(tmp_path / 'a')])
+    assert tokenizer.data_record(ours) == a and ''.join(prepare.train_split_texts(ours)) == ''.join(train)
+    with pytest.raises(common.InputError, match='exists: a tokenizer is trained once'):
+        prepare.main(['bpe', '--data_dir', gpt2, '--out_dir', str(tmp_path / 'a')])
 
 
 # sequences and batches
@@ -1160,6 +1182,294 @@ def test_bad_tree_commands_are_one_line_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# corpora read where they lie: Megatron-LM / GPT-NeoX indexed datasets (written by Megatron-core's own builder),
+# parquet (pyarrow), Hugging Face datasets (datasets)
+
+
+def smol_documents(smollm2, count=600):
+    """Shakespeare paragraphs in SmolLM2's tokens, each ending with its EOT as Megatron's preprocess_data
+    (--append-eod) writes them."""
+    tok = tokenizer.TransformersTokenizer(smollm2)
+    paragraphs = [p for p in open(REAL_TEXT, encoding='utf-8').read().split('\n\n') if p.strip()][:count]
+    return tok, [np.array(ids + [tok.eot], dtype=np.int64) for ids in tok.encode_batch(paragraphs)]
+
+
+def megatron_write(prefix, documents, dtype=np.uint16):
+    """An indexed dataset of these documents, by Megatron-core's IndexedDatasetBuilder."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    builder = IndexedDatasetBuilder(f'{prefix}.bin', dtype=dtype)
+    for document in documents:
+        builder.add_document(torch.from_numpy(document), [len(document)])
+    builder.finalize(f'{prefix}.idx')
+
+
+def neox_write(prefix, documents):
+    """The same in GPT-NeoX's layout, by hand from its documented format: magic, version 1, dtype code 8 (uint16;
+    NeoX's codes differ from Megatron-core's only at 6 and 7), counts, int32 sizes, int64 byte pointers, int64
+    document indices."""
+    sizes = np.array([len(d) for d in documents], dtype='<i4')
+    pointers = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]) * 2
+    with open(f'{prefix}.idx', 'wb') as f:
+        f.write(b'MMIDIDX\x00\x00' + struct.pack('<Q', 1) + struct.pack('<B', 8))
+        f.write(struct.pack('<Q', len(sizes)) + struct.pack('<Q', len(sizes) + 1))
+        f.write(sizes.tobytes() + pointers.astype('<i8').tobytes() + np.arange(len(sizes) + 1, dtype='<i8').tobytes())
+    np.concatenate(documents).astype('<u2').tofile(f'{prefix}.bin')
+
+
+PYTHIA_TOKENS = 2049  # Pythia's training sequences: 2048 tokens and the next one
+
+
+@pytest.fixture(scope='module')
+def megatron(smollm2, tmp_path_factory):
+    """Variable-length documents (as MiniPLM's) in two datasets, and fixed 2049-token sequences (as Pythia's)
+    cut from the same tokens, each written by Megatron-core, and prepared for reading in place."""
+    folder = tmp_path_factory.mktemp('megatron')
+    tok, documents = smol_documents(smollm2)
+    stream = np.concatenate(documents)
+    sequences = [stream[i:i + PYTHIA_TOKENS] for i in range(0, len(stream) - PYTHIA_TOKENS + 1, PYTHIA_TOKENS)]
+    megatron_write(folder / 'books', documents[:400])
+    megatron_write(folder / 'plays', documents[400:])
+    megatron_write(folder / 'document', sequences)
+    for name in ('books_plays', 'pythia'):
+        prefixes = [folder / 'books', folder / 'plays'] if name == 'books_plays' else [folder / 'document']
+        prepare.prepare_megatron([str(p) for p in prefixes], str(folder / name), tok, VAL_FRACTION, check_tokens=5000)
+    return folder, tok, documents, sequences
+
+
+def megatron_val(names_and_counts):
+    return np.concatenate([prepare._is_val_index(name, n, VAL_FRACTION) for name, n in names_and_counts])
+
+
+def test_megatron_cores_datasets_read_in_place_document_by_document(megatron):
+    """Every token of every document where Megatron-core put it, the split by document; nothing copied: the
+    output holds meta.json, the tokenizer, the check's manifests and the runs of each split."""
+    folder, tok, documents, _ = megatron
+    out = folder / 'books_plays'
+    assert sorted(os.listdir(out)) == sorted(['meta.json', 'tokenizer', 'train.runs.npy', 'val.runs.npy'] +
+                                             [f'input_{i:03d}.json' for i in range(len(glob.glob(str(out / 'input_*'))))])
+    val = megatron_val([('books', 400), ('plays', len(documents) - 400)])
+    assert 0 < val.sum() < len(documents) / 4
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['subsets'] == ['books', 'plays'] and meta['indexed']['document_tokens'] is None
+    assert meta['vocab_size'] == tok.vocab_size and meta['tokenizer'] == tok.record()
+    for split, in_val in (('train', False), ('val', True)):
+        mine = [d for d, v in zip(documents, val) if v == in_val]
+        block_size = 50
+        sequences = data.TokenSequences(str(out), split, block_size)
+        assert isinstance(sequences, data.IndexedSequences) and meta['splits'][split]['documents'] == len(mine)
+        stream = np.concatenate(mine)
+        windows = sequences.get(np.arange(len(sequences))).numpy()
+        assert len(sequences) == (len(stream) - 1) // block_size
+        assert (windows == np.lib.stride_tricks.sliding_window_view(stream, block_size + 1)[::block_size][
+            :len(sequences)]).all()
+        domains, names = sequences.domains()  # the dataset each window starts in
+        first = np.searchsorted(np.cumsum([len(d) for d in mine]), np.arange(len(sequences)) * block_size, 'right')
+        books = sum(v == in_val for v in val[:400])
+        assert [names[d] for d in domains] == ['books' if f < books else 'plays' for f in first]
+
+
+def test_pythias_2049_token_sequences_are_the_windows_of_block_size_2048(megatron, tmp_path):
+    """Fixed-length sequences: a window is a sequence, in order, in Megatron-core's layout, in GPT-NeoX's (by hand),
+    and in pieces of one .bin as Pythia's preshuffled Pile ships (document-0000k-of-00003.bin, one .idx)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    folder, tok, _, sequences = megatron
+    theirs = IndexedDataset(str(folder / 'document'))
+    assert [theirs[i].tolist() for i in range(len(theirs))] == [s.tolist() for s in sequences]
+    neox = tmp_path / 'neox'
+    os.makedirs(neox)
+    neox_write(neox / 'document', sequences)
+    raw = open(folder / 'document.bin', 'rb').read()
+    pieces = tmp_path / 'pieces'
+    os.makedirs(pieces)
+    shutil.copy(folder / 'document.idx', pieces)
+    for k, cut in enumerate(np.array_split(np.arange(len(raw) // 2), 3)):  # byte ranges, at token boundaries
+        (pieces / f'document-{k:05d}-of-00003.bin').write_bytes(raw[2 * cut[0]:2 * cut[-1] + 2])
+    val = megatron_val([('document', len(sequences))])
+    for layout in ('pythia', 'neox', 'pieces'):
+        out = folder / layout if layout == 'pythia' else tmp_path / f'{layout}_out'
+        if layout != 'pythia':
+            prepare.prepare_megatron([str(tmp_path / layout / 'document')], str(out), tok, VAL_FRACTION)
+        assert json.load(open(out / 'meta.json'))['indexed']['document_tokens'] == PYTHIA_TOKENS
+        for split, in_val in (('train', False), ('val', True)):
+            windows = data.TokenSequences(str(out), split, PYTHIA_TOKENS - 1)
+            expected = [s.tolist() for s, v in zip(sequences, val) if v == in_val]
+            assert windows.get(np.arange(len(windows), dtype=np.int64)).tolist() == expected, (layout, split)
+        halves = data.TokenSequences(str(out), 'train', 1024)  # two windows a sequence, never across two
+        second = [s for s, v in zip(sequences, val) if not v][1]
+        assert halves.get([2, 3]).tolist() == [second[:1025].tolist(), second[1024:].tolist()]
+
+
+def test_a_pile_sized_bin_gets_int64_sequence_ids(tmp_path):
+    """A .bin of more than 2**32 tokens (sparse: nothing written but its last token) read at ids beyond 2**31."""
+    tokens = (1 << 32) + 4096
+    path = tmp_path / 'pile.bin'
+    with open(path, 'wb') as f:
+        f.seek(2 * tokens - 2)
+        f.write(np.array([7], dtype='<u2').tobytes())
+    prepare.write_json(str(tmp_path / 'meta.json'), {
+        'tokenizer': tokenizer.GPT2_RECORD, 'vocab_size': GPT2_VOCAB_SIZE, 'subsets': ['pile'],
+        'source': {'kind': 'megatron'}, 'indexed': {'pieces': [{'path': str(path), 'dtype': '<u2', 'tokens': tokens}],
+                                                    'document_tokens': None}})
+    np.save(tmp_path / 'train.runs.npy', np.array([[0, tokens, 0]], dtype=np.int64))
+    sequences = data.TokenSequences(str(tmp_path), 'train', 1)  # a window a token: ids up to 2**32
+    last = len(sequences) - 1
+    assert last == tokens - 2 and sequences.get([last]).tolist() == [[0, 7]] and sequences._file_of(last) == str(path)
+
+
+def damage_index(folder, prefix, offset, value):
+    raw = bytearray(open(f'{prefix}.idx', 'rb').read())
+    raw[offset:offset + len(value)] = value
+    (folder / 'bad.idx').write_bytes(bytes(raw))
+    shutil.copy(f'{prefix}.bin', folder / 'bad.bin')
+
+
+def test_bad_indexed_datasets_are_one_line_errors_and_write_nothing(megatron, tmp_path):
+    folder, tok, documents, _ = megatron
+    prefix, bad = str(folder / 'books'), str(tmp_path / 'bad')
+    out = ['--out_dir', str(tmp_path / 'out'), '--tokenizer', tok.folder]
+    cases = [('unknown magic', 0, b'NOTANIDX'), ('version 2', 9, struct.pack('<Q', 2)),
+             ('dtype code 6 is a float type', 17, b'\x06'), ('dtype code 9 is unknown', 17, b'\x09')]
+    for message, offset, value in cases:
+        damage_index(tmp_path, prefix, offset, value)
+        with pytest.raises(common.InputError, match=message) as e:
+            prepare.main(['megatron', bad, *out])
+        assert '\n' not in str(e.value) and bad + '.idx' in str(e.value)
+    damage_index(tmp_path, prefix, 0, b'')
+    with open(bad + '.bin', 'ab') as f:
+        f.write(b'\0\0')
+    with pytest.raises(common.InputError, match='bytes, but .* says') as e:
+        prepare.main(['megatron', bad, *out])
+    assert not (tmp_path / 'out').exists()  # checked before anything is written
+    megatron_write(bad, [np.array([1, 2, 3]), np.array([4, tok.vocab_size + 5, 6])], dtype=np.int32)
+    with pytest.raises(common.InputError, match=f'token {tok.vocab_size + 5} at token offset 4 is not in the vocab'):
+        prepare.main(['megatron', bad, *out])
+    assert not (tmp_path / 'out' / 'meta.json').exists()
+    with pytest.raises(SystemExit):  # argparse's one line: the files do not say which tokenizer
+        prepare.main(['megatron', prefix, '--out_dir', str(tmp_path / 'out2')])
+
+
+def test_the_vocabulary_check_resumes(megatron, tmp_path, capsys):
+    folder, tok, _, _ = megatron
+    out = tmp_path / 'out'
+    prepare.prepare_megatron([str(folder / 'books')], str(out), tok, check_tokens=3000)
+    spans = len(glob.glob(str(out / 'input_*.json')))
+    os.remove(out / 'input_001.json')  # as a kill would leave it
+    meta = prepare.prepare_megatron([str(folder / 'books')], str(out), tok, check_tokens=3000)
+    assert f'{spans - 1} of {spans} inputs already done' in capsys.readouterr().out and len(meta['inputs']) == spans
+
+
+@pytest.mark.slow
+def test_salt_ds_on_megatron_data_trains_scores_resumes_and_evaluates(megatron, tmp_path):
+    """An SLM trained on the indexed dataset scores it; a SALT_DS student stopped and resumed has the losses of an
+    uninterrupted run; evaluation.py reads the val split."""
+    data_dir = str(megatron[0] / 'books_plays')
+    train_data = lambda out, *more: run_script('train.py', f'--data_dir={data_dir}', f'--out_dir={out}', *SMOL_RUN,
+                                               *more)
+    train_data(tmp_path / 'slm', '--max_steps=2')
+    scores = str(tmp_path / 'scores.npy')
+    run_script('salt.py', 'score', f'--ckpt={tmp_path / "slm" / "ckpt"}', f'--data_dir={data_dir}', '--block_size=32',
+               '--max_sequences=64', f'--out={scores}', '--batch_size=16')
+    salt_ds = [f'--teacher_ckpt={tmp_path / "slm" / "ckpt"}', f'--score_file={scores}', '--kd_steps=2',
+               '--select_fraction=0.5', '--lr_decay_steps=4']
+    results = run_scripts({'whole': ['train.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "whole"}',
+                                     *SMOL_RUN, *salt_ds, '--max_steps=4'],
+                           'piece': ['train.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "pieces"}',
+                                     *SMOL_RUN, *salt_ds, '--max_steps=1']})
+    for name, result in results.items():
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+    assert 'SALT_DS selected 32 of 64 sequences' in results['whole'].stdout
+    train_data(tmp_path / 'pieces', *salt_ds, '--max_steps=4')
+    whole, pieces = step_records(tmp_path / 'whole'), step_records(tmp_path / 'pieces')
+    assert sorted(whole) == sorted(pieces) == [1, 2, 3, 4]
+    for step in whole:
+        assert [pieces[step][k] for k in ('loss', 'ce', 'kd')] == [whole[step][k] for k in ('loss', 'ce', 'kd')], step
+    result = run_script('evaluation.py', f'--ckpt={tmp_path / "whole" / "ckpt"}', f'--data_dir={data_dir}',
+                        '--block_size=32', '--val_sequences=8')
+    assert 'on 8 val sequences of 32' in result.stdout
+
+
+def table_documents(count=400):
+    """Real documents (Shakespeare paragraphs, stdlib files) with a subset each."""
+    return [(text, (meta or {}).get('pile_set_name')) for text, meta in itertools.islice(real_documents(), count)]
+
+
+def write_parquet(path, documents, row_group_size=50):
+    import pyarrow
+    import pyarrow.parquet
+    table = pyarrow.table({'id': list(range(len(documents))), 'content': [t for t, _ in documents],
+                           'source': [s for _, s in documents]})
+    pyarrow.parquet.write_table(table, path, row_group_size=row_group_size)
+
+
+def split_tokens(data_dir, split):
+    shards = sorted(glob.glob(os.path.join(data_dir, f'{split}_*.bin')))
+    return np.concatenate([data.read_bin(p) for p in shards]).tolist() if shards else []
+
+
+def test_parquet_and_hf_datasets_give_the_tokens_of_prepare_text(tmp_path):
+    """The same documents as text files, as parquet files (several row groups, a subset column) read in parallel,
+    as a save_to_disk dataset, and as parquet data_files through datasets: the same tokens, the same subsets."""
+    import datasets
+    documents = table_documents()
+    files = []
+    for i, (text, _) in enumerate(documents):
+        files.append(tmp_path / 'text' / f'{i:04d}.txt')
+        os.makedirs(files[-1].parent, exist_ok=True)
+        files[-1].write_text(text, encoding='utf-8')
+    prepare.main(['text', *map(str, files), '--out_dir', str(tmp_path / 'from_text'), '--val_fraction', '0'])
+    expected = split_tokens(str(tmp_path / 'from_text'), 'train')
+    halves = [str(tmp_path / 'a.parquet'), str(tmp_path / 'b.parquet')]
+    write_parquet(halves[0], documents[:150])
+    write_parquet(halves[1], documents[150:])
+    datasets.Dataset.from_parquet(halves, cache_dir=str(tmp_path / 'cache')).save_to_disk(str(tmp_path / 'saved'), max_shard_size='200KB')
+    common_flags = ['--text_column', 'content', '--subset_column', 'source', '--val_fraction', '0']
+    commands = {'parquet': ['parquet', *halves], 'saved': ['hf', str(tmp_path / 'saved')],
+                'data_files': ['hf', 'parquet', '--data_files', *halves]}
+    for name, command in commands.items():
+        out = str(tmp_path / name)
+        meta = prepare.main([*command, *common_flags, '--out_dir', out])
+        assert split_tokens(out, 'train') == expected, name
+        assert meta['subsets'] == sorted({s or 'unknown' for _, s in documents}), name
+        domains, names = data.TokenSequences(out, 'train', 64).domains()
+        documents_, brute = brute_force_domains(out, 'train', 64, [s or 'unknown' for _, s in documents])
+        assert [names[d] for d in domains] == brute
+    assert len(meta['inputs']) == 2  # one input per data file
+
+
+def test_a_budget_stops_each_input_at_its_share_and_val_is_by_hash(tmp_path):
+    documents = table_documents(200)
+    paths = [str(tmp_path / 'a.parquet'), str(tmp_path / 'b.parquet')]
+    write_parquet(paths[0], documents[:100])
+    write_parquet(paths[1], documents[100:])
+    meta = prepare.main(['parquet', *paths, '--text_column', 'content', '--max_tokens', '3e4', '--val_fraction',
+                         str(VAL_FRACTION), '--out_dir', str(tmp_path / 'out')])
+    assert meta['source']['max_tokens'] == 30_000 and meta['source']['stopped_by_budget'] == 2
+    for manifest in meta['inputs']:
+        assert manifest['budget']['stopped'] and 0 < manifest['budget']['tokens'] <= 15_000
+        assert manifest['job']['max_tokens'] == 15_000
+    for split in ('train', 'val'):  # each input's first rows, up to its share, each split by a hash of its row
+        assert split_documents(str(tmp_path / 'out'), split) == [
+            text for name, rows, manifest in zip(('a', 'b'), (documents[:100], documents[100:]), meta['inputs'])
+            for i, (text, _) in enumerate(rows[:sum(s['documents'] for s in manifest['splits'].values())])
+            if prepare._is_val(f'{name}.parquet:{i}', VAL_FRACTION) == (split == 'val')]
+
+
+def test_bad_tables_are_one_line_errors(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+    path = str(tmp_path / 'a.parquet')
+    write_parquet(path, table_documents(5))
+    with pytest.raises(common.InputError, match="no column 'text' \\(it has id, content, source\\)") as e:
+        prepare.main(['parquet', path, '--out_dir', str(tmp_path / 'out')])
+    assert path in str(e.value) and not (tmp_path / 'out' / 'meta.json').exists()
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(datasets.config, 'HF_HUB_OFFLINE', True)
+    with pytest.raises(common.InputError, match='HuggingFaceFW/fineweb-edu: cannot be read \\(offline') as e:
+        prepare.main(['hf', 'HuggingFaceFW/fineweb-edu', '--name', 'sample-10BT', '--out_dir', str(tmp_path / 'hf')])
+    assert '\n' not in str(e.value) and not (tmp_path / 'hf').exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # losses.py: salt_loss against losses.salt_loss_reference in float64, on every device (`pytest -m cuda` runs the
 # GPU's), implementation and precision
 
@@ -1613,6 +1923,63 @@ def test_the_check_holds_wherever_the_first_loss_is_computed(monkeypatch, capfd,
     assert capfd.readouterr().err == ''
 
 
+
+class EmulatedTF32(torch.overrides.TorchFunctionMode):
+    """CUDA's TF32 GEMMs on a CPU: while torch.backends.cuda.matmul.allow_tf32 is set (train.py sets it), the fp32
+    operands of every matrix product are rounded to nearest with TF32's 10 mantissa bits first."""
+    OPERANDS = dict(matmul=(0, 1), mm=(0, 1), bmm=(0, 1), linear=(0, 1), addmm=(1, 2), addmm_=(1, 2), baddbmm=(1, 2))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        operands = self.OPERANDS.get(getattr(func, '__name__', None), ())
+        if torch.backends.cuda.matmul.allow_tf32:
+            args = [to_tf32(a) if i in operands else a for i, a in enumerate(args)]
+        return func(*args, **(kwargs or {}))
+
+
+def to_tf32(t):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+        return t
+    rounded = ((t.detach().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)  # 23 - 13 = 10 bits
+    return t + (rounded - t.detach())  # the rounded values, gradients flowing as through t
+
+
+@pytest.mark.parametrize('autocast_dtype', [None, torch.bfloat16])
+def test_tf32_gemms_do_not_refuse_the_fast_paths(monkeypatch, capfd, autocast_dtype):
+    """train.py turns TF32 on before the loss is chosen. TF32 rounds the check's fp32 GEMM inputs (an error of
+    ~1e-3, against its 1e-4), so the check of the formula runs its GEMMs in full precision, and the variant that
+    trains (a vocabulary of three Triton blocks, the run's autocast) within its own rounding: the torch path is
+    chosen, nothing is said, and the flag is as the run set it. (Before: impl='autograd', 'off by 9.4e-4'.)"""
+    monkeypatch.setattr(losses, '_DISAGREEMENTS', {})
+    a, b = torch.randn(64, 256, dtype=torch.float64), torch.randn(256, 64, dtype=torch.float64)
+    torch.backends.cuda.matmul.allow_tf32 = True  # a property of the backend, not an attribute monkeypatch restores
+    try:
+        with EmulatedTF32():
+            tf32 = (a.float() @ b.float()).double()
+            assert 1e-4 < ((tf32 - a @ b).abs().max() / (a @ b).abs().max()).item() < 1e-2  # the emulation rounds
+            assert losses.choice('cpu', autocast_dtype=autocast_dtype) == \
+                "salt_loss runs impl='torch' for kd_loss='forward_kl', kd_token_weight='constant'"
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert capfd.readouterr().err == ''
+
+
+def test_a_path_wrong_at_the_production_width_is_refused(monkeypatch, capfd):
+    """The formula checked on a small vocabulary does not show a fault at the width that trains: a row step that
+    goes wrong beyond one Triton block (here: the torch path losing the teacher's pull past column 4096) passes
+    the first check and is refused by the second, which says so."""
+    real_rows = losses._rows_torch
+
+    def wrong_past_one_block(logits, teacher_logits, *args):
+        if teacher_logits is not None and teacher_logits.shape[1] > losses.TRITON_BLOCK_V:
+            teacher_logits[:, losses.TRITON_BLOCK_V:] = teacher_logits[:, :losses.TRITON_BLOCK_V].min()
+        return real_rows(logits, teacher_logits, *args)
+    monkeypatch.setattr(losses, '_DISAGREEMENTS', {})
+    monkeypatch.setattr(losses, '_rows_torch', wrong_past_one_block)
+    assert 'on the variant that trains, where 0.1 is allowed' in losses.disagreement('torch', 'cpu')
+    assert losses.choice('cpu').startswith("salt_loss runs impl='autograd'")
+    assert "on the variant that trains" in capfd.readouterr().err
+
 COMPILE_FOR_SM90 = """
 import triton, losses
 from triton.backends.compiler import GPUTarget
@@ -1944,6 +2311,71 @@ def test_kd_end_teacher_ends_stage_1_where_the_student_catches_its_teacher(tmp_p
     assert checkpoint_manager.read_meta(str(tmp_path / 'pieces' / 'ckpt'))['schedule']['end'] == 2
 
 
+def test_wsd_learning_rate_at_every_step_and_a_branch_has_its_parents_until_its_decay():
+    """WSD: linear warmup to the peak, constant, then linear to min_lr over the last decay_fraction of the steps, the
+    last step at min_lr; a branch of 6 steps has the 10-step run's rates until its own decay starts (step 4)."""
+    run = dict(lr_schedule='wsd', learning_rate=1.0, min_lr=0.1, warmup_steps=2, decay_fraction=0.3, max_steps=10,
+               lr_decay_steps=0)
+    expected = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0 - 0.9 / 3, 1.0 - 1.8 / 3, 0.1, 0.1]  # decay: steps 7, 8, 9
+    assert [salt.lr_at(step, run) for step in range(11)] == pytest.approx(expected, abs=1e-12)
+    branch = dict(run, max_steps=6)  # round(0.3 * 6) = 2 steps of decay, from step 4
+    assert salt.decay_start(6, 0.3) == 4 and salt.decay_start(10, 0.3) == 7
+    assert [salt.lr_at(step, branch) for step in range(7)] == pytest.approx([0.5, 1.0, 1.0, 1.0, 0.55, 0.1, 0.1])
+    assert [salt.lr_at(step, branch) for step in range(4)] == [salt.lr_at(step, run) for step in range(4)]
+    assert salt.lr_at(4, branch) != salt.lr_at(4, run)
+    # lr_decay_steps stretches the schedule beyond this job's max_steps; decay_fraction 0 is constant
+    assert salt.lr_at(6, dict(run, max_steps=7, lr_decay_steps=10)) == 1.0
+    assert {salt.lr_at(step, dict(run, decay_fraction=0.0)) for step in range(2, 10)} == {1.0}
+    # cosine, the default, as before: half-way between the peak and min_lr at the middle of the decay
+    assert salt.lr_at(6, dict(run, lr_schedule='cosine')) == pytest.approx(0.55)
+
+
+@pytest.mark.slow
+def test_a_branch_is_the_single_wsd_run_of_its_length_and_a_killed_branch_resumes(tmp_path, text_data,
+                                                                                    slm_and_scores):
+    """A SALT_DS run of 24 WSD steps (dropout on: the RNG matters) keeps its checkpoint of step 8; a branch from there
+    to 16 steps is, step for step and bit for bit, the single WSD run of 16 steps, whose decay starts at step 8:
+    weights, optimizer, loader, schedule (stage 1 goes on past the branch point) and RNG go on. Its metrics.jsonl
+    holds the parent's records up to the branch point. Killed after its first checkpoint, the same command resumes
+    from that. A branch point no checkpoint holds, or whose learning rates differ, is refused in one line."""
+    teacher, scores = slm_and_scores
+    wsd = ['--lr_schedule=wsd', '--decay_fraction=0.5', '--dropout=0.1', f'--teacher_ckpt={teacher}',
+           f'--score_file={scores}', '--train_sequences=256', '--select_fraction=0.5', '--kd_steps=10']
+    args = ['train.py', f'--data_dir={text_data}', '--model_size=demo-student', *TINY, *wsd]
+    results = run_scripts({'single': args + [f'--out_dir={tmp_path / "single"}', '--max_steps=16'],
+                           'parent': args + [f'--out_dir={tmp_path / "parent"}', '--max_steps=24', '--branch_steps=8']})
+    assert all(result.returncode == 0 for result in results.values()), results
+    assert (tmp_path / 'parent' / 'ckpt_step8').is_dir()
+    branch = [f'--branch_from={tmp_path / "parent"}@8', '--max_steps=16']
+    train(text_data, tmp_path / 'branch', *wsd, *branch)
+    single = step_records(tmp_path / 'single')
+    assert [single[s]['lr'] for s in (8, 9, 16)] == pytest.approx([3e-3, 3e-3 - 2.9e-3 / 8, 1e-4])  # steps 7, 8, 15
+    for name in ('branch', 'killed'):
+        if name == 'killed':  # killed once its checkpoint of step 9 is written, resumed by the same command
+            command = train_command(text_data, tmp_path / name, *wsd, *branch, '--ckpt_interval=1')
+            process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            while not (tmp_path / name / 'ckpt' / 'meta.pt').exists():
+                assert process.poll() is None, process.stderr.read()[-3000:]
+                time.sleep(0.001)
+            process.kill()
+            process.wait()
+            assert checkpoint_manager.read_meta(str(tmp_path / name / 'ckpt'))['step'] < 16, 'killed too late'
+            train(text_data, tmp_path / name, *wsd, *branch, '--ckpt_interval=1')
+        records = step_records(tmp_path / name)
+        assert sorted(records) == sorted(single) == list(range(1, 17))
+        for step in single:
+            for key in ('loss', 'ce', 'kd', 'kd_weight', 'lr'):
+                assert records[step][key] == single[step][key], (name, step, key)
+        assert records[16]['val_loss'] == single[16]['val_loss']
+    refused = {'no such step': ([f'--branch_from={tmp_path / "parent"}@7'], 'holds no checkpoint of step 7 (it kept 8'),
+               'decays before it': ([f'--branch_from={tmp_path / "parent"}@8', '--max_steps=12'],
+                                    'at step 6 the learning rate was 0.003'),
+               'another seed': ([f'--branch_from={tmp_path / "parent"}@8', '--seed=3'], 'seed=1337 (now 3)')}
+    for name, (settings, message) in refused.items():
+        result = train(text_data, tmp_path / name.replace(' ', '_'), *wsd, '--max_steps=16', *settings, check=False)
+        assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1], (name, result.stderr)
+
+
 # float32's machine epsilon: the unit of the tolerances below
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -2133,6 +2565,73 @@ def test_fsdp_ranks_draw_their_shards_of_the_whole_builds_weights(tmp_path):
             assert torch.equal(sharded['weights'][name], p), (rank, name)
 
 
+
+# FSDP with train.py's bf16 policy on 2 gloo ranks, under bf16 autocast as on a GPU: what reaches the loss, what a
+# sharded teacher holds after its forward, what gradient accumulation holds between micro-batches, and what frees
+# the teacher at the end of stage 1
+FSDP_BF16 = """
+import gc, json, sys, weakref
+import torch
+sys.path.insert(0, {repo!r})
+import model as model_module
+from common import compute_init, fsdp_shard
+from memory import memory_plan
+from model import GPT, GPTConfig
+from torch.distributed.tensor import DTensor
+_, rank, world_size, _ = compute_init('cpu')
+torch.manual_seed(0)
+config = GPTConfig(block_size=16, vocab_size=101, n_layer=2, n_head=2, n_embd=32)
+student, teacher = GPT(config), GPT(GPTConfig(**{{**vars(config), 'n_embd': 16}})).to(torch.bfloat16).requires_grad_(False)
+fsdp_shard(student, bf16=True)
+fsdp_shard(teacher, bf16=True, blocks_only=True)
+received, real_loss = [], model_module.salt_loss
+model_module.salt_loss = lambda *args, kd_weight, **kwargs: received.append(kd_weight) or real_loss(
+    *args, kd_weight=kd_weight, **kwargs)
+x = torch.randint(0, 101, (2, 16))
+student.set_requires_gradient_sync(False)
+for micro in range(2):
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.no_grad():
+            hidden = teacher(x, return_hidden=True)
+        teacher_sharded = all(isinstance(p, DTensor) for block in teacher.blocks() for p in block.parameters())
+        loss = student(x, x, teacher_hidden=hidden, teacher_weight=teacher.lm_head.weight,
+                       kd_weight=torch.full((), 0.667))[0]
+    loss.backward()
+accumulated = [p.unsharded_accumulated_grad for unit in [*student.blocks(), student]
+               for p in unit._get_fsdp_state()._fsdp_param_group.fsdp_params]
+plan = memory_plan(config, None, tokens=32, world_size=world_size, compute_bytes=2, grad_accum_steps=2)
+gc.disable()  # as if no collection ran between the end of stage 1 and the next step
+some_weight = weakref.ref(next(teacher.blocks()[0].parameters()))
+teacher = None
+alive_after_del = some_weight() is not None
+gc.collect()
+json.dump(dict(kd_weights=[(str(w.dtype), w.item()) for w in received], teacher_sharded=teacher_sharded,
+               accumulated_bytes=sum(g.numel() * g.element_size() for g in accumulated),
+               accumulated_dtypes=sorted({{str(g.dtype) for g in accumulated}}), n_params=student.num_params(False),
+               planned=plan['gradients accumulated whole between micro-batches (fp32)'][1],
+               alive_after_del=alive_after_del, alive_after_collect=some_weight() is not None),
+          open(f'{out}/rank{{rank}}.json', 'w'))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_in_bf16_keeps_w_reshards_the_teacher_and_plans_the_accumulated_gradients(tmp_path):
+    """train.py's fsdp with its bf16 policy, on 2 gloo ranks under bf16 autocast:
+    - the KD weight reaches the loss as the schedule's fp32 w, 0.667 (the root cast it to bf16: 0.66797);
+    - a sharded teacher (shard_teacher) is sharded again after each forward (each block a root, never resharded);
+    - between the micro-batches of a step FSDP keeps every gradient whole in fp32, the bytes that memory.py plans;
+    - dropped, the sharded teacher's weights live on in FSDP's reference cycles until a collection, which train.py
+      runs at the end of stage 1."""
+    (tmp_path / 'fsdp.py').write_text(FSDP_BF16.format(repo=REPO, out=tmp_path))
+    run_script(str(tmp_path / 'fsdp.py'), nproc=2)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f'rank{rank}.json').read_text())
+        assert seen['kd_weights'] == [['torch.float32', torch.tensor(0.667).item()]] * 2
+        assert seen['teacher_sharded']
+        assert seen['accumulated_dtypes'] == ['torch.float32']
+        assert seen['accumulated_bytes'] == 4 * seen['n_params'] == seen['planned']
+        assert seen['alive_after_del'] and not seen['alive_after_collect']
+
 def test_activation_checkpointing_leaves_the_gradients_unchanged():
     """Recomputing each block in the backward gives the gradients of keeping its activations, KD term included."""
     torch.manual_seed(0)
@@ -2286,6 +2785,161 @@ def test_experiment_writes_table_and_plot(tmp_path, text_data):
     # a rerun finds every step done and only rewrites the report
     rerun = run_script(*command, cwd=tmp_path)
     assert '[run]' not in rerun.stdout and rerun.stdout.count('[skip]') == 10
+
+
+@pytest.mark.slow
+def test_experiment_fractions_table_and_plot_from_wsd_branches(tmp_path, text_data):
+    """--fractions at toy size: each main run (WSD, 10 steps) keeps its checkpoint at step 3, and a branch
+    from there decays to 6 steps (60%); the table gives each branch's final val loss, the fraction at which the run
+    reaches its seed's baseline at 100% (interpolated), KD's gain at 100% and the baseline's last 40% of the steps;
+    the plot is written; a rerun trains nothing."""
+    common = f"data_dir = {text_data!r}\nblock_size = 16\nbatch_size = 2\ntrain_sequences = 128\neval_batches = 2\n"
+    (tmp_path / 'slm.py').write_text(common + "model_size = 'demo-slm'\nmax_steps = 4\neval_interval = 4\n"
+                                     "warmup_steps = 2\n")
+    (tmp_path / 'student.py').write_text(common + "model_size = 'demo-student'\nmax_steps = 10\nkd_steps = 4\n"
+                                         "eval_interval = 5\nwarmup_steps = 2\nlearning_rate = 3e-3\n"
+                                         "lr_schedule = 'wsd'\ndecay_fraction = 0.5\nlog_interval = 1\n")
+    command = [os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py', '--student_config=student.py',
+               '--tokenize=', '--seeds', '1337', '--fractions', '0.6,1.0']
+    run_script(*command, cwd=tmp_path)
+    report = (tmp_path / 'results' / 'toy' / 'table.md').read_text()
+    table = report.split('## Fractions of the steps (a WSD branch each)\n\n')[1].split('\n\n')[0].splitlines()
+    assert table[0] == ("| run | seed | val loss at 60% | val loss at 100% | reaches the baseline's 100% at | "
+                        "KD gain at 100% | the baseline's last 40% of the steps |")
+    rows = [[cell.strip() for cell in row.split('|')[1:-1]] for row in table[2:]]
+    assert [row[:2] for row in rows] == [[run, '1337'] for run in ('baseline', 'salt', 'salt_ds')]
+    runs = tmp_path / 'out' / 'toy'
+    for row in rows[:1]:
+        branch, whole = (step_records(runs / f'seed{row[1]}' / name) for name in ('baseline_60pct', 'baseline'))
+        assert min(branch) == 1 and max(branch) == 6 and branch[3] == whole[3]  # the parent's records, then its own
+        assert [float(row[2]), float(row[3])] == pytest.approx([branch[6]['val_loss'], whole[10]['val_loss']], abs=1e-4)
+        assert row[4:6] == ['100%', '+0.0000'] and float(row[6]) == pytest.approx(float(row[2]) - float(row[3]), abs=2e-4)
+    for row in rows[1:]:
+        baseline = float(rows[0][3])
+        losses = {0.6: float(row[2]), 1.0: float(row[3])}
+        expected = experiment_module().fraction_reached(losses, baseline)
+        assert row[4] == ('not reached' if expected is None else f"{expected:.0%}")
+        assert float(row[5]) == pytest.approx(baseline - losses[1.0], abs=2e-4)
+    assert (tmp_path / 'results' / 'toy' / 'fractions.png').stat().st_size > 10_000
+    rerun = run_script(*command, cwd=tmp_path)
+    assert '[run]' not in rerun.stdout
+
+
+def experiment_module():
+    import experiment
+    return experiment
+
+
+def test_the_fraction_that_reaches_a_loss_is_interpolated_between_branches():
+    reached = experiment_module().fraction_reached
+    losses = {0.5: 3.0, 0.7: 2.8, 1.0: 2.6}
+    assert reached(losses, 2.9) == pytest.approx(0.6) and reached(losses, 3.1) == 0.5
+    assert reached(losses, 2.6) == 1.0 and reached(losses, 2.5) is None
+
+
+def synthetic_study():
+    """Two seeds, two SLMs (the first's runs keep their names, the weak one's are labelled by it), a 50% branch per
+    run: val loss at step 0, the end of stage 1 (20) and the end (100), minutes of 60 s a run."""
+    import experiment
+    slms = {'slm': dict(config='strong.py', minutes=3.0, score_minutes=1.0, val_loss=2.5),
+            'weak_slm': dict(config='weak.py', minutes=1.0, score_minutes=1.0, val_loss=3.5)}
+    runs = {'baseline': ('baseline', None, []), 'salt': ('salt', 'slm', []), 'salt weak_slm': ('salt', 'weak_slm', [])}
+    stage1 = {'baseline': (4.0, 4.2), 'salt': (3.8, 3.9), 'salt weak_slm': (3.9, 4.3)}  # per seed
+    final = {'baseline': (3.0, 3.1), 'salt': (2.9, 3.05), 'salt weak_slm': (3.05, 3.1)}
+    half = {'baseline': (3.3, 3.4), 'salt': (3.1, 3.3), 'salt weak_slm': (3.2, 3.3)}
+    study = dict(slms=slms, runs=runs, curves={}, branches={}, branch_seconds={},
+                 costs={label: experiment.teacher_minutes(kind, slms.get(slm)) for label, (kind, slm, _) in runs.items()})
+    for label in runs:
+        for i, seed in enumerate((1, 2)):
+            study['curves'][(seed, label)] = [dict(step=0, val_loss=8.0, elapsed_s=0.0),
+                                              dict(step=20, val_loss=stage1[label][i], elapsed_s=12.0),
+                                              dict(step=100, val_loss=final[label][i], elapsed_s=60.0)]
+            study['branches'][(seed, label, 0.5)] = [dict(step=50, val_loss=half[label][i], elapsed_s=30.0)]
+            study['branch_seconds'][(seed, label, 0.5)] = 6.0
+    return study
+
+
+def test_report_gives_each_slm_beside_the_students_and_kds_lead_with_the_baselines_spread():
+    import experiment
+    study = synthetic_study()
+    labels = list(study['runs'])
+    rows = [[cell.strip() for cell in row.split('|')[1:-1]]
+            for row in experiment.lead_table(study, labels, [1, 2], 25).splitlines()]
+    assert rows[0][1:4:2] == ['val loss at the end of stage 1 (step 20)', 'val loss at the end (step 100)']
+    assert rows[2] == ['SLM `slm` (trained before)', '2.5000', '', '2.5000', '']
+    assert rows[4] == ['baseline', '4.1000 (4.0000 .. 4.2000)', 'seeds differ by 0.2000', '3.0500 (3.0000 .. 3.1000)',
+                       'seeds differ by 0.1000']
+    assert rows[5][2] == '+0.2500 (+0.2000 .. +0.3000), ahead on 2 of 2 seeds'
+    assert rows[6][0] == 'salt weak_slm' and rows[6][2] == '+0.0000 (-0.1000 .. +0.1000), ahead on 1 of 2 seeds'
+
+
+def test_branches_wallclock_counts_the_slm_apart_and_the_branches_in_their_run():
+    """A branch's clock is a whole run of its length: the baseline's 100% (3.0, 3.1) is reached by SALT between its
+    50% (3.1, 3.3) and 100% (2.9, 3.05), at 75% and 90%: 0.75 and 0.9 of the run's minute, plus the SLM's."""
+    import experiment
+    study = synthetic_study()
+    rows = [[cell.strip() for cell in row.split('|')[1:-1]]
+            for row in experiment.branches_wallclock_table(study, list(study['runs']), [1, 2]).splitlines()[2:]]
+    assert rows[0] == ['baseline', '1', '0.0', '0.0', '1.0', '0.1', '1.1', '1.0', '1.00x']
+    assert rows[2] == ['salt', '1', '3.0', '0.0', '1.0', '0.1', '4.1', '3.8', '3.75x']
+    assert rows[3][4:] == ['1.0', '0.1', '4.1', '3.9', '3.90x']
+    assert rows[4][:4] == ['salt weak_slm', '1', '1.0', '0.0'] and rows[4][-2:] == ['not reached', '-']
+
+
+@pytest.mark.slow
+def test_experiment_stopped_by_its_time_limit_reports_the_runs_that_finished(tmp_path, text_data):
+    """The report is rewritten after every run, and once more when the time limit's SIGTERM stops the study: a
+    study that runs out of time still brings back its tables."""
+    common = (f"data_dir = {text_data!r}\nblock_size = 16\nbatch_size = 2\ntrain_sequences = 64\neval_batches = 1\n"
+              "warmup_steps = 1\n")
+    (tmp_path / 'slm.py').write_text(common + "model_size = 'demo-slm'\nmax_steps = 2\neval_interval = 2\n")
+    (tmp_path / 'student.py').write_text(common + "model_size = 'demo-student'\nmax_steps = 40\nkd_steps = 4\n"
+                                         "eval_interval = 10\n")
+    command = [sys.executable, os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py',
+               '--student_config=student.py', '--tokenize=', '--seeds', '1337']
+    process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    started = tmp_path / 'out' / 'toy' / 'seed1337' / 'salt' / 'metrics.jsonl'  # the baseline has finished
+    deadline = time.time() + 300
+    while not started.exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)  # what `timeout` does at the limit: the whole process group
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 124, output
+    report = (tmp_path / 'results' / 'toy' / 'table.md').read_text()
+    stopped = re.search(r'^\*\*Stopped by its time limit\*\* while training (\S+) \(seed 1337\): ', report, re.M)
+    assert stopped and stopped[1] in ('salt', 'salt_ds'), report  # salt may have finished before the signal came
+    table = report.split('## Val loss\n\n')[1].split('\n\n')[0].splitlines()
+    finished = ['baseline', 'salt'][:2 if stopped[1] == 'salt_ds' else 1]
+    assert [row.split('|')[1].strip() for row in table[2:]] == finished
+    assert (tmp_path / 'results' / 'toy' / 'val_loss.png').exists()
+
+
+def test_a_measured_rate_sizes_the_gpu_study_with_30_percent_slack(tmp_path):
+    """gpu_experiment.sh's study at gpu_check.sh's measured tokens/s: the configs' steps where they fit its time
+    limit 1.3x slower, else the most that fit, the KD stage, evaluations and the SLM's steps in proportion; its
+    branches (--fractions 0.5,0.7,1.0) are counted: fewer steps fit than without them."""
+    import experiment
+    student, slm = (experiment.read_config(os.path.join(REPO, 'config', f'gpu_{name}.py'))
+                    for name in ('student', 'slm'))
+    rate_file = tmp_path / 'experiment_steps.jsonl'
+    for tokens_per_s, expected_steps in ((2e6, 500), (300e3, None)):
+        medians = dict(plain=dict(tokens_per_s=tokens_per_s), kd=dict(tokens_per_s=tokens_per_s / 1.2))
+        rate_file.write_text(json.dumps(dict(type='header')) + '\n' +
+                             json.dumps(dict(student='gpu-student', medians=medians)) + '\n')
+        fitted, fitted_slm, rate = experiment.fit(student, slm, str(rate_file), 420, 0, [0.5, 0.7, 1.0])
+        step_s = 64 * 512 / tokens_per_s
+
+        def seconds(steps, fractions=(0.5, 0.7, 1.0)):
+            return experiment.study_seconds(experiment.scaled(student, steps), experiment.scaled(slm, steps), step_s,
+                                            step_s * 1.2, 0, fractions)
+        steps = fitted['max_steps']
+        assert rate == tokens_per_s and steps == (expected_steps or steps) and fitted_slm['max_steps'] == steps
+        assert 1.3 * seconds(steps) <= 420 and (steps == 500 or 1.3 * seconds(steps + 1) > 420)
+        assert fitted['kd_steps'] == round(85 * steps / 500) and fitted['eval_interval'] == round(25 * steps / 500)
+    assert 100 < steps < 500  # at 300K tokens/s the configs' 500 steps do not fit
+    assert seconds(steps) > seconds(steps, ()) + 6 * experiment.STARTUP_S  # six decays, each started and evaluated
 
 
 @pytest.mark.slow
@@ -2513,7 +3167,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 NONSENSE_SETTINGS = ['learning_rate=-0.001', 'learning_rate=0.0', 'min_lr=0.01', 'batch_size=0', 'block_size=0',
                      'grad_accum_steps=0', 'max_steps=0', 'warmup_steps=5000', 'kd_weight=1.5', 'kd_weight=-0.1',
                      'teacher_temperature=0.0', 'select_fraction=0.0', 'select_fraction=1.5', "kd_schedule='cosine'",
-                     "kd_loss='cosine'", 'eval_interval=0', 'ckpt_interval=-1', "init_from='gpt3'", "model_size='huge'"]
+                     "kd_loss='cosine'", 'eval_interval=0', 'ckpt_interval=-1', "init_from='gpt3'", "model_size='huge'",
+                     "lr_schedule='linear'", 'decay_fraction=1.5', "branch_steps='a,b'", "branch_from='nowhere'"]
 
 
 def user_errors(tmp_path, text_data, teacher, scores):
@@ -3248,33 +3903,88 @@ def test_sample_is_seeded_counts_its_tokens_and_reads_a_start_file(tiny, tmp_pat
 # gpu_check.sh and gpu_experiment.sh, the commands of a GPU machine, dry-run at toy sizes: they cannot rot
 # before a GPU is at hand, and they fit what such a machine gives back (at most 8 files, time limits)
 
-GPU_CHECK_FILES = ['experiment_steps.jsonl', 'logs.tar.gz', 'loss_compiled.jsonl', 'loss_grid.jsonl', 'summary.md',
-                   'train_mfu.jsonl', 'train_more.jsonl']
+GPU_CHECK_FILES = ['experiment_steps.jsonl', 'fsdp_step.jsonl', 'logs.tar.gz', 'loss_compiled.jsonl', 'loss_grid.jsonl',
+                   'summary.md', 'train_mfu.jsonl', 'train_more.jsonl']
+
+
+def documented_gpu_command(script):
+    """docs/gpu.md's command for the GPU machine that runs `script`, with the lines before it that set its
+    environment, and the folder it writes to: the dry runs run exactly what the docs say."""
+    blocks = re.findall(r'```bash\n(.*?)```', open(os.path.join(REPO, 'docs', 'gpu.md')).read(), re.S)
+    lines = blocks[1].splitlines()
+    [line] = [line for line in lines if f'bash {script} ' in line]
+    return '\n'.join([line for line in lines if line.startswith('export ')] + [line]), line.split('#')[0].split()[-1]
+
+
+@pytest.fixture(scope='module')
+def gpu_checkout(tmp_path_factory):
+    """A fresh checkout without .git (the files git tracks or would: nothing ignored, no .cache/) after docs/gpu.md's
+    command for a machine with network, run here as the offline CI must: the BPE file from tiktoken's own cache
+    (TIKTOKEN_CACHE_DIR), and no package index, so no liger-kernel wheel."""
+    checkout = tmp_path_factory.mktemp('checkout')
+    listed = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split('\0')
+    for name in [name for name in listed if os.path.isfile(os.path.join(REPO, name))]:
+        os.makedirs(checkout / os.path.dirname(name), exist_ok=True)
+        shutil.copy2(os.path.join(REPO, name), checkout / name)
+    assert not (checkout / '.cache').exists()
+    [prepare] = re.findall(r'```bash\n(.*?)```', open(os.path.join(REPO, 'docs', 'gpu.md')).read(), re.S)[:1]
+    offline = dict(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX='1', SALT_GIT_COMMIT='c0ffee')
+    result = subprocess.run(['bash', '-c', prepare], cwd=checkout, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, **offline))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert os.listdir(checkout / '.cache' / 'tiktoken')
+    assert (checkout / '.cache' / 'git_commit').read_text() == 'c0ffee\n'
+    return checkout
+
+
+def run_documented_gpu_command(script, checkout):
+    """The command at toy sizes, with neither TIKTOKEN_CACHE_DIR nor SALT_GIT_COMMIT from here: what travels in
+    the checkout's .cache/ must do."""
+    command, out = documented_gpu_command(script)
+    env = {key: value for key, value in os.environ.items() if key not in ('TIKTOKEN_CACHE_DIR', 'SALT_GIT_COMMIT')}
+    result = subprocess.run(['bash', '-c', command], cwd=checkout, capture_output=True, text=True, timeout=600,
+                            env=dict(env, GPU_CHECK_TINY='1'))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result, checkout / out
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_fits_eight_files_and_states_every_target(tmp_path):
-    out = tmp_path / 'out'
-    result = subprocess.run(['bash', os.path.join(REPO, 'gpu_check.sh'), str(out)], capture_output=True, text=True,
-                            timeout=600, env=dict(os.environ, GPU_CHECK_TINY='1', SALT_GIT_COMMIT='c0ffee'))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_gpu_check_dry_run_fits_eight_files_and_states_every_target(gpu_checkout):
+    result, out = run_documented_gpu_command('gpu_check.sh', gpu_checkout)
     assert sorted(os.listdir(out)) == GPU_CHECK_FILES
     summary = (out / 'summary.md').read_text()
     assert '- git commit c0ffee' in summary and "- the loss's choices here: " in summary
     targets = dict(re.findall(r'^target: (.+?) \| measured: .+ \| (met|missed|not measured.*)$', summary, re.M))
-    assert len(targets) == 6, summary
-    measured_here = [verdict for what, verdict in targets.items() if 'Liger' not in what and 'MFU' not in what]
+    assert len(targets) == 7, summary
+    measured_here = [verdict for what, verdict in targets.items() if not re.search('Liger|MFU|FSDP', what)]
     assert all(verdict in ('met', 'missed') for verdict in measured_here), targets  # ratios exist on a CPU too
     assert targets['fused faster than Liger-Kernel at every N (fused/liger time)'] == 'not measured: Liger not installed'
     assert targets['gpt2-medium compiled step MFU >= 45%'] == 'not measured: no MFU on a CPU'
-    sections = summary.split('\n## ')[2:]  # after the targets
-    assert [s.split('\n')[0] for s in sections] == ['train_mfu', 'loss_grid', 'cuda_tests', 'loss_compiled',
-                                                    'experiment_steps', 'train_more']
+    assert targets["an FSDP step's peak memory <= the memory plan's fsdp total (peak / plan)"] == \
+        'not measured (no CUDA)'
+    # every training run's loss path, compiled graphs and recompiles, and peak memory, as a line
+    runs = dict(re.findall(r'^run: (\S+ \S+ \(.+?\)) \| (.+)$', summary, re.M))
+    assert list(runs) == ['train_mfu demo-student (blocks)', 'experiment_steps demo-student (off)',
+                          'fsdp_step demo-student (off, fsdp)', 'train_more demo-student (off)'], summary
+    for line in runs.values():  # the plan stands beside the peak where the header has it
+        assert line.startswith('loss: salt_loss runs ') and re.search(
+            r"\| peak memory: not measured \(no CUDA\)( against the plan's [\d.]+ GiB \((ddp|fsdp)\)|, no memory_plan "
+            r"logged)$", line), line
+    assert '| 3 compiled graphs, 0 of them after the first logged step (recompiles), graph breaks: ' in \
+        runs['train_mfu demo-student (blocks)']
+    assert re.search(r'^sizing: at [\d,]+ tokens/s, gpu_experiment.sh.s study fits its 420 s with 30% slack at '
+                     r'max_steps=\d+ \(config/gpu_student.py: 500\)$', summary, re.M), summary
+    sections = summary.split('\n## ')[3:]  # after the targets and the training runs
+    assert [s.split('\n')[0] for s in sections] == ['prepare', 'train_mfu', 'loss_grid', 'cuda_tests',
+                                                    'experiment_steps', 'fsdp_step', 'loss_compiled', 'train_more']
     for section in sections:
         assert ': exit status 0,' in section, section
-    assert re.search(r'^test_salt\.py::\S+ SKIPPED', sections[2], re.M), sections[2]  # each test's outcome
-    assert re.search(r'\n=+ \d+ skipped, \d+ deselected in', sections[2]), sections[2]
-    assert '| demo-student (compiled per block) | KD from demo-slm |' in sections[0] and '| 512 | 64 | compiled |' in sections[3]
+    assert re.search(r'^test_salt\.py::\S+ SKIPPED', sections[3], re.M), sections[3]  # each test's outcome
+    assert re.search(r'\n=+ \d+ skipped, \d+ deselected in', sections[3]), sections[3]
+    assert '| demo-student (compiled per block) | KD from demo-slm |' in sections[1] and '| 512 | 64 | compiled |' in sections[6]
+    assert '| demo-student (eager, FSDP) | KD from demo-slm |' in sections[5]
+    assert 'teacher demo-slm: ' in sections[0]  # made before the MFU step, outside its time limit
     header, *rows = [json.loads(line) for line in open(out / 'loss_grid.jsonl')]  # bench.py's own record
     assert header['type'] == 'header' and header['device'] == 'cpu' and header['config']['n'] == [256, 512]
     assert [(row['n'], row['impl']) for row in rows] == [(n, impl) for n in (256, 512) for impl in ('eager', 'fused', 'gemm')]
@@ -3289,7 +3999,7 @@ def test_gpu_check_dry_run_fits_eight_files_and_states_every_target(tmp_path):
     assert run[0]['compile_choice'].startswith('salt_loss runs uncompiled')
     assert {r['compiled_graphs'] for r in run if 'loss' in r} == {3} and len(run) == 10
     for name in ('train_mfu.log', 'cuda_tests.log', 'runs/demo-student-compiled-per-block/metrics.jsonl',
-                 'runs/demo-student-eager/train.log'):
+                 'runs/demo-student-eager/train.log', 'runs/demo-student-eager-fsdp/metrics.jsonl'):
         assert f'./{name}' in names, names
     assert not [name for name in names if 'ckpt' in name or name.startswith('./data/')]  # heavy files stay behind
     assert result.stdout.startswith('# GPU check') and ' PASSED' not in result.stdout  # the tail a terminal shows
@@ -3346,14 +4056,10 @@ def test_a_failing_implementation_or_run_is_its_row_and_the_others_are_measured(
 
 
 @pytest.mark.slow
-def test_gpu_experiment_dry_run_returns_the_report_in_at_most_8_files(tmp_path):
+def test_gpu_experiment_dry_run_returns_the_report_in_at_most_8_files(gpu_checkout):
     """gpu_experiment.sh at toy sizes on a small tree, the tree's budget too: every step of the GPU study
     (tokenizing, the SLM, scoring, five students, the report and the selection report) runs here first."""
-    out = tmp_path / 'out'
-    result = subprocess.run(['bash', os.path.join(REPO, 'gpu_experiment.sh'), str(out)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, GPU_CHECK_TINY='1', WORK=str(tmp_path / 'work')))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result, out = run_documented_gpu_command('gpu_experiment.sh', gpu_checkout)
     assert sorted(os.listdir(out)) == ['runs.tar.gz', 'score_histogram.png', 'selection.md', 'table.md', 'val_loss.png']
     table = (out / 'table.md').read_text()
     runs = [line.split('|')[1].strip() for line in table.split('## Val loss\n\n')[1].split('\n\n')[0].splitlines()[2:]]
@@ -3830,6 +4536,18 @@ def test_gemm_without_out_dtype_takes_the_fp32_product_path(monkeypatch):
     assert 'no out_dtype GEMM' in losses.describe_choices(torch.device('cpu'))
 
 
+def test_the_loss_choice_probes_the_out_dtype_gemms_before_anything_is_compiled(monkeypatch):
+    """train.py asks losses.choice before it compiles: that call probes the out_dtype GEMMs, so a compiled graph (a
+    resumed run's first forward under compile_scope='model', where no eager step-0 evaluation probed first) reads
+    the answer instead of building the bf16-rounded fp32 product path into itself."""
+    probes = []
+    monkeypatch.setattr(losses, '_probe_out_dtype_gemm', lambda device: probes.append(str(device)) or True)
+    monkeypatch.setattr(losses, '_OUT_DTYPE_GEMM', {})
+    monkeypatch.setattr(losses, '_DISAGREEMENTS', {(impl, 'cuda', torch.bfloat16): None for impl in ('triton', 'torch')})
+    assert losses.choice('cuda:0', autocast_dtype=torch.bfloat16).startswith("salt_loss runs impl=")
+    assert probes == ['cuda:0'] and losses._OUT_DTYPE_GEMM == {'cuda:0': True}
+
+
 # ---- Hugging Face export
 # export_hf.py, a transformers directory as teacher and scorer (hf_model.py), lm-evaluation-harness on an export
 
@@ -4281,23 +4999,17 @@ def tiny_tokenizer(folder, vocab_size=400, high_ids=False):
     """A byte-level BPE of vocab_size tokens trained here on real text, <|endoftext|> first, saved as a transformers
     fast tokenizer. high_ids: its merged tokens moved to ids beyond 65,535, unused tokens in between, as in
     Llama 3's 128,256 ids: every text then needs ids that uint16 cannot hold."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
     with open(REAL_TEXT, encoding='utf-8') as f:
         text = f.read()[:300_000]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<|endoftext|>'],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
+    bpe = tokenizer.train_bpe([text], vocab_size)
     if high_ids:
         spec, first = json.loads(bpe.to_str()), 257  # <|endoftext|> and the 256 bytes keep their ids
         vocab = spec['model']['vocab']
         spec['model']['vocab'] = {**{t: (i if i < first else i + (1 << 16)) for t, i in vocab.items()},
                                   **{f'<unused_{i}>': i for i in range(first, first + (1 << 16))}}
         bpe = Tokenizer.from_str(json.dumps(spec))
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token='<|endoftext|>').save_pretrained(folder)
-    return tokenizer.TransformersTokenizer(str(folder)).vocab_size
+    return tokenizer.save_bpe(bpe, str(folder)).vocab_size
 
 
 def tiny_transformers_model(kind, folder, vocab_size, seed=0, **config):

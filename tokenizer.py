@@ -16,6 +16,8 @@ for a transformers tokenizer, files_sha256 (a hash of the files it was read from
 vocabulary when their vocab_sha256 agree: what KD asks of a teacher and its student's data is that every id
 means the same token, whichever files hold them.
 
+`python prepare.py bpe` trains a tokenizer of this kind on a data directory's train split (train_bpe, save_bpe).
+
 transformers is imported only where a transformers tokenizer is met.
 """
 import hashlib
@@ -191,6 +193,27 @@ def data_record(data_dir):
 
 def of_data(data_dir):
     return load(data_record(data_dir), os.path.join(data_dir, 'tokenizer'))
+
+
+def train_bpe(texts, vocab_size):
+    """A byte-level BPE of vocab_size tokens trained on texts (an iterable of documents), as nanochat trains its own:
+    GPT-2's pre-tokenization and its 256 byte tokens, <|endoftext|> as id 0. A `tokenizers` Tokenizer (save_bpe)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT[0]],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return bpe
+
+
+def save_bpe(bpe, folder):
+    """Save a Tokenizer as a transformers fast tokenizer's directory (what prepare.py --tokenizer reads), whole or
+    not at all (written beside it, then renamed). Returns it, loaded from there."""
+    from transformers import PreTrainedTokenizerFast
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=END_OF_TEXT[0]).save_pretrained(folder + '.tmp')
+    os.replace(folder + '.tmp', folder)
+    return TransformersTokenizer(folder)
 
 
 def for_prepare(name_or_dir):

@@ -15,6 +15,7 @@ where 'ddp' keeps a replica on each (the memory plan printed at start tells). A 
 checkpoint in its out_dir (checkpoint_manager.py), and holds out_dir/run.lock while it lives: a second job on the
 same out_dir is refused. A rank whose launcher dies stops within a second (common.end_with_parent).
 """
+import gc
 import math
 import os
 import sys
@@ -67,9 +68,11 @@ mlp_hidden = None            # the MLP's inner width (4 n_embd for gelu, ~8/3 n_
 bias = None                  # biases in every Linear and LayerNorm
 tie_embeddings = None        # one matrix embeds tokens and scores them
 dropout = 0.0
-# optimizer: AdamW, linear warmup then cosine decay to min_lr
+# optimizer: AdamW, linear warmup then a decay to min_lr (salt.lr_at)
 max_steps = 600              # this job stops after this many steps
-lr_decay_steps = 0           # the cosine ends here (0 = max_steps); set it to stop a job early and resume
+lr_schedule = 'cosine'       # 'cosine', or 'wsd': constant after the warmup, then a linear decay over the last
+decay_fraction = 0.2         # decay_fraction of the steps (wsd only)
+lr_decay_steps = 0           # the schedule ends here (0 = max_steps); set it to stop a job early and resume
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_steps = 50
@@ -98,6 +101,9 @@ eval_interval = 50           # steps between val-loss evaluations (also at step 
 eval_batches = 20            # val batches of batch_size sequences per evaluation, shared by the ranks
 log_interval = 10
 ckpt_interval = 200          # steps between checkpoints (also at the end; 0 = none, e.g. a benchmark)
+branch_steps = ''            # '300,420': also keep the checkpoints of these steps (out_dir/ckpt_stepN), to branch from
+branch_from = ''             # 'DIR@N': a new run starts as the run in DIR at its kept step N, to decay to this max_steps
+                             # (lr_schedule='wsd'; the learning rates before N must agree: checkpoint_manager.py)
 wandb_log = False
 wandb_project = 'salt'
 eval_tasks = ''              # few-shot tasks run at each evaluation too: 'hellaswag:PATH,lambada:PATH' (evaluation.py)
@@ -117,7 +123,6 @@ ddp_timeout = 600            # seconds a rank waits for the others in a collecti
 peak_flops = 989e12          # per-GPU dense bf16 peak for MFU (H100/H200 SXM)
 config = configurator.configure(globals(), sys.argv[1:])  # and checked: nonsense is refused, naming the key
 globals().update(config)
-lr_decay_steps = lr_decay_steps or max_steps
 
 # ----------------------------------------------------------------------------------------------------------
 # processes: one per device under torchrun; rank 0 logs
@@ -145,6 +150,9 @@ data_tokenizer = tokenizer.data_record(data_dir)  # meta.json's (nanoGPT-style d
 val_data = TokenSequences(data_dir, 'val', block_size)
 train_fingerprint = train_data.fingerprint()  # reads both ends of every shard: once
 ckpt_path, checkpoint = checkpoint_manager.latest(out_dir)  # the newest intact checkpoint, or None: a new run
+branching = checkpoint is None and bool(branch_from)  # a new branch: as if its parent's run resumed here
+if branching:
+    ckpt_path, checkpoint = checkpoint_manager.branch_point(branch_from)
 # the teacher by its content; a resumed run's at the path it had is the one it trained with, and is not read
 # again (stage 2 may have deleted it)
 teacher_identity = checkpoint_manager.teacher_identity(config, checkpoint, salt.teacher_id)
@@ -184,7 +192,9 @@ if pretrained and not tokenizer.same_vocabulary(data_tokenizer, tokenizer.GPT2_R
     raise InputError(f"init_from={init_from!r} has GPT-2's vocabulary, but {data_dir} was made with tokenizer "
                      f"{tokenizer.describe(data_tokenizer)}")
 if checkpoint:
-    checkpoint_manager.check_resumable(checkpoint, config, fingerprints, world_size)
+    checkpoint_manager.check_resumable(checkpoint, config, fingerprints, world_size, branch=branching)
+    if branching:
+        checkpoint_manager.check_branch(checkpoint, config, salt.lr_at)
     model_config = GPTConfig(**checkpoint['model_args'])
 elif init_from == 'resume':
     raise InputError(f"init_from=resume but {out_dir} holds no checkpoint")
@@ -213,15 +223,17 @@ optimizer = torch.optim.AdamW(
      {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
     lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
 if checkpoint:  # one that does not load, though it passed its checks, gives way to the previous one
-    ckpt_path, checkpoint = checkpoint_manager.restore(out_dir, ckpt_path, checkpoint, raw_model, optimizer)
+    ckpt_path, checkpoint = checkpoint_manager.restore(os.path.dirname(ckpt_path), ckpt_path, checkpoint, raw_model,
+                                                       optimizer)
     schedule.load_state_dict(checkpoint.get('schedule', schedule.state_dict()))  # (older checkpoints: kd_steps')
     if master:
         print(f"resuming from {ckpt_path} at step {checkpoint['step']}")
 step = checkpoint['step'] if checkpoint else 0
-run_id = checkpoint['run_id'] if checkpoint else uuid.uuid4().hex[:12]
+run_id = checkpoint['run_id'] if checkpoint and not branching else uuid.uuid4().hex[:12]  # a branch: a run of its own
 last_good = f"{ckpt_path} (step {step})" if checkpoint else None  # for the message if the loss goes non-finite
 nonfinite_skipped = checkpoint['nonfinite_skipped'] if checkpoint else 0
-elapsed_before = checkpoint.get('elapsed_s', 0.0) if checkpoint else 0.0  # a resumed run's wall-clock goes on
+# a resumed run's wall-clock goes on, and a branch's counts its parent's up to the branch point
+elapsed_before = checkpoint.get('elapsed_s', 0.0) if checkpoint else 0.0
 
 teacher = None
 if schedule.at(step).teacher:  # frozen, in the compute dtype: no fp32 master copy of its weights (half the memory)
@@ -235,10 +247,11 @@ if schedule.at(step).teacher:  # frozen, in the compute dtype: no fp32 master co
         if master:
             print(f"the teacher's val CE: {schedule.teacher_val_ce:.4f} (stage 1 ends when the student's is as low, "
                   f"by step {kd_steps} at the latest)")
-if master:  # what this run should need per device, under ddp and fsdp (an estimate: memory.py)
-    plan = memory_plan(model_config, teacher, tokens=batch_size * block_size,
-                       world_size=world_size, compute_bytes=2 if dtype == 'bfloat16' else 4,
-                       checkpointing=activation_checkpointing, shard_teacher=shard_teacher, device_type=device_type)
+# what this run should need per device, under ddp and fsdp (an estimate: memory.py), beside the peak in the metrics
+plan = memory_plan(model_config, teacher, tokens=batch_size * block_size, world_size=world_size,
+                   compute_bytes=2 if dtype == 'bfloat16' else 4, checkpointing=activation_checkpointing,
+                   shard_teacher=shard_teacher, device_type=device_type, grad_accum_steps=grad_accum_steps)
+if master:
     print(memory_table(plan, world_size, torch.cuda.get_device_properties(device).total_memory
                        if device_type == 'cuda' else None, at_start=start_memory(model_config, world_size)))
 if teacher is not None and shard_teacher:  # (fsdp only) the root stays whole: its head feeds the student's loss
@@ -251,14 +264,15 @@ loader = make_loader(upcoming)
 if checkpoint:
     checkpoint_manager.restore_progress(checkpoint, loader)
     checkpoint = None  # free the memory
-loss_choice = losses.choice(device, kd_loss, kd_token_weight)  # checked on this device, before any compiling
+autocast_dtype = None if dtype == 'float32' else getattr(torch, dtype)
+# checked on this device in this dtype, before anything is compiled (TF32, set above, does not change the choice)
+loss_choice = losses.choice(device, kd_loss, kd_token_weight, autocast_dtype)
 if master:
     print(loss_choice)
 compile_choice = None  # what torch.compile does to the loss, decided once here and logged
 if compile:
     compile_choice = "salt_loss runs uncompiled, after the compiled blocks" if compile_scope == 'blocks' else \
-        losses.compile_loss_or_not(device, kd_loss, None if dtype == 'float32' else getattr(torch, dtype),
-                                    kd_token_weight=kd_token_weight)
+        losses.compile_loss_or_not(device, kd_loss, autocast_dtype, kd_token_weight=kd_token_weight)
     if master:
         print(f"torch.compile per {'block' if compile_scope == 'blocks' else 'model'}: {compile_choice}")
     model = compiled(model, compile_scope)
@@ -270,25 +284,18 @@ if distributed and parallelism == 'ddp':
                 gradient_as_bucket_view=True)
 
 
-def lr_at(step):
-    if step < warmup_steps:
-        return learning_rate * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, lr_decay_steps - warmup_steps))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-
-def loss_on(x, y, current):
-    """(loss, ce, kd) of the student on one micro-batch at stage `current`. In stage 1 the teacher's final
-    hidden states and LM head go into the student's forward, which computes the loss."""
+def loss_on(x, y, current, kd_weight_now):
+    """(loss, ce, kd) of the student on one micro-batch at stage `current`, whose w is kd_weight_now (on the
+    device). In stage 1 the teacher's final hidden states and LM head go into the student's forward, which
+    computes the loss."""
     with autocast:
         teacher_output = {}
         if current.teacher:
             with torch.no_grad():
                 teacher_output = dict(teacher_hidden=teacher(x, return_hidden=True),
                                       teacher_weight=teacher.lm_head.weight)
-        # w as a tensor: a float that changes by the step (kd_schedule='linear') would recompile a compiled model
-        return model(x, y, **teacher_output, kd_weight=torch.tensor(current.kd_weight, device=device),
-                     temperature=teacher_temperature, kd_loss=kd_loss, kd_token_weight=kd_token_weight)
+        return model(x, y, **teacher_output, kd_weight=kd_weight_now, temperature=teacher_temperature,
+                     kd_loss=kd_loss, kd_token_weight=kd_token_weight)
 
 
 def gradient_sync(on):
@@ -333,9 +340,11 @@ if master:
         world_size=world_size, n_params=raw_model.num_params(), model_args=model_args(model_config),
         time=time.strftime('%Y-%m-%d %H:%M:%S'),
         compile_choice=compile_choice, loss_impl=loss_choice, teacher_val_ce=schedule.teacher_val_ce,
+        memory_plan=dict(zip(('ddp', 'fsdp'), plan['total'])),
         val_tokens=int(len(val_ids) * block_size),
         val_tokens_subsets={name: int(n) for name, n in zip(subset_names, val_tokens) if n}),
-        wandb_project=wandb_project if wandb_log else '')
+        wandb_project=wandb_project if wandb_log else '',
+        history=os.path.join(os.path.dirname(ckpt_path), 'metrics.jsonl') if branching else None)
     print(f"model {model_size}: {raw_model.num_params() / 1e6:.2f}M parameters (without position embeddings); "
           f"{'SALT_DS' if score_file else 'SALT' if teacher_ckpt else 'baseline'} run, steps {step}..{max_steps}")
 
@@ -355,6 +364,7 @@ def throughput(tokens_per_s, current):
 # ----------------------------------------------------------------------------------------------------------
 # the loop
 t_start, step_at_start = time.time(), step
+kept_steps = configurator.branch_steps(config)  # the checkpoints kept for branches, besides every ckpt_interval
 if step == 0:
     first_eval = evaluate()  # every rank takes part in the all-reduces
     if master:
@@ -366,14 +376,17 @@ compile_s = None  # with compile: the seconds of that first step, compilation in
 while step < max_steps:
     current = upcoming
     t_step = time.time()
-    lr = lr_at(step)
+    lr = salt.lr_at(step, config)
     for group in optimizer.param_groups:
         group['lr'] = lr
     step_losses = torch.zeros(3, device=device)  # the step's loss and its CE and KD terms, over its micro-batches
+    # w as a tensor: a float that changes by the step (kd_schedule='linear') would recompile a compiled model;
+    # filled on the device (torch.tensor(w, device=...) would be a blocking copy, the CPU waiting for the GPU)
+    kd_weight_now = torch.full((), current.kd_weight, device=device)
     for micro in range(grad_accum_steps):
         x, y = loader.next_batch()
         with gradient_sync(micro == grad_accum_steps - 1):
-            loss, ce, kd = loss_on(x, y, current)
+            loss, ce, kd = loss_on(x, y, current, kd_weight_now)
             (loss / grad_accum_steps).backward()
         step_losses += torch.stack([loss.detach(), ce, kd]) / grad_accum_steps
     # clip_grad_norm_ also gives the norm for the check below (max_norm=inf: measure, don't clip)
@@ -403,6 +416,7 @@ while step < max_steps:
     upcoming = schedule.at(step)  # the one place the loop asks what comes next
     if teacher is not None and not upcoming.teacher:  # stage 2: the teacher's memory goes back
         teacher, warming_up = None, True
+        gc.collect()  # compiled blocks and FSDP's hooks hold it in reference cycles: gone only once collected
         if device_type == 'cuda':
             torch.cuda.empty_cache()
     if upcoming.selection != current.selection:  # stage 2 reads every sequence: a new loader, epoch 0
@@ -416,8 +430,11 @@ while step < max_steps:
             tokens_per_s = (step - step_at_last) * tokens_per_step / (now - t_last - not_training_s)
             record.update(throughput(tokens_per_s, current))
             t_last, step_at_last, not_training_s = now, step, 0.0
+        if device_type == 'cuda':  # against the plan's total in the header
+            record['peak_memory'] = torch.cuda.max_memory_allocated(device)
         if compile:  # a run that recompiles shows it here: more graphs than the stages' few, slow steps
             record['compiled_graphs'] = torch._dynamo.utils.counters['stats']['unique_graphs']
+            record['graph_breaks'] = sum(torch._dynamo.utils.counters['graph_break'].values())
             if compile_s is not None:
                 record['compile_s'], compile_s = compile_s, None
         metrics.log(dict(record, **evaluated))
@@ -428,9 +445,12 @@ while step < max_steps:
               (f" | mfu {record['mfu']:.1%}" if 'mfu' in record else '') +
               (f" | val {evaluated['val_loss']:.4f}" if evaluated else '') + f" | eta {eta / 60:.1f} min",
               flush=True)
-    if ckpt_interval and (step % ckpt_interval == 0 or step == max_steps):
+    kept = step in kept_steps
+    if kept or ckpt_interval and (step % ckpt_interval == 0 or step == max_steps):
         t_save = time.time()
         last_good = save_checkpoint()  # every rank writes its part
+        if kept and master:
+            checkpoint_manager.keep(out_dir, step)
         not_training_s += time.time() - t_save
 
 if master:

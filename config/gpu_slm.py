@@ -1,6 +1,6 @@
 # SALT at a GPU scale, on one GPU: the small LM (SLM), teacher and scorer for config/gpu_student.py. A 30M GPT,
-# about half its student's parameters, trained on the same pool for as many steps: 16.4M tokens, ~20 s on an
-# H100 at an assumed 15% MFU (194 MFLOP a token).
+# about half its student's parameters, trained on the same pool for as many steps (gpu_experiment.sh scales both
+# to fit its time): 16.4M tokens, ~20 s on an H100 at an assumed 15% MFU (194 MFLOP a token; not measured yet).
 out_dir = 'out/gpu/slm'
 data_dir = 'data/python'
 train_sequences = 65536

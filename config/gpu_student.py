@@ -1,10 +1,13 @@
 # SALT at a GPU scale, on one GPU: the student. bash gpu_experiment.sh runs it all (docs/gpu.md, "SALT on one GPU").
 # A 64M-parameter GPT, 59% of it in the transformer blocks, taught by config/gpu_slm.py's 30M SLM, on the text
 # of the machine's own Python installation (its stdlib and every installed package's .py/.md/.rst/.txt).
-# Sized for one command of at most 9 minutes on one H100, one seed, from the FLOP count at an assumed 15% MFU
-# (python model.py and bench_train.py): 420 MFLOP a token, 360K tokens/s; 16.4M tokens a run, ~46 s each,
-# five runs (baseline, SALT, SALT_DS, and the last two on 70% of the steps) ~4 min with their evaluations,
-# plus the SLM, scoring, tokenizing and each run's start-up: ~6.5 min.
+# The most steps the study takes: gpu_experiment.sh fits it to its 420 s with 30% slack at the rate gpu_check.sh
+# measured (experiment.study_seconds, docs/gpu.md), with fewer steps (kd_steps, eval_interval, ckpt_interval and
+# the SLM's steps in proportion) where it would not fit. Warmup-stable-decay, so that each run and a short decay
+# branched from it at 50% and 70% of the steps give the three budgets (experiment.py --fractions). Not measured
+# yet: at an assumed 15% MFU (420 MFLOP a token, 360K tokens/s, the KD stage as fast) the three runs of these
+# sizes, their six decays, the SLM, scoring, evaluations and start-up come to ~390 s by that formula: 324 steps
+# fit with the slack.
 out_dir = 'out/gpu/baseline'
 data_dir = 'data/python'     # python prepare.py tree --python --include '*.py' '*.md' '*.rst' '*.txt' --out_dir data/python
 train_sequences = 65536      # the pool: 33.5M tokens, which the SLM scores; a run reads half of it
@@ -15,6 +18,8 @@ max_steps = 500
 learning_rate = 1.5e-3
 min_lr = 1.5e-4
 warmup_steps = 50
+lr_schedule = 'wsd'
+decay_fraction = 0.2         # the last 20% of a run's steps (of a branch's too) decay to min_lr
 # SALT: the paper's w and tau, KD for 17% of the steps (36K of ~208K); SALT_DS keeps the top quarter of the pool
 kd_steps = 85
 kd_weight = 0.667

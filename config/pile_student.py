@@ -7,9 +7,10 @@
 #                 --score_file=out/pile/scores.npy --out_dir=out/pile/salt_ds
 # kd_weight and teacher_temperature are the paper's suggestions (it does not confirm them); select_fraction is
 # what our CPU studies chose (docs/cpu_studies.md, "Choosing the defaults"), on a 7M-parameter student: retune at scale.
-# Memory (python memory.py --student salt-2.8b --teacher gpt2-xl --batch_size 8 --block_size 2048 --world_size 8):
-# under ddp each GPU would hold the whole student, its gradients and AdamW's moments, ~71 GiB per 80 GB GPU at
-# batch_size 4 with the teacher; fsdp shards them 8 ways: ~55 GiB at batch_size 8, half the accumulation steps.
+# Memory (python memory.py --student salt-2.8b --teacher gpt2-xl --batch_size 8 --block_size 2048 --world_size 8
+# --grad_accum_steps 8): under ddp each GPU would hold the whole student, its gradients and AdamW's moments, ~71 GiB
+# per 80 GB GPU at batch_size 4 with the teacher; fsdp shards them 8 ways: ~65 GiB at batch_size 8, half the
+# accumulation steps, 9.9 GiB of it the gradients FSDP keeps whole in fp32 between micro-batches (docs/training.md).
 out_dir = 'out/pile/baseline'
 data_dir = 'data/pile'
 model_size = 'salt-2.8b'
