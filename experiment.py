@@ -7,7 +7,8 @@ and SALT_DS again on 70% of the steps (--short) -> a results table and val-loss 
   python experiment.py --name pile --slm_config config/pile_slm.py --student_config config/pile_student.py \\
       --nproc 8 --tokenize=                # data tokenized beforehand with `python prepare.py pile ...`
   python experiment.py --ablate kd_weight=0.5,0.667,0.9 --ablate top_k=1,10,100
-  python experiment.py --design branches   # WSD branches at 50/60/70/85/100%, a BPE of the corpus (docs/cpu_studies.md)
+  python experiment.py --design branches   # WSD branches at 50/60/70/85/100%, a BPE of the corpus, a strong and a
+                                           # weak SLM (docs/cpu_studies.md)
 
 Every seed (--seeds, two by default) trains every run; the tables give each seed and the mean. An ablation
 `--ablate KEY=V1,V2,...` trains one more student per value and seed: SALT with --KEY=V, or SALT_DS for the
@@ -402,7 +403,8 @@ def parse_fractions(text):
 
 
 # --design: the defaults of a study's flags. 'branches' (docs/cpu_studies.md): Llama students whose parameters are
-# mostly blocks, in a 4,096-token BPE trained on the corpus's train split, WSD branches at five fractions
+# mostly blocks, in a 4,096-token BPE trained on the corpus's train split, WSD branches at five fractions, SALT and
+# SALT_DS with an SLM that stays ahead of the student and with one that the student passes
 DESIGNS = {'branches': dict(name='branches', student_config='config/branches_student.py',
                             slm_config='config/branches_slm_strong.py', weak_slm_config='config/branches_slm.py',
                             fractions=[0.5, 0.6, 0.7, 0.85, 1.0],
@@ -504,7 +506,8 @@ def run_study(args, student, study):
     if args.weak_slm_config:
         study['slms'][WEAK] = run_slm(args, student, study, WEAK, args.weak_slm_config, {args.top_k})
     study['runs'] = planned_runs(args, study['slms'], student)
-    study['costs'] = {label: teacher_minutes(kind, study['slms'].get(slm)) for label, (kind, slm, _) in study['runs'].items()}
+    study['costs'] = {label: teacher_minutes(kind, study['slms'].get(slm))
+                      for label, (kind, slm, _) in study['runs'].items()}
     for label, (_, _, overrides) in study['runs'].items():  # every seed of a run, then the next: the report grows
         for seed in args.seeds:
             study['doing'] = f"training {label} (seed {seed})"
@@ -646,7 +649,8 @@ def branches_wallclock_table(study, labels, seeds):
         for seed in seeds:
             run = study['curves'][(seed, label)][-1]['elapsed_s'] / 60
             branches = sum(of_run(study['branch_seconds'], seed, label).values()) / 60
-            minutes = {1.0: run, **{f: c[-1]['elapsed_s'] / 60 for f, c in of_run(study['branches'], seed, label).items()}}
+            minutes = {1.0: run, **{f: curve[-1]['elapsed_s'] / 60
+                                    for f, curve in of_run(study['branches'], seed, label).items()}}
             fraction = fraction_reached(losses[(seed, label)], losses[(seed, 'baseline')][1.0])
             reach = ['not reached', '-']
             if fraction is not None:

@@ -160,7 +160,8 @@ for name in ('train_mfu', 'experiment_steps', 'fsdp_step', 'train_more'):
 if any('plain' in r.get('medians', {}) and 'kd' in r['medians'] for r in rows('experiment_steps.jsonl')):
     import experiment  # the sizing of gpu_experiment.sh by this rate, as it will size itself (experiment.fit)
     student, slm = (experiment.read_config(f'config/gpu_{name}.py') for name in ('student', 'slm'))
-    fitted, fitted_slm, rate = experiment.fit(student, slm, os.path.join(out, 'experiment_steps.jsonl'), 420, 0.7)
+    fitted, fitted_slm, rate = experiment.fit(student, slm, os.path.join(out, 'experiment_steps.jsonl'), 420, 0,
+                                              [0.5, 0.7, 1.0])  # gpu_experiment.sh's branches, no second short run
     print(f"\nsizing: at {rate:,.0f} tokens/s, gpu_experiment.sh's study fits its 420 s with 30% slack at "
           f"max_steps={fitted['max_steps']} (config/gpu_student.py: {student['max_steps']})")
 print()

@@ -2792,6 +2792,7 @@ def test_experiment_fractions_table_and_plot_from_wsd_branches(tmp_path, text_da
     """--fractions at toy size: each main run (WSD, 10 steps) keeps its checkpoint at step 3, and a branch
     from there decays to 6 steps (60%); the table gives each branch's final val loss, the fraction at which the run
     reaches its seed's baseline at 100% (interpolated), KD's gain at 100% and the baseline's last 40% of the steps;
+    a second SLM (--weak_slm_config) gives SALT and SALT_DS again under its name, the first SLM's runs keep theirs;
     the plot is written; a rerun trains nothing."""
     common = f"data_dir = {text_data!r}\nblock_size = 16\nbatch_size = 2\ntrain_sequences = 128\neval_batches = 2\n"
     (tmp_path / 'slm.py').write_text(common + "model_size = 'demo-slm'\nmax_steps = 4\neval_interval = 4\n"
@@ -2800,14 +2801,20 @@ def test_experiment_fractions_table_and_plot_from_wsd_branches(tmp_path, text_da
                                          "eval_interval = 5\nwarmup_steps = 2\nlearning_rate = 3e-3\n"
                                          "lr_schedule = 'wsd'\ndecay_fraction = 0.5\nlog_interval = 1\n")
     command = [os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py', '--student_config=student.py',
-               '--tokenize=', '--seeds', '1337', '--fractions', '0.6,1.0']
+               '--tokenize=', '--seeds', '1337', '--fractions', '0.6,1.0', '--weak_slm_config=slm.py']
     run_script(*command, cwd=tmp_path)
     report = (tmp_path / 'results' / 'toy' / 'table.md').read_text()
+    assert "- SLM `weak_slm`: slm.py, trained in " in report and (tmp_path / 'out/toy/weak_slm/scores_top10.npy').exists()
+    lead = report.split("## The SLMs, and KD's lead over the baseline\n\n")[1].split('\n\n')[0].splitlines()
+    assert [row.split('|')[1].strip() for row in lead[2:4]] == ['SLM `slm` (trained before)', 'SLM `weak_slm` (trained before)']
     table = report.split('## Fractions of the steps (a WSD branch each)\n\n')[1].split('\n\n')[0].splitlines()
     assert table[0] == ("| run | seed | val loss at 60% | val loss at 100% | reaches the baseline's 100% at | "
                         "KD gain at 100% | the baseline's last 40% of the steps |")
     rows = [[cell.strip() for cell in row.split('|')[1:-1]] for row in table[2:]]
-    assert [row[:2] for row in rows] == [[run, '1337'] for run in ('baseline', 'salt', 'salt_ds')]
+    assert [row[:2] for row in rows] == [[run, '1337'] for run in ('baseline', 'salt', 'salt_ds', 'salt weak_slm',
+                                                                   'salt_ds weak_slm')]
+    weak = step_records(tmp_path / 'out' / 'toy' / 'seed1337' / 'salt_ds_weak_slm_60pct')
+    assert max(weak) == 6 and '## Wall-clock with the branches' in report
     runs = tmp_path / 'out' / 'toy'
     for row in rows[:1]:
         branch, whole = (step_records(runs / f'seed{row[1]}' / name) for name in ('baseline_60pct', 'baseline'))
@@ -4058,19 +4065,24 @@ def test_a_failing_implementation_or_run_is_its_row_and_the_others_are_measured(
 @pytest.mark.slow
 def test_gpu_experiment_dry_run_returns_the_report_in_at_most_8_files(gpu_checkout):
     """gpu_experiment.sh at toy sizes on a small tree, the tree's budget too: every step of the GPU study
-    (tokenizing, the SLM, scoring, five students, the report and the selection report) runs here first."""
+    (tokenizing, the SLM, scoring, three WSD students and a branch of each at 60%, the report and the selection
+    report) runs here first."""
     result, out = run_documented_gpu_command('gpu_experiment.sh', gpu_checkout)
-    assert sorted(os.listdir(out)) == ['runs.tar.gz', 'score_histogram.png', 'selection.md', 'table.md', 'val_loss.png']
+    assert sorted(os.listdir(out)) == ['fractions.png', 'runs.tar.gz', 'score_histogram.png', 'selection.md', 'table.md',
+                                       'val_loss.png']
     table = (out / 'table.md').read_text()
     runs = [line.split('|')[1].strip() for line in table.split('## Val loss\n\n')[1].split('\n\n')[0].splitlines()[2:]]
-    assert runs == ['baseline', 'salt', 'salt_ds', 'salt 7 steps', 'salt_ds 7 steps']
-    for section in ('## Resolution', '## Val loss per data subset (final)', '## Cost per step'):
+    assert runs == ['baseline', 'salt', 'salt_ds']
+    fractions = table.split('## Fractions of the steps (a WSD branch each)\n\n')[1].split('\n\n')[0].splitlines()
+    assert fractions[0].startswith('| run | seed | val loss at 60% | val loss at 100% |') and len(fractions) == 5
+    for section in ('## Resolution', '## Val loss per data subset (final)', '## Cost per step',
+                    "## The SLMs, and KD's lead over the baseline", '## Wall-clock with the branches'):
         assert section in table
     with tarfile.open(out / 'runs.tar.gz') as tar:
         names = set(tar.getnames())
         meta = json.load(tar.extractfile('data/python/meta.json'))
-    for run in ('slm', 'seed1337/baseline', 'seed1337/salt', 'seed1337/salt_ds', 'seed1337/salt_7_steps',
-                'seed1337/salt_ds_7_steps'):
+    for run in ('slm', 'seed1337/baseline', 'seed1337/salt', 'seed1337/salt_ds', 'seed1337/baseline_60pct',
+                'seed1337/salt_ds_60pct'):
         assert f'out/gpu/{run}/metrics.jsonl' in names, names
     assert 'gpu_experiment.log' in names
     assert meta['source']['kind'] == 'tree' and 10 < meta['source']['files'] and meta['source']['bytes'] <= 400_000

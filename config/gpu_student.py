@@ -5,9 +5,9 @@
 # measured (experiment.study_seconds, docs/gpu.md), with fewer steps (kd_steps, eval_interval, ckpt_interval and
 # the SLM's steps in proportion) where it would not fit. Warmup-stable-decay, so that each run and a short decay
 # branched from it at 50% and 70% of the steps give the three budgets (experiment.py --fractions). Not measured
-# yet: at an assumed 15% MFU (420 MFLOP a token, 360K tokens/s, the KD stage as fast) the three runs of these
-# sizes, their six decays, the SLM, scoring, evaluations and start-up come to ~390 s by that formula: 324 steps
-# fit with the slack.
+# yet: at an assumed 15% MFU (420 MFLOP a token, 360K tokens/s, a KD step 1.15x a plain one) the three runs of
+# these sizes, their six decays, the SLM, scoring, evaluations and start-up come to ~392 s by that formula: 319
+# steps fit with the slack.
 out_dir = 'out/gpu/baseline'
 data_dir = 'data/python'     # python prepare.py tree --python --include '*.py' '*.md' '*.rst' '*.txt' --out_dir data/python
 train_sequences = 65536      # the pool: 33.5M tokens, which the SLM scores; a run reads half of it
