@@ -1104,7 +1104,8 @@ def train_tokenizer(data_dir, vocab_size, out_dir, max_bytes=0):
 # command line
 
 
-def main(argv=None):
+def argument_parser():
+    """prepare.py's command line: a subcommand per source, and bpe."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--val_fraction", type=float, default=0.05, help="share of documents for val (0.001 steps)")
     common.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="max tokens per .bin shard")
@@ -1150,6 +1151,11 @@ def main(argv=None):
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--max_bytes", type=float, default=0, help="the split's first documents up to N bytes (0 = all)")
     p.add_argument("--out_dir", required=True, help="the tokenizer's directory, for --tokenizer")
+    return parser
+
+
+def main(argv=None):
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.source == "bpe":
         return train_tokenizer(args.data_dir, args.vocab_size, args.out_dir, int(args.max_bytes))
