@@ -408,8 +408,8 @@ def parse_fractions(text):
 DESIGNS = {'branches': dict(name='branches', student_config='config/branches_student.py',
                             slm_config='config/branches_slm_strong.py', weak_slm_config='config/branches_slm.py',
                             fractions=[0.5, 0.6, 0.7, 0.85, 1.0],
-                            tokenize='stdlib --tokenizer tokenizers/stdlib_bpe4096')}
-BPE = ('data/stdlib', 4096, 20_000_000, 'tokenizers/stdlib_bpe4096')  # its tokenizer: trained on, size, bytes, dir
+                            tokenize='stdlib --tokenizer data/tokenizer_stdlib_bpe4096')}
+BPE = ('data/stdlib', 4096, 20_000_000, 'data/tokenizer_stdlib_bpe4096')  # its tokenizer: trained on, size, bytes, dir
 
 
 def make_bpe():
