@@ -1,14 +1,16 @@
 """
 The whole SALT experiment, end to end: tokenize -> train the small LM -> score the data with it -> train
-the student three ways (baseline, SALT, SALT_DS) with the same seed, data order and step budget, and SALT
-and SALT_DS again on 70% of the steps (--short) -> a results table and val-loss curves in results/<name>/.
+the student three ways (baseline, SALT, SALT_DS) with the same seed, data order and step budget, at shorter
+budgets too (WSD branches, --fractions; or SALT and SALT_DS again on 70% of the steps, --short) -> a results
+table and val-loss curves in results/<name>/.
 
-  python experiment.py                     # the embedded demo: Python's standard library, 2 seeds, CPU
-  python experiment.py --name pile --slm_config config/pile_slm.py --student_config config/pile_student.py \\
-      --nproc 8 --tokenize=                # data tokenized beforehand with `python prepare.py pile ...`
+  python experiment.py                     # the default study on Python's standard library, CPU, 2 seeds: WSD
+                                           # branches at 50/60/70/85/100%, a BPE of the corpus, a strong and a
+                                           # weak SLM (--design branches, docs/cpu_studies.md)
+  python experiment.py --design demo       # the earlier demo: GPT-2's tokens, cosine, --short 0.7, one SLM
+  python experiment.py --design demo --name pile --slm_config config/pile_slm.py \\
+      --student_config config/pile_student.py --nproc 8 --tokenize=   # data tokenized with `prepare.py pile ...`
   python experiment.py --ablate kd_weight=0.5,0.667,0.9 --ablate top_k=1,10,100
-  python experiment.py --design branches   # WSD branches at 50/60/70/85/100%, a BPE of the corpus, a strong and a
-                                           # weak SLM (docs/cpu_studies.md)
 
 Every seed (--seeds, two by default) trains every run; the tables give each seed and the mean. An ablation
 `--ablate KEY=V1,V2,...` trains one more student per value and seed: SALT with --KEY=V, or SALT_DS for the
@@ -37,6 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import salt
+from data import TokenSequences
 from bench_train import Stopped, on_sigterm, read_records as read_raw_records
 from model import GPTConfig
 
@@ -83,6 +86,11 @@ def read_metrics(out_dir):
     return [r for r in read_records(out_dir) if 'val_loss' in r]
 
 
+def header_of(out_dir):
+    """The run's metrics header: the last, as a resumed run writes one per start."""
+    return [r for r in read_records(out_dir) if r.get('type') == 'header'][-1]
+
+
 def val_at(curve, step):
     """Val loss of the last evaluation at or before `step`."""
     return [r['val_loss'] for r in curve if r['step'] <= step][-1]
@@ -97,9 +105,8 @@ def finished(out_dir):
     """A train.py run is finished when its metrics hold the final evaluation at its max_steps."""
     if not os.path.isfile(os.path.join(out_dir, 'metrics.jsonl')):
         return False
-    records = read_records(out_dir)
-    max_steps = [r for r in records if r.get('type') == 'header'][-1]['config']['max_steps']
-    return any(r.get('step') == max_steps and 'val_loss' in r for r in records)
+    max_steps = header_of(out_dir)['config']['max_steps']
+    return any(r.get('step') == max_steps and 'val_loss' in r for r in read_records(out_dir))
 
 
 def train(nproc, config_file, out_dir, overrides):
@@ -278,6 +285,24 @@ def subset_table(curves, runs, seeds, val_tokens, min_share=0.02):
     return markdown_table(['subset', 'val tokens'] + labels, rows)
 
 
+def selection_tables(run_dirs):
+    """SALT_DS's selection per data subset, for each SALT_DS run of {label: its first seed's out_dir} with a selection
+    of its own (every seed's is the same: one SLM's scores of one pool): each subset's share of the pool and of the
+    sequences stage 1 reads, from the scores and settings its metrics header recorded."""
+    tables = {}
+    for label, run_dir in run_dirs.items():
+        config = header_of(run_dir)['config']
+        if (config['score_file'], config['select_fraction']) in tables:
+            continue
+        scores = np.load(config['score_file'])
+        sequences = TokenSequences(config['data_dir'], 'train', config['block_size'], max_sequences=len(scores))
+        selected = salt.select_top(scores, config['select_fraction'])
+        tables[(config['score_file'], config['select_fraction'])] = (
+            f"`{label}`: the top {config['select_fraction']:.0%} of {len(scores):,} sequences by "
+            f"`{config['score_file']}`\n\n" + salt.subset_table(*sequences.domains(), selected))
+    return '\n\n'.join(tables.values())
+
+
 def task_table(curves, runs, seeds):
     """The few-shot scores of the final evaluation (train.py's eval_tasks) per run, mean over seeds."""
     metrics = [key for key in curves[(seeds[0], 'baseline')][-1] if '/' in key]
@@ -290,7 +315,7 @@ def cost_table(out, seeds, labels):
     """KD-stage vs plain step time of the SALT runs among labels against the FLOP estimate of what KD adds: a
     teacher forward over a student step (model.GPTConfig.flops_per_token)."""
     def model_config(run_dir):  # the header's model_args (runs before them: the preset of their model_size)
-        header = [r for r in read_records(run_dir) if r.get('type') == 'header'][-1]
+        header = header_of(run_dir)
         if 'model_args' in header:
             return GPTConfig(**header['model_args'])
         return GPTConfig.from_preset(header['config']['model_size'], block_size=header['config']['block_size'])
@@ -330,12 +355,18 @@ def noise_table(curves, seeds, max_step, val_tokens):
 
 
 def extra_tables(curves, runs, seeds, max_step, baseline_dir):
-    """The tables beyond the val loss: its noise, the val loss per data subset, and the few-shot tasks."""
+    """The tables beyond the val loss: its noise, SALT_DS's selection and the val loss per data subset, and the
+    few-shot tasks."""
     final = curves[(seeds[0], 'baseline')][-1]
-    header = [r for r in read_records(baseline_dir) if r.get('type') == 'header'][-1]
+    header = header_of(baseline_dir)
     tables = "\n## Resolution\n\n" + noise_table(curves, seeds, max_step, header.get('val_tokens', 0))
     if len(final.get('val_loss_subsets', {})) > 1:
-        tables += "\n## Val loss per data subset (final)\n\n" + subset_table(curves, runs, seeds, header['val_tokens_subsets'])
+        selections = {label: os.path.join(os.path.dirname(baseline_dir), label.replace(' ', '_'))
+                      for label in main_labels(runs) if runs[label][0] == 'salt_ds'}
+        if selections:
+            tables += f"\n## SALT_DS's selection per data subset (what stage 1 reads)\n\n{selection_tables(selections)}\n"
+        tables += ("\n## Val loss per data subset (final)\n\n" +
+                   subset_table(curves, runs, seeds, header['val_tokens_subsets']))
     if any('/' in key for key in final):
         tables += "\n## Few-shot tasks (final)\n\n" + task_table(curves, runs, seeds)
     return tables
@@ -402,9 +433,10 @@ def parse_fractions(text):
     return fractions
 
 
-# --design: the defaults of a study's flags. 'branches' (docs/cpu_studies.md): Llama students whose parameters are
-# mostly blocks, in a 4,096-token BPE trained on the corpus's train split, WSD branches at five fractions, SALT and
-# SALT_DS with an SLM that stays ahead of the student and with one that the student passes
+# --design: the defaults of a study's flags ('demo': the arguments' own). 'branches', the default study
+# (docs/cpu_studies.md): Llama students whose parameters are mostly blocks, in a 4,096-token BPE trained on the
+# corpus's train split, WSD branches at five fractions, SALT and SALT_DS with an SLM that stays ahead of the student
+# and with one that the student passes
 DESIGNS = {'branches': dict(name='branches', student_config='config/branches_student.py',
                             slm_config='config/branches_slm_strong.py', weak_slm_config='config/branches_slm.py',
                             fractions=[0.5, 0.6, 0.7, 0.85, 1.0],
@@ -712,8 +744,7 @@ def branches_tables(args, student, study, done):
     if not labels:
         return ''
     stage1 = {key: [r for r in curve if r['step'] <= student['kd_steps']] for key, curve in study['curves'].items()}
-    header = [r for r in read_records(os.path.join('out', args.name, f'seed{args.seeds[0]}', 'baseline'))
-              if r.get('type') == 'header'][-1]
+    header = header_of(os.path.join('out', args.name, f'seed{args.seeds[0]}', 'baseline'))
     subsets = len(header.get('val_tokens_subsets', {})) > 1 and stage1[(args.seeds[0], 'baseline')][-1]['step'] > 0
     return ("\n## Fractions of the steps (a WSD branch each)\n\n" + fraction_table(study, labels, args.seeds) +
             "\n## Wall-clock with the branches\n\n" + branches_wallclock_table(study, labels, args.seeds) +
@@ -767,9 +798,9 @@ def parse_args():
                         help="each main run at these fractions of its steps too, a WSD branch each (1 = the run)")
     parser.add_argument('--weak_slm_config', default='',
                         help=f"a second SLM, out/<name>/{WEAK}: SALT and SALT_DS again with it, labelled '{WEAK}'")
-    parser.add_argument('--design', choices=('demo', *DESIGNS), default='demo',
-                        help="'branches': the study of docs/cpu_studies.md's branches design, its defaults for the "
-                             "flags above (each still overridable)")
+    parser.add_argument('--design', choices=('demo', *DESIGNS), default='branches',
+                        help="the defaults of the flags above, each still overridable: 'branches' (the default "
+                             "study of docs/cpu_studies.md) or 'demo' (the earlier demo: the defaults shown)")
     parser.add_argument('--fit', type=float, default=0, metavar='SECONDS',
                         help="fewer steps where the study would not fit SECONDS with 30%% slack at --rate_file's rate")
     parser.add_argument('--rate_file', help="gpu_check.sh's experiment_steps.jsonl: the rate --fit sizes by")

@@ -62,7 +62,8 @@ status=0
 [ -f "$data/meta.json" ] || limited "${limits[0]}" python3 "$here/prepare.py" "${tree[@]}" --out_dir "$data" || status=$?
 if [ $status = 0 ]; then
     (cd "$work" && limited "${limits[1]}" python3 "$here/experiment.py" --name $name --slm_config "$here/config/gpu_slm.py" \
-        --student_config "$here/config/gpu_student.py" --seeds 1337 --tokenize= --fractions $fractions "${sizes[@]}" "$@") || status=$?
+        --student_config "$here/config/gpu_student.py" --seeds 1337 --tokenize= --weak_slm_config= \
+        --fractions $fractions "${sizes[@]}" "$@") || status=$?
 fi
 if [ -f "$work/out/$name/scores_top10.npy" ]; then  # also after a failure or the time limit of a later run
     limited "${limits[2]}" python3 "$here/salt.py" report --scores "$work/out/$name/scores_top10.npy" --data_dir "$data" \

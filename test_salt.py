@@ -2753,9 +2753,9 @@ def test_experiment_writes_table_and_plot(tmp_path, text_data):
     (tmp_path / 'slm.py').write_text(common + "model_size = 'demo-slm'\nmax_steps = 6\neval_interval = 3\nwarmup_steps = 2\n")
     (tmp_path / 'student.py').write_text(common + "model_size = 'demo-student'\nmax_steps = 10\nkd_steps = 4\n"
                                          "eval_interval = 1\nlog_interval = 1\nwarmup_steps = 2\nlearning_rate = 3e-3\n")
-    command = [os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py', '--student_config=student.py',
-               '--tokenize=', '--seeds', '1337', '--set', 'kd_weight=0.5', '--ablate', 'kd_weight=0.5,0.9', '--ablate',
-               'top_k=1']
+    command = [os.path.join(REPO, 'experiment.py'), '--design=demo', '--name=toy', '--slm_config=slm.py',
+               '--student_config=student.py', '--tokenize=', '--seeds', '1337', '--set', 'kd_weight=0.5', '--ablate',
+               'kd_weight=0.5,0.9', '--ablate', 'top_k=1']
     run_script(*command, cwd=tmp_path)
     report = (tmp_path / 'results' / 'toy' / 'table.md').read_text()
     table = report.split('## Val loss\n\n')[1].split('\n\n')[0].splitlines()
@@ -2907,8 +2907,8 @@ def test_experiment_stopped_by_its_time_limit_reports_the_runs_that_finished(tmp
     (tmp_path / 'slm.py').write_text(common + "model_size = 'demo-slm'\nmax_steps = 2\neval_interval = 2\n")
     (tmp_path / 'student.py').write_text(common + "model_size = 'demo-student'\nmax_steps = 40\nkd_steps = 4\n"
                                          "eval_interval = 10\n")
-    command = [sys.executable, os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py',
-               '--student_config=student.py', '--tokenize=', '--seeds', '1337']
+    command = [sys.executable, os.path.join(REPO, 'experiment.py'), '--design=demo', '--name=toy',
+               '--slm_config=slm.py', '--student_config=student.py', '--tokenize=', '--seeds', '1337']
     process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     started = tmp_path / 'out' / 'toy' / 'seed1337' / 'salt' / 'metrics.jsonl'  # the baseline has finished
@@ -3523,9 +3523,13 @@ def report_numbers(md):
     """From selection.md: the selected count, the threshold and {subset: (count, selected)}."""
     selected, total, threshold = re.search(r'Selected \*\*([\d,]+) of ([\d,]+)\*\* sequences: median score '
                                            r'>= \*\*([\d.]+)\*\*', md).groups()
+    return int(selected.replace(',', '')), int(total.replace(',', '')), threshold, subset_rows(md)
+
+
+def subset_rows(md):
+    """{subset: (sequences, selected)} of the rows of salt.subset_table in md."""
     rows = re.findall(r'^\| ((?:[^|\\]|\\\|)+) \| ([\d,]+) \| [\d.]+% \| ([\d,]+) \|', md, re.M)
-    subsets = {name.replace('\\|', '|'): (int(n.replace(',', '')), int(k.replace(',', ''))) for name, n, k in rows}
-    return int(selected.replace(',', '')), int(total.replace(',', '')), threshold, subsets
+    return {name.replace('\\|', '|'): (int(n.replace(',', '')), int(k.replace(',', ''))) for name, n, k in rows}
 
 
 @pytest.mark.slow
@@ -3557,6 +3561,15 @@ def test_report_on_pile_data_with_subsets(slm, tmp_path):
     assert ENC.decode(sequences.get([order[0]])[0].tolist())[:40] in md
     assert (out_dir / 'score_histogram.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert (out_dir / 'score_histogram.png').stat().st_size > 10_000
+    # experiment.py's report shows the same selection, from the settings a SALT_DS run's metrics header recorded; a
+    # second run with the same selection (a shorter run's) adds no second table
+    run_dir = tmp_path / 'seed1' / 'salt_ds'
+    run_dir.mkdir(parents=True)
+    config = dict(score_file=scores_file, select_fraction=0.3, data_dir=pile, block_size=16)
+    (run_dir / 'metrics.jsonl').write_text(json.dumps(dict(type='header', config=config)) + '\n')
+    table = experiment_module().selection_tables({'salt_ds': str(run_dir), 'salt_ds 7 steps': str(run_dir)})
+    assert table.startswith(f"`salt_ds`: the top 30% of {len(scores):,} sequences by `{scores_file}`")
+    assert table.count('| subset |') == 1 and subset_rows(table) == subsets
 
     # data tokenized before subsets were recorded: the report still works and says why there are no shares
     meta = json.loads((tmp_path / 'pile' / 'meta.json').read_text())

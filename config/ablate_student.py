@@ -2,7 +2,7 @@
 # keep 2 seeds x 14 runs affordable on a CPU (about 55 minutes). Every ablated key is set here, to the paper's
 # values: the run with these values is the study's main SALT / SALT_DS run, and each ablated value equal to
 # it reuses that run. Results and the defaults they chose: docs/cpu_studies.md, "Choosing the defaults".
-#   python experiment.py --name ablations --student_config config/ablate_student.py --seeds 1337 1338 \
+#   python experiment.py --design demo --name ablations --student_config config/ablate_student.py --seeds 1337 1338 \
 #       --ablate kd_weight=0.5,0.667,0.9 --ablate teacher_temperature=0.25,1.0,2.0 \
 #       --ablate kd_steps=30,51,90 --ablate kd_schedule=constant,linear \
 #       --ablate top_k=1,10,100 --ablate select_fraction=0.25,0.5,0.75
