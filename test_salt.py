@@ -4728,9 +4728,9 @@ def test_lm_evaluation_harness_on_the_export_scores_as_evaluate_py(tiny, files, 
     scores = harness['results']['hellaswag_local']
     assert (scores['acc,none'], scores['acc_norm,none']) == (ours['acc'], ours['acc_norm'])
     scored = evaluation.score_examples(model, task, GPT2_TOKENIZER, shots=0, seed=0, batch_size=8)
-    assert [sample['doc_id'] for sample in samples] == [index for index, _, _ in scored]
-    for sample, (_, endings, _) in zip(samples, scored):
-        assert [float(ll) for ll, _ in sample['filtered_resps']] == pytest.approx([lp for lp, _, _ in endings],
+    assert [logged['doc_id'] for logged in samples] == [index for index, _, _ in scored]
+    for logged, (_, endings, _) in zip(samples, scored):
+        assert [float(ll) for ll, _ in logged['filtered_resps']] == pytest.approx([lp for lp, _, _ in endings],
                                                                                   rel=1e-5)
 
 
