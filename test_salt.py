@@ -140,7 +140,8 @@ class Forks:
     """Commands started by FORK_SERVER, several at a time if need be: start() them, then wait() for each."""
 
     def __init__(self):
-        self.servers, self.outputs = {}, tempfile.mkdtemp(prefix='salt-tests-')
+        self.servers, self.folder = {}, tempfile.TemporaryDirectory(prefix='salt-tests-')  # removed at exit
+        self.outputs = self.folder.name
         self.started, self.returncodes = 0, {}
 
     def server(self, threads):
