@@ -86,6 +86,11 @@ def read_metrics(out_dir):
     return [r for r in read_records(out_dir) if 'val_loss' in r]
 
 
+def run_folder(out, seed, label):
+    """Where a run of the study `out` trains: seed<seed>/<its label, spaces as underscores>."""
+    return os.path.join(out, f'seed{seed}', label.replace(' ', '_'))
+
+
 def header_of(out_dir):
     """The run's metrics header: the last, as a resumed run writes one per start."""
     return [r for r in read_records(out_dir) if r.get('type') == 'header'][-1]
@@ -311,22 +316,23 @@ def task_table(curves, runs, seeds):
     return markdown_table(['run'] + metrics, rows)
 
 
-def cost_table(out, seeds, labels):
-    """KD-stage vs plain step time of the SALT runs among labels against the FLOP estimate of what KD adds: a
-    teacher forward over a student step (model.GPTConfig.flops_per_token)."""
+def cost_table(out, seeds, runs):
+    """KD-stage vs plain step time of the main SALT and SALT_DS runs, each SLM's, against the FLOP estimate of what
+    KD adds: its teacher's forward over a student step (model.GPTConfig.flops_per_token)."""
     def model_config(run_dir):  # the header's model_args (runs before them: the preset of their model_size)
         header = header_of(run_dir)
         if 'model_args' in header:
             return GPTConfig(**header['model_args'])
         return GPTConfig.from_preset(header['config']['model_size'], block_size=header['config']['block_size'])
 
-    slm = model_config(os.path.join(out, 'slm'))
-    student = model_config(os.path.join(out, f'seed{seeds[0]}', 'baseline'))
-    flop_ratio = slm.flops_per_token(student.block_size, backward=False) / student.flops_per_token(student.block_size)
+    student = model_config(run_folder(out, seeds[0], 'baseline'))
     rows = []
-    for label in [label for label in ('salt', 'salt_ds') if label in labels]:
+    for label in [label for label in main_labels(runs) if runs[label][0] != 'baseline']:
+        slm = model_config(os.path.join(out, runs[label][1]))
+        teacher_flops = slm.flops_per_token(student.block_size, backward=False)
+        flop_ratio = teacher_flops / student.flops_per_token(student.block_size)
         for seed in seeds:
-            records = [r for r in read_records(os.path.join(out, f'seed{seed}', label))
+            records = [r for r in read_records(run_folder(out, seed, label))
                        if 'tokens_per_s' in r and r['step'] > 1]  # the first interval includes start-up
             kd = [r['tokens_per_s'] for r in records if r['kd_weight'] > 0]
             plain = [r['tokens_per_s'] for r in records if r['kd_weight'] == 0]
@@ -354,14 +360,14 @@ def noise_table(curves, seeds, max_step, val_tokens):
                            'step the baseline first reaches it'], rows)
 
 
-def extra_tables(curves, runs, seeds, max_step, baseline_dir):
+def extra_tables(curves, runs, seeds, max_step, out):
     """The tables beyond the val loss: its noise, SALT_DS's selection and the val loss per data subset, and the
     few-shot tasks."""
     final = curves[(seeds[0], 'baseline')][-1]
-    header = header_of(baseline_dir)
+    header = header_of(run_folder(out, seeds[0], 'baseline'))
     tables = "\n## Resolution\n\n" + noise_table(curves, seeds, max_step, header.get('val_tokens', 0))
     if len(final.get('val_loss_subsets', {})) > 1:
-        selections = {label: os.path.join(os.path.dirname(baseline_dir), label.replace(' ', '_'))
+        selections = {label: run_folder(out, seeds[0], label)
                       for label in main_labels(runs) if runs[label][0] == 'salt_ds'}
         if selections:
             tables += f"\n## SALT_DS's selection per data subset (what stage 1 reads)\n\n{selection_tables(selections)}\n"
@@ -543,7 +549,7 @@ def run_study(args, student, study):
     for label, (_, _, overrides) in study['runs'].items():  # every seed of a run, then the next: the report grows
         for seed in args.seeds:
             study['doing'] = f"training {label} (seed {seed})"
-            run_dir = os.path.join(out, f'seed{seed}', label.replace(' ', '_'))
+            run_dir = run_folder(out, seed, label)
             settings = [f'--seed={seed}'] + [f'--{k}={v}' for k, v in args.set] + overrides  # the run's own win
             branches = branch_plan(args.fractions, student)
             points = ','.join(str(point) for point, _ in branches.values())
@@ -724,7 +730,7 @@ def report_tables(args, student, study, done):
             lead_table(study, main_labels(done), seeds, student['kd_steps']) +
             "\n## Wall-clock\n\n" + wallclock_table(curves, done, seeds, study['costs']) +
             (f"\n## Ablations\n\n{ablation_tables(curves, args, student, max_step, done)}" if args.ablate else "") +
-            extra_tables(curves, done, seeds, max_step, os.path.join(out, f'seed{seeds[0]}', 'baseline')) +
+            extra_tables(curves, done, seeds, max_step, out) +
             "\n## Cost per step\n\n" + cost_table(out, seeds, done) + branches_tables(args, student, study, done))
 
 
@@ -744,7 +750,7 @@ def branches_tables(args, student, study, done):
     if not labels:
         return ''
     stage1 = {key: [r for r in curve if r['step'] <= student['kd_steps']] for key, curve in study['curves'].items()}
-    header = header_of(os.path.join('out', args.name, f'seed{args.seeds[0]}', 'baseline'))
+    header = header_of(run_folder(os.path.join('out', args.name), args.seeds[0], 'baseline'))
     subsets = len(header.get('val_tokens_subsets', {})) > 1 and stage1[(args.seeds[0], 'baseline')][-1]['step'] > 0
     return ("\n## Fractions of the steps (a WSD branch each)\n\n" + fraction_table(study, labels, args.seeds) +
             "\n## Wall-clock with the branches\n\n" + branches_wallclock_table(study, labels, args.seeds) +

@@ -2821,6 +2821,8 @@ def test_experiment_fractions_table_and_plot_from_wsd_branches(tmp_path, text_da
                                                                    'salt_ds weak_slm')]
     weak = step_records(tmp_path / 'out' / 'toy' / 'seed1337' / 'salt_ds_weak_slm_60pct')
     assert max(weak) == 6 and '## Wall-clock with the branches' in report
+    costs = report.split('## Cost per step\n\n')[1].split('\n\n')[0].splitlines()  # every SLM's KD runs
+    assert [row.split('|')[1].strip() for row in costs[2:]] == ['salt', 'salt_ds', 'salt weak_slm', 'salt_ds weak_slm']
     runs = tmp_path / 'out' / 'toy'
     for row in rows[:1]:
         branch, whole = (step_records(runs / f'seed{row[1]}' / name) for name in ('baseline_60pct', 'baseline'))
