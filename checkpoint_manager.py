@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from common import InputError, atomic_write
+from data import ORDER_VERSION
 
 # settings a resumed run may change without changing what it computes (grad_accum_steps: with the number of
 # processes, see check_resumable)
@@ -35,17 +36,21 @@ RESUMABLE_CHANGES = {'out_dir', 'init_from', 'max_steps', 'eval_interval', 'eval
                      'ckpt_interval', 'wandb_log', 'wandb_project', 'eval_tasks', 'eval_shots',
                      'eval_fewshot_files', 'compile', 'device', 'dtype', 'peak_flops', 'ddp_timeout',
                      'skip_nonfinite', 'parallelism', 'shard_teacher', 'activation_checkpointing',
-                     'grad_accum_steps', 'branch_steps'}
-# and those a branch may change besides: where its learning rate decays (check_branch compares the rates before
+                     'grad_accum_steps', 'branch_steps', 'log_ids'}
+# and those a branch may change besides: where its learning rate decays (check_learning_rates compares the rates before
 # the branch point, step by step)
 BRANCH_CHANGES = {'lr_decay_steps', 'decay_fraction', 'branch_from'}
+# what the learning rate of a step depends on (salt.lr_at): a resumed run's must not move for the steps it took
+LR_SETTINGS = ('max_steps', 'lr_decay_steps', 'lr_schedule', 'decay_fraction', 'warmup_steps', 'learning_rate',
+               'min_lr')
 # paths a resumed run compares by what they hold (fingerprints, kept in meta.pt as 'inputs'), not by name
 MOVABLE = {'data_dir': 'data', 'teacher_ckpt': 'teacher', 'score_file': 'SALT_DS selection'}
 # settings younger than some checkpoints, with the value the runs that wrote those had
 ADDED_SETTINGS = {'kd_loss': 'forward_kl', 'kd_end': 'steps', 'kd_token_weight': 'constant', 'architecture': '',
                   'n_layer': None, 'n_head': None, 'n_embd': None, 'n_kv_head': None, 'positions': None,
                   'rope_theta': None, 'norm': None, 'mlp': None, 'mlp_hidden': None, 'bias': None,
-                  'tie_embeddings': None, 'lr_schedule': 'cosine', 'decay_fraction': 0.2, 'branch_from': ''}
+                  'tie_embeddings': None, 'lr_schedule': 'cosine', 'decay_fraction': 0.2, 'branch_from': '',
+                  'role': 'student'}
 
 
 def checkpoint_paths(out_dir):
@@ -174,6 +179,12 @@ def fingerprints(data_fingerprint, selected_ids, teacher_id):
 def check_resumable(meta, config, fingerprints, world_size, branch=False):
     """Refuse to continue a run with other settings; paths may differ where they hold the same thing. A branch
     (branch=True: meta is its parent's) may change BRANCH_CHANGES too."""
+    where = f"branch_from={config['branch_from']!r} is" if branch else f"{config['out_dir']} holds"
+    order = meta['loader'].get('order', 1)
+    if order != ORDER_VERSION:  # the step's model is fine, but the batches from here on would be another run's
+        raise InputError(f"{where} a checkpoint of data order {order}, this code reads order {ORDER_VERSION} "
+                         f"(data.ORDER_VERSION): continued, it would read other sequences than the run it began. "
+                         f"Train it again in another out_dir, or delete this one")
     saved = {**ADDED_SETTINGS, **meta['config']}
     may_change = RESUMABLE_CHANGES | set(MOVABLE) | (BRANCH_CHANGES if branch else set())
     changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in config.items()
@@ -224,16 +235,22 @@ def branch_point(spec):
     return path, meta
 
 
-def check_branch(meta, config, lr_at):
-    """A branch must have the learning rate of its parent's run (meta's) at every step before the branch point,
-    or it would not be the run it stands for: lr_at is salt.lr_at."""
-    parent = {**ADDED_SETTINGS, **meta['config']}
-    step = next((s for s in range(meta['step']) if lr_at(s, parent) != lr_at(s, config)), None)
-    if step is not None:
-        raise InputError(f"branch_from={config['branch_from']!r}: at step {step} the learning rate was "
-                         f"{lr_at(step, parent):.4g} and would be {lr_at(step, config):.4g} in this branch: a "
-                         f"branch point lies before the branch's decay and its parent's (lr_schedule='wsd', "
-                         f"salt.decay_start)")
+def check_learning_rates(meta, config, lr_at, branch=False):
+    """A resumed run, or a branch (branch=True), must have had the learning rate of its checkpoint's run (meta's) at
+    every step it took, or it would not be the run it stands for: a new max_steps moves a cosine run's, and a WSD
+    run's past its decay start. lr_at is salt.lr_at."""
+    before = {**ADDED_SETTINGS, **meta['config']}
+    step = next((s for s in range(meta['step']) if lr_at(s, before) != lr_at(s, config)), None)
+    if step is None:
+        return
+    changed = ', '.join(f"{key}={config[key]!r} (was {before[key]!r})" for key in LR_SETTINGS
+                        if config[key] != before[key])
+    rates = f"at step {step} the learning rate was {lr_at(step, before):.4g} and would be {lr_at(step, config):.4g}"
+    if branch:
+        raise InputError(f"branch_from={config['branch_from']!r}: {rates} in this branch: a branch point lies before "
+                         f"the branch's decay and its parent's (lr_schedule='wsd', salt.decay_start)")
+    raise InputError(f"{config['out_dir']} holds a run of {meta['step']} steps: {rates} with {changed}, so it "
+                     f"would not be one run. Keep its settings, or branch from it (branch_from, lr_schedule='wsd')")
 
 
 def restore(out_dir, path, meta, model, optimizer):

@@ -11,11 +11,13 @@ details); data without meta.json is GPT-2's.
 - TokenSequences: fixed windows of block_size+1 tokens, each with a stable integer id, so that SALT_DS can
   score sequences and select them by id; domains() gives each window's data subset.
 - BatchLoader: a seeded per-epoch permutation of the allowed ids (every sequence, or SALT_DS's selection), cut
-  into batches and strided over ranks, resumable via state_dict.
+  into batches and strided over ranks, resumable via state_dict; epoch_order is that permutation, one random
+  stream per role and part of the data.
 """
 import glob
 import hashlib
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -27,6 +29,9 @@ MAGIC = 20240520  # llm.c / modded-nanogpt shard magic
 TOKEN_DTYPES = {1: "<u2", 2: "<u4"}  # shard version -> token dtype (llm.c: 1 for GPT-2's, 2 for Llama 3's)
 HEADER_INTS = 256
 EDGE_TOKENS = 32 * 1024  # tokens read from each end of a shard when opening it (64 KiB)
+# the data order's version, kept in checkpoints: 2 since every random stream has its own key (epoch_order) and
+# SALT's stage 2 goes on with its loader (train.py); a checkpoint of version 1 would read other data from its step on
+ORDER_VERSION = 2
 
 
 def read_bin(path):
@@ -266,61 +271,102 @@ def _map_piece(piece):
     return np.memmap(path, dtype=dtype, mode="r", shape=(piece["tokens"],))
 
 
+def epoch_order(ids, seed, stream, epoch):
+    """The order in which epoch `epoch` of a random stream reads `ids` (an int n: the ids 0..n-1), a permutation drawn
+    from default_rng([seed, stream's key, epoch]): its own generator per epoch (no global RNG: exact resume), and
+    one stream per role and part of the data, so that no two of them correlate, whatever their seeds (numpy's
+    permutations of pools of different lengths from one seed do: stream 'slm/pool' against 'student/pool')."""
+    key = zlib.crc32(stream.encode())
+    if isinstance(ids, (int, np.integer)):  # int32 where it fits: half the memory at the Pile's 146M sequences, and
+        ids = np.arange(ids, dtype=np.int32 if ids < 2 ** 31 else np.int64)  # the same order as permutation(n)
+    return np.random.default_rng([seed, key, epoch]).permutation(ids)
+
+
 class BatchLoader:
-    """Batches of sequences: epoch e shuffles the allowed ids with default_rng([seed, e]) and cuts the
-    permutation into blocks of batch_size. An optimizer step reads the next accumulation * world_size blocks:
-    micro-step m of rank r reads block m * world_size + r of them.
+    """Batches of sequences: epoch e reads the allowed ids (every sequence, or SALT_DS's selection) in
+    epoch_order(ids, seed, stream, e), cut into blocks of batch_size. An optimizer step reads the next
+    accumulation * world_size blocks: micro-step m of rank r reads block m * world_size + r of them.
 
     So the global batches depend on batch_size and accumulation * world_size alone: 2 ranks with 1 accumulation
     step read what 1 process with 2 reads (micro-step m of step s: block 2s+m), and a run may resume on another
     number of ranks that keeps the product. An epoch is as many whole steps as fit; its other blocks are dropped.
+    `skip`: ids left out of epoch 0 (SALT_DS's stage 2 leaves out what stage 1 read: train.py), in every later
+    epoch read again.
     """
 
     def __init__(self, sequences, batch_size, rank=0, world_size=1, seed=0, ids=None, accumulation=1,
-                 device='cpu'):
+                 device='cpu', stream='student/pool', skip=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.sequences, self.batch_size, self.rank, self.world_size, self.seed = (
             sequences, batch_size, rank, world_size, seed)
-        self.device = torch.device(device)
+        self.accumulation, self.stream, self.device = accumulation, stream, torch.device(device)
         # a subset (e.g. SALT_DS's selection) is a set: sorted and deduplicated, so its order can't matter
-        self.ids = np.arange(len(sequences)) if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
-        if self.ids.size and (self.ids[0] < 0 or self.ids[-1] >= len(sequences)):
+        # (every sequence: their number, epoch_order's range)
+        self.ids = len(sequences) if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
+        self.n_ids = len(sequences) if ids is None else len(self.ids)
+        if ids is not None and self.n_ids and (self.ids[0] < 0 or self.ids[-1] >= len(sequences)):
             raise IndexError(f"ids must be in [0, {len(sequences)})")
-        steps_per_epoch = len(self.ids) // (batch_size * world_size * accumulation)
-        self.batches_per_epoch = steps_per_epoch * accumulation  # this rank's
-        if self.batches_per_epoch == 0:
-            raise InputError(f"{len(self.ids)} sequences are too few for batch_size*world_size*grad_accum_steps = "
+        self.skip = None if skip is None or not len(skip) else np.asarray(skip, dtype=np.int64)
+        if self.n_ids // self.global_batch == 0:
+            raise InputError(f"{self.n_ids} sequences are too few for batch_size*world_size*grad_accum_steps = "
                              f"{batch_size}*{world_size}*{accumulation}; use a smaller batch or more data")
         self.epoch, self.position = 0, 0
-        self._perm_epoch, self._perm = None, None
+        self._order_epoch, self._order = None, None
 
-    def _permutation(self):
-        if self._perm_epoch != self.epoch:  # own generator per epoch: no global RNG, exact resume
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.ids)
-            self._perm_epoch = self.epoch
-        return self._perm
+    @property
+    def global_batch(self):
+        return self.batch_size * self.world_size * self.accumulation
+
+    def order(self, epoch):
+        """The ids epoch `epoch` reads, in order (whole steps of them; the rest of the epoch is dropped)."""
+        if self._order_epoch != epoch:
+            order = epoch_order(self.ids, self.seed, self.stream, epoch)
+            if epoch == 0 and self.skip is not None:  # a mask over the pool: no sort of the Pile's 146M ids
+                keep = np.ones(len(self.sequences), dtype=bool)
+                keep[self.skip] = False
+                order = order[keep[order]]
+            self._order = order[:len(order) // self.global_batch * self.global_batch]
+            self._order_epoch = epoch
+        return self._order
+
+    def batches_in(self, epoch):
+        """This rank's batches in epoch `epoch`."""
+        return len(self.order(epoch)) // self.global_batch * self.accumulation
 
     def next_batch(self):
         """(x, y) LongTensors (batch_size, block_size) on the loader's device, y = x shifted by one token."""
-        if self.position == self.batches_per_epoch:
+        while self.position == self.batches_in(self.epoch):  # (an epoch 0 whose skip leaves no whole step: none)
             self.epoch, self.position = self.epoch + 1, 0
         block = self.position * self.world_size + self.rank
-        ids = self._permutation()[block * self.batch_size: (block + 1) * self.batch_size]
+        ids = self.order(self.epoch)[block * self.batch_size: (block + 1) * self.batch_size]
         self.position += 1
+        self.last_ids = ids  # what this batch read (train.py's log_ids)
         windows = self.sequences.get(ids)
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         if self.device.type == 'cuda':  # from pinned memory, asynchronously: the step need not wait for it
             return [t.pin_memory().to(self.device, non_blocking=True) for t in (x, y)]
         return x, y
 
+    def read_ids(self, steps):
+        """The ids the first `steps` optimizer steps read, on every rank together: ascending, each once."""
+        read, epoch = np.zeros(len(self.sequences), dtype=bool), 0
+        while steps > 0 and (epoch == 0 or read.sum() < self.n_ids):  # a few epochs read every id
+            order = self.order(epoch)
+            taken = min(steps, len(order) // self.global_batch)
+            read[order[:taken * self.global_batch]] = True
+            steps, epoch = steps - taken, epoch + 1
+        return np.flatnonzero(read)
+
     def state_dict(self):
-        """Where the job is, on any number of ranks: the epoch and the blocks all ranks have read in it."""
-        return {"epoch": int(self.epoch), "blocks": int(self.position * self.world_size)}
+        """Where the job is, on any number of ranks: the epoch and the blocks all ranks have read in it, and the
+        version of the data order (ORDER_VERSION), which a checkpoint of another cannot continue."""
+        return {"epoch": int(self.epoch), "blocks": int(self.position * self.world_size), "order": ORDER_VERSION}
 
     def load_state_dict(self, state):
         position, rest = divmod(state["blocks"], self.world_size)
-        if rest or not 0 <= position <= self.batches_per_epoch:  # saved with another batch or global batch?
-            raise ValueError(f"{state['blocks']} blocks read in an epoch: not a whole number of batches per rank "
-                             f"within the {self.batches_per_epoch} of an epoch on {self.world_size} ranks")
+        if rest or not 0 <= position <= self.batches_in(state["epoch"]):  # saved with another global batch?
+            raise ValueError(f"{state['blocks']} blocks read in epoch {state['epoch']}: not a whole number of batches "
+                             f"per rank within the {self.batches_in(state['epoch'])} of that epoch on "
+                             f"{self.world_size} ranks")
         self.epoch, self.position = int(state["epoch"]), position

@@ -25,12 +25,16 @@ shrinks the steps until the study fits SECONDS with 30% slack at the tokens/s th
 """
 import argparse
 import ast
+import concurrent.futures
+import glob
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import matplotlib
@@ -39,11 +43,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import salt
-from data import TokenSequences
+from data import ORDER_VERSION, TokenSequences
 from bench_train import Stopped, on_sigterm, read_records as read_raw_records
 from model import GPTConfig
 
-RUNS = ('baseline', 'salt', 'salt_ds')
+RUNS = ('baseline', 'salt', 'salt_ds', 'selection_only')  # selection_only: SALT_DS's selection in stage 1, w = 0
 WEAK = 'weak_slm'  # --weak_slm_config's name: its SLM's folder, and its runs' labels end with it
 SELECTION_KEYS = ('top_k', 'select_fraction')  # ablated on SALT_DS; every other key on SALT
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts; out/ and results/ go to the working directory
@@ -58,12 +62,18 @@ def read_config(path):
     return {k: v for k, v in scope.items() if not k.startswith('__')}
 
 
+CHILDREN = set()  # the commands running now (--jobs runs several): ended with the study
+
+
 def run(cmd, done_file=None):
     if done_file and os.path.exists(done_file):
         print(f"[skip] {shlex.join(cmd)}  ({done_file} exists)")
         return
     print(f"[run] {shlex.join(cmd)}", flush=True)
-    status = subprocess.run(cmd).returncode
+    child = subprocess.Popen(cmd)
+    CHILDREN.add(child)
+    status = child.wait()
+    CHILDREN.discard(child)
     if status:  # the step has said why (one line for a bad input); what is done so far is kept
         sys.exit(f"the step above failed (exit status {status}); fix what it says and rerun this command: it "
                  f"continues where it stopped")
@@ -114,7 +124,24 @@ def finished(out_dir):
     return any(r.get('step') == max_steps and 'val_loss' in r for r in read_records(out_dir))
 
 
+def set_aside_if_stale(out_dir):
+    """A run trained before the data order it would be resumed with (data.ORDER_VERSION: its header says another, or
+    none) is not this code's run: moved to OUT_DIR.order<N>, kept, and trained again. Returns whether it was."""
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    headers = [r for r in read_records(out_dir) if r.get('type') == 'header'] if os.path.isfile(path) else []
+    order = headers[-1].get('data_order', 1) if headers else ORDER_VERSION
+    if order == ORDER_VERSION:
+        return False
+    aside = f"{out_dir}.order{order}"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(out_dir, aside)
+    print(f"[again] {out_dir} was trained with data order {order}, this code reads order {ORDER_VERSION}: moved to "
+          f"{aside}, trained again", flush=True)
+    return True
+
+
 def train(nproc, config_file, out_dir, overrides):
+    set_aside_if_stale(out_dir)
     if finished(out_dir):
         print(f"[skip] {out_dir} is finished")
         return
@@ -126,12 +153,17 @@ def score(args, student, data_dir, slm_ckpt, top_k, out):
     """The SALT_DS score file for this top-k (made once); its wall-clock goes to timings.json, as part of
     what SALT_DS costs on top of the student's training."""
     score_file = os.path.join(out, f'scores_top{top_k}.npy')
+    timings_path = os.path.join(out, 'timings.json')
+    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
+    if os.path.isfile(score_file) and salt.read_score_meta(score_file)['teacher'] != salt.teacher_id(slm_ckpt):
+        for path in (score_file, salt.meta_path(score_file)):
+            os.replace(path, path + '.old')
+        timings.pop(f'score_top{top_k}', None)
+        print(f"[again] {score_file} was made by an SLM trained since: moved to {score_file}.old, made again")
     started = time.time()
     run(python(args.nproc) + [os.path.join(HERE, 'salt.py'), 'score', f'--ckpt={slm_ckpt}', f'--data_dir={data_dir}',
                               f"--block_size={student['block_size']}", f"--max_sequences={student.get('train_sequences', 0)}",
                               f'--top_k={top_k}', f'--out={score_file}'], done_file=score_file)
-    timings_path = os.path.join(out, 'timings.json')
-    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
     if f'score_top{top_k}' not in timings:
         timings[f'score_top{top_k}'] = time.time() - started
         with open(timings_path, 'w') as f:
@@ -140,7 +172,8 @@ def score(args, student, data_dir, slm_ckpt, top_k, out):
 
 
 def planned_runs(args, slms, student):
-    """{label: (kind, SLM, train.py overrides)} for one seed: the three main runs; with --short, SALT and SALT_DS
+    """{label: (kind, SLM, train.py overrides)} for one seed: the three main runs, and with --selection_only the
+    control that reads SALT_DS's selection in stage 1 without KD (w = 0), the first SLM's; with --short, SALT and SALT_DS
     again on that fraction of the steps, with their own LR schedule (the paper's claim: SALT at < 70% of the
     steps matches the baseline; a cosine run's mid-way checkpoint, not yet annealed, would understate it);
     SALT and SALT_DS again with each further SLM, labelled by its name; then one run per ablated value (the value
@@ -151,6 +184,8 @@ def planned_runs(args, slms, student):
         teacher = [f"--teacher_ckpt={slm['ckpt']}"]
         runs[f'salt{suffix}'] = ('salt', name, teacher)
         runs[f'salt_ds{suffix}'] = ('salt_ds', name, teacher + [f"--score_file={slm['scores'][args.top_k]}"])
+        if args.selection_only and name == 'slm':  # the control: what the selection gives without KD
+            runs['selection_only'] = ('selection_only', name, runs['salt_ds'][2] + ['--kd_weight=0.0'])
         if args.short and name == 'slm':
             steps = round(student['max_steps'] * args.short)
             for kind in ('salt', 'salt_ds'):
@@ -185,10 +220,11 @@ def ablation_label(kind, key, value, current):
 
 
 def teacher_minutes(kind, slm):
-    """What a run costs before its student trains: its SLM for SALT, the SLM and the scoring for SALT_DS."""
+    """What a run costs before its student trains: its SLM for SALT, the SLM and the scoring for SALT_DS and the
+    selection-only control."""
     if kind == 'baseline':
         return 0.0
-    return slm['minutes'] + (slm['score_minutes'] if kind == 'salt_ds' else 0.0)
+    return slm['minutes'] + (slm['score_minutes'] if kind in ('salt_ds', 'selection_only') else 0.0)
 
 
 def marks(max_step):
@@ -290,22 +326,69 @@ def subset_table(curves, runs, seeds, val_tokens, min_share=0.02):
     return markdown_table(['subset', 'val tokens'] + labels, rows)
 
 
+def selection_of(header):
+    """The ids a SALT_DS run selected, from the scores and settings its metrics header recorded (train.py's rule)."""
+    config = header['config']
+    scores = np.load(config['score_file'])
+    stage1 = config['kd_steps'] * config['batch_size'] * config['grad_accum_steps'] * header['world_size']
+    return scores, salt.select_top(scores, salt.selection_size(len(scores), config['select_fraction'], stage1))
+
+
 def selection_tables(run_dirs):
     """SALT_DS's selection per data subset, for each SALT_DS run of {label: its first seed's out_dir} with a selection
     of its own (every seed's is the same: one SLM's scores of one pool): each subset's share of the pool and of the
-    sequences stage 1 reads, from the scores and settings its metrics header recorded."""
+    sequences stage 1 reads."""
     tables = {}
     for label, run_dir in run_dirs.items():
-        config = header_of(run_dir)['config']
-        if (config['score_file'], config['select_fraction']) in tables:
+        header = header_of(run_dir)
+        config = header['config']
+        scores, selected = selection_of(header)
+        if (config['score_file'], len(selected)) in tables:
             continue
-        scores = np.load(config['score_file'])
         sequences = TokenSequences(config['data_dir'], 'train', config['block_size'], max_sequences=len(scores))
-        selected = salt.select_top(scores, config['select_fraction'])
-        tables[(config['score_file'], config['select_fraction'])] = (
-            f"`{label}`: the top {config['select_fraction']:.0%} of {len(scores):,} sequences by "
-            f"`{config['score_file']}`\n\n" + salt.subset_table(*sequences.domains(), selected))
+        tables[(config['score_file'], len(selected))] = (
+            f"`{label}`: the top {len(selected):,} of {len(scores):,} sequences by `{config['score_file']}`\n\n" +
+            salt.subset_table(*sequences.domains(), selected))
     return '\n\n'.join(tables.values())
+
+
+def read_ids(out_dir):
+    """{step: the ids it read, every rank's, sorted} from a run's log_ids files (a resumed run logs its steps after
+    the checkpoint again: the last line of a step is the one)."""
+    steps = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, 'ids_rank*.jsonl'))):
+        rank = {}
+        with open(path) as f:
+            for record in (json.loads(line) for line in f if line.endswith('\n')):
+                rank[record['step']] = record['ids']
+        for step, ids in rank.items():
+            steps.setdefault(step, []).extend(ids)
+    return {step: sorted(ids) for step, ids in sorted(steps.items())}
+
+
+def reads_table(out, labels, seeds):
+    """What each run read, from its logged ids (train.py's log_ids), not from the code that decides it: the
+    sequences read and how many of them more than once, the pool's sequences never read, the steps whose batch was
+    the same seed's baseline's, and for a run with a selection whether stage 1 read exactly the selected ones."""
+    rows = []
+    for label in labels:
+        for seed in seeds:
+            run_dir = run_folder(out, seed, label)
+            reads, baseline = read_ids(run_dir), read_ids(run_folder(out, seed, 'baseline'))
+            if not reads:
+                continue  # trained before log_ids
+            header = header_of(run_dir)
+            config, ids = header['config'], np.concatenate([np.asarray(v, np.int64) for v in reads.values()])
+            counts = np.bincount(ids, minlength=config['train_sequences'] or int(ids.max()) + 1)
+            stage1 = '-'
+            if config['score_file']:
+                read1 = np.unique(np.concatenate([reads[s] for s in reads if s <= config['kd_steps']]))
+                stage1 = 'yes' if np.array_equal(read1, selection_of(header)[1]) else 'no'
+            same = sum(reads[s] == baseline.get(s) for s in reads)
+            rows.append([label, seed, f"{len(ids):,}", f"{(counts > 1).sum():,}", f"{(counts == 0).sum():,} of "
+                         f"{len(counts):,}", f"{same:,} of {len(reads):,}", stage1])
+    return markdown_table(['run', 'seed', 'sequences read', 'read more than once', 'never read', "steps with the "
+                           "baseline's batch", 'stage 1 read exactly the selection'], rows)
 
 
 def task_table(curves, runs, seeds):
@@ -373,6 +456,9 @@ def extra_tables(curves, runs, seeds, max_step, out):
             tables += f"\n## SALT_DS's selection per data subset (what stage 1 reads)\n\n{selection_tables(selections)}\n"
         tables += ("\n## Val loss per data subset (final)\n\n" +
                    subset_table(curves, runs, seeds, header['val_tokens_subsets']))
+    reads = reads_table(out, main_labels(runs), seeds)
+    if reads.count('\n') > 2:  # a row beyond the header's two lines
+        tables += "\n## What each run read (its logged sequence ids)\n\n" + reads
     if any('/' in key for key in final):
         tables += "\n## Few-shot tasks (final)\n\n" + task_table(curves, runs, seeds)
     return tables
@@ -441,11 +527,12 @@ def parse_fractions(text):
 
 # --design: the defaults of a study's flags ('demo': the arguments' own). 'branches', the default study
 # (docs/cpu_studies.md): Llama students whose parameters are mostly blocks, in a 4,096-token BPE trained on the
-# corpus's train split, WSD branches at five fractions, SALT and SALT_DS with an SLM that stays ahead of the student
-# and with one that the student passes
+# corpus's train split, WSD branches at four fractions, SALT, SALT_DS and the selection-only control with an SLM that
+# stays ahead of the student, three seeds, two runs at a time (one a core); --weak_slm_config config/branches_slm.py
+# adds an SLM that the student passes
 DESIGNS = {'branches': dict(name='branches', student_config='config/branches_student.py',
-                            slm_config='config/branches_slm_strong.py', weak_slm_config='config/branches_slm.py',
-                            fractions=[0.5, 0.6, 0.7, 0.85, 1.0],
+                            slm_config='config/branches_slm_strong.py', fractions=[0.5, 0.7, 0.85, 1.0],
+                            seeds=[1337, 1338, 1339], selection_only=True, jobs=2,
                             tokenize='stdlib --tokenizer data/tokenizer_stdlib_bpe4096')}
 BPE = ('data/stdlib', 4096, 20_000_000, 'data/tokenizer_stdlib_bpe4096')  # its tokenizer: trained on, size, bytes, dir
 
@@ -526,43 +613,99 @@ def run_slm(args, student, study, name, config, top_ks):
     own folder. Returns its checkpoint, score files, minutes of training and scoring, and final val loss."""
     out = os.path.join('out', args.name)
     slm_dir = os.path.join(out, name)
-    study['doing'] = f'training the SLM {name}'
-    train(args.nproc, config, slm_dir, [f'--{k}={v}' for k, v in args.slm_set])
-    study['doing'] = f'scoring the pool with the SLM {name}'
-    scored = {k: score(args, student, student['data_dir'], os.path.join(slm_dir, 'ckpt'), k,
-                       out if name == 'slm' else slm_dir) for k in sorted(top_ks)}
+    with doing(study, f'training the SLM {name}'):
+        train(args.nproc, config, slm_dir, [f'--{k}={v}' for k, v in args.slm_set])
+    with doing(study, f'scoring the pool with the SLM {name}'):
+        scored = {k: score(args, student, student['data_dir'], os.path.join(slm_dir, 'ckpt'), k,
+                           out if name == 'slm' else slm_dir) for k in sorted(top_ks)}
     final = read_metrics(slm_dir)[-1]
     return dict(config=config, ckpt=os.path.join(slm_dir, 'ckpt'), scores={k: path for k, (path, _) in scored.items()},
                 minutes=final['elapsed_s'] / 60, score_minutes=scored[args.top_k][1] / 60, val_loss=final['val_loss'])
 
 
+class doing:
+    """`with doing(study, what)`: what the study is doing, for the report of a study its time limit stops (several
+    things at once with --jobs)."""
+    lock = threading.Lock()
+
+    def __init__(self, study, what):
+        self.study, self.what = study, what
+
+    def __enter__(self):
+        with self.lock:
+            self.study['doing'] = self.study['doing'] + [self.what]
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.study['doing'] = [w for w in self.study['doing'] if w != self.what]
+
+
+def in_parallel(jobs, tasks, done):
+    """Run the calls of {key: task}, `jobs` at a time (threads, each waiting on its own command), calling
+    done(key, result) in this thread as each finishes. A failure or a time limit ends the commands still running
+    (they resume from their checkpoints when the study is run again) and is raised here."""
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(task): key for key, task in tasks.items()}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                done(futures[future], future.result())
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for child in list(CHILDREN):
+                child.terminate()
+            raise
+
+
+def train_chain(args, student, study, label, seed, overrides):
+    """One run and its branches: (its evaluations, {fraction: the branch's}, {fraction: the branch's seconds})."""
+    run_dir = run_folder(os.path.join('out', args.name), seed, label)
+    settings = [f'--seed={seed}', '--log_ids=True'] + [f'--{k}={v}' for k, v in args.set] + overrides  # the run's win
+    branches = branch_plan(args.fractions, student)
+    points = ','.join(str(point) for point, _ in branches.values())
+    with doing(study, f"training {label} (seed {seed})"):
+        train(args.nproc, args.student_config, run_dir, settings + ([f'--branch_steps={points}'] if branches else []))
+    curves, seconds = {}, {}
+    for fraction, (point, steps) in branches.items():  # each a short decay from the run's stable phase
+        branch_dir = f"{run_dir}_{round(fraction * 100)}pct"
+        with doing(study, f"training {label} (seed {seed}) to {fraction:.0%} of the steps"):
+            train(args.nproc, args.student_config, branch_dir,
+                  settings + [f'--branch_from={run_dir}@{point}', f'--max_steps={steps}'])
+        curves[fraction], seconds[fraction] = read_metrics(branch_dir), branch_seconds(branch_dir, point)
+    return read_metrics(run_dir), curves, seconds
+
+
 def run_study(args, student, study):
-    """The SLMs, the scoring and every run, the report rewritten after each run; `study` holds how far it got."""
-    out = os.path.join('out', args.name)
+    """The SLMs, the scoring and every run, `args.jobs` commands at a time (the baselines beside the SLMs, which they
+    do not need), the report rewritten after each run and its branches; `study` holds how far it got."""
     top_ks = {args.top_k} | {int(v) for key, values in args.ablate if key == 'top_k' for v in values}
-    study['slms']['slm'] = run_slm(args, student, study, 'slm', args.slm_config, top_ks)
-    if args.weak_slm_config:
-        study['slms'][WEAK] = run_slm(args, student, study, WEAK, args.weak_slm_config, {args.top_k})
+    slms = {'slm': (args.slm_config, top_ks), **({WEAK: (args.weak_slm_config, {args.top_k})}
+                                                 if args.weak_slm_config else {})}
+    trained = {}
+
+    def chain(seed, label, overrides):
+        return lambda: train_chain(args, student, study, label, seed, overrides)
+
+    def store(key, result):
+        if key[0] == 'slm':
+            trained[key[1]] = result
+            return
+        study['curves'][key] = result[0]
+        for fraction in result[1]:
+            study['branches'][(*key, fraction)] = result[1][fraction]
+            study['branch_seconds'][(*key, fraction)] = result[2][fraction]
+        if study['runs']:
+            write_report(args, student, study)
+
+    in_parallel(args.jobs, {**{('slm', name): lambda name=name, config=config, ks=ks: run_slm(
+        args, student, study, name, config, ks) for name, (config, ks) in slms.items()},
+        **{(seed, 'baseline'): chain(seed, 'baseline', []) for seed in args.seeds}}, store)
+    study['slms'] = {name: trained[name] for name in slms}  # the first SLM first, whichever finished first
     study['runs'] = planned_runs(args, study['slms'], student)
     study['costs'] = {label: teacher_minutes(kind, study['slms'].get(slm))
                       for label, (kind, slm, _) in study['runs'].items()}
-    for label, (_, _, overrides) in study['runs'].items():  # every seed of a run, then the next: the report grows
-        for seed in args.seeds:
-            study['doing'] = f"training {label} (seed {seed})"
-            run_dir = run_folder(out, seed, label)
-            settings = [f'--seed={seed}'] + [f'--{k}={v}' for k, v in args.set] + overrides  # the run's own win
-            branches = branch_plan(args.fractions, student)
-            points = ','.join(str(point) for point, _ in branches.values())
-            train(args.nproc, args.student_config, run_dir, settings + ([f'--branch_steps={points}'] if branches else []))
-            study['curves'][(seed, label)] = read_metrics(run_dir)
-            for fraction, (point, steps) in branches.items():  # each a short decay from the run's stable phase
-                study['doing'] = f"training {label} (seed {seed}) to {fraction:.0%} of the steps"
-                branch_dir = f"{run_dir}_{round(fraction * 100)}pct"
-                train(args.nproc, args.student_config, branch_dir,
-                      settings + [f'--branch_from={run_dir}@{point}', f'--max_steps={steps}'])
-                study['branches'][(seed, label, fraction)] = read_metrics(branch_dir)
-                study['branch_seconds'][(seed, label, fraction)] = branch_seconds(branch_dir, point)
-        write_report(args, student, study)
+    in_parallel(args.jobs, {(seed, label): chain(seed, label, overrides) for label, (_, _, overrides)
+                            in study['runs'].items() if label != 'baseline' for seed in args.seeds}, store)
+    write_report(args, student, study)
 
 
 def branch_seconds(branch_dir, point):
@@ -770,7 +913,7 @@ def write_report(args, student, study, stopped=False):
                       f"{slm['score_minutes']:.1f} min, final val loss {slm['val_loss']:.4f}\n"
                       for name, slm in study['slms'].items()) + "\n" +
               study['sizing'] +
-              (f"**Stopped by its time limit** while {study['doing']}: the tables hold the runs that finished.\n\n"
+              (f"**Stopped by its time limit** while {'; '.join(study['doing'])}: the tables hold the runs that finished.\n\n"
                if stopped else '') +
               (report_tables(args, student, study, done) if 'baseline' in done else ''))
     with open(os.path.join(results, 'table.md'), 'w') as f:
@@ -789,6 +932,10 @@ def parse_args():
     parser.add_argument('--student_config', default='config/demo_student.py')
     parser.add_argument('--seeds', type=int, nargs='+', default=[1337, 1338])
     parser.add_argument('--nproc', type=int, default=1, help='processes per run (torchrun when > 1)')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='runs trained at once, each on its share of the CPU cores (OMP_NUM_THREADS, unless set)')
+    parser.add_argument('--selection_only', action=argparse.BooleanOptionalAction, default=False,
+                        help="also the control: SALT_DS's selection in stage 1 without KD (w = 0)")
     parser.add_argument('--top_k', type=int, default=10, help='SALT_DS: learnable = target in the SLM top-k')
     parser.add_argument('--short', type=float, default=0.7,
                         help='also train SALT and SALT_DS on this fraction of the steps (0 = not)')
@@ -814,8 +961,8 @@ def parse_args():
     args = parser.parse_args()
     if args.fractions:
         args.short = 0  # the branches give every shorter budget
-    if args.nproc < 1 or args.top_k < 1:
-        parser.error(f"--nproc and --top_k must be at least 1, got {args.nproc} and {args.top_k}")
+    if min(args.nproc, args.top_k, args.jobs) < 1:
+        parser.error(f"--nproc, --top_k and --jobs must be at least 1, got {args.nproc}, {args.top_k} and {args.jobs}")
     if not 0 <= args.short < 1:
         parser.error(f"--short must be in [0, 1), got {args.short}")
     if bool(args.fit) != bool(args.rate_file):
@@ -847,7 +994,7 @@ def main():
         if key not in student:
             sys.exit(f"{args.student_config} must set {key}: experiment.py scores the data the students train on "
                      f"and sizes the shorter runs by it")
-    study = dict(curves={}, branches={}, branch_seconds={}, slms={}, runs={}, costs=None, doing='', sizing='')
+    study = dict(curves={}, branches={}, branch_seconds={}, slms={}, runs={}, costs=None, doing=[], sizing='')
     if args.fit:
         student, study['sizing'] = fit_study(args, student)
         print(study['sizing'].strip(), flush=True)
@@ -858,12 +1005,14 @@ def main():
              f"--out_dir={student['data_dir']}"], done_file=os.path.join(student['data_dir'], 'meta.json'))
     results = os.path.join('results', args.name)
     os.makedirs(results, exist_ok=True)
+    if args.jobs > 1:  # one run per core: a small model's run gains less from a second thread than from a second run
+        os.environ.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // args.jobs)))
     signal.signal(signal.SIGTERM, on_sigterm)  # the time limit of the command: report what finished, then stop
     try:
         run_study(args, student, study)
     except Stopped:
         write_report(args, student, study, stopped=True)
-        print(f"stopped by the time limit while {study['doing']}: {results}/table.md holds the runs that finished")
+        print(f"stopped by the time limit while {'; '.join(study['doing'])}: {results}/table.md holds the runs that finished")
         sys.exit(124)
     print(write_report(args, student, study))
     print(f"wrote {results}/table.md and {results}/val_loss.png")

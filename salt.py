@@ -18,7 +18,7 @@ What a selection keeps (score histogram, the data subsets before and after, deco
 saved as OUT_DIR/selection.md and OUT_DIR/score_histogram.png:
 
   python salt.py report --scores out/demo/scores_top10.npy --data_dir data/stdlib --block_size 64 \
-      --select_fraction 0.25 --out_dir results/demo/selection
+      --kd_sequences 1920 --out_dir results/demo/selection
 """
 import argparse
 import io
@@ -59,14 +59,14 @@ class Stage(NamedTuple):
     """What one training step does."""
     kd_weight: float  # w: the loss is (1 - w) CE + w KD(teacher || student); 0 is plain next-token training
     teacher: bool     # the teacher's forward runs, for the KD term
-    selection: bool   # the loader reads SALT_DS's selected sequences only (when the run has a selection)
+    selection: bool   # stage 1: a run with a SALT_DS selection reads it (train.make_loader); SALT, the same data
 
 
 def stage_at(step, kd_steps, kd_weight, schedule='constant', end=None):
     """SALT's schedule at `step` (0-based). Stage 1, steps [0, end): KD from the teacher with weight kd_weight,
     constant (the paper's hard switch) or decaying linearly towards 0 at kd_steps (schedule='linear'), on the
-    selected sequences; end is kd_steps unless stage 1 ended earlier (Schedule). Stage 2: plain next-token training
-    on every sequence, no teacher. A baseline is kd_steps = 0."""
+    selected sequences where the run has a selection; end is kd_steps unless stage 1 ended earlier (Schedule).
+    Stage 2: plain next-token training, no teacher. A baseline is kd_steps = 0."""
     if step >= (kd_steps if end is None else end):
         return Stage(kd_weight=0.0, teacher=False, selection=False)
     if schedule == 'constant':
@@ -448,12 +448,22 @@ def ranking(scores):
     return np.lexsort((np.arange(len(scores)), -scores[:, 0]))
 
 
-def select_top(scores, fraction):
-    """Ids of the round(fraction * n) highest median scores (at least one), ascending."""
-    if not 0 < fraction <= 1:
-        raise InputError(f"select_fraction={fraction}: expected 0 < fraction <= 1")
-    k = max(1, round(fraction * len(scores)))
-    return np.sort(ranking(scores)[:k])
+def selection_size(n_scores, select_fraction, stage1_sequences):
+    """How many sequences SALT_DS selects. By default (select_fraction=0) exactly what stage 1 reads, kd_steps x
+    the global batch (stage1_sequences), each once: the paper's KD phase trains on the top-scoring sequences, not on
+    a part of a larger set that the seed picks. select_fraction > 0: the top fraction of the pool, a larger pool
+    stage 1 reads a seeded part of (or a smaller one it reads more than once)."""
+    count = round(select_fraction * n_scores) if select_fraction else stage1_sequences
+    if not 1 <= count <= n_scores:
+        raise InputError(f"SALT_DS would select {count:,} of {n_scores:,} sequences (select_fraction="
+                         f"{select_fraction}{'' if select_fraction else ': kd_steps x the global batch'}): expected "
+                         f"1 to {n_scores:,}; train on more data or set select_fraction")
+    return count
+
+
+def select_top(scores, count):
+    """Ids of the `count` highest median scores, ascending."""
+    return np.sort(ranking(scores)[:count])
 
 
 def selection_summary(scores, selected):
@@ -564,7 +574,7 @@ def report_main(args):
                                max_sequences=args.max_sequences or meta['n_sequences'])
     scores = load_scores(args.scores, dict(block_size=args.block_size, n_sequences=len(sequences),
                                            data_fingerprint=sequences.fingerprint()))
-    selected = select_top(scores, args.select_fraction)
+    selected = select_top(scores, selection_size(len(scores), args.select_fraction, args.kd_sequences))
     threshold = float(scores[selected, 0].min())
     ties = int((scores[:, 0] == threshold).sum() - (scores[selected, 0] == threshold).sum())
     try:
@@ -579,7 +589,8 @@ def report_main(args):
     report = f"""# SALT_DS selection
 
 Scores `{args.scores}` (teacher {meta['teacher']}, top_k {meta['top_k']}) of the first {len(scores):,} training
-sequences of `{args.data_dir}` (block size {args.block_size}); select_fraction {args.select_fraction}.
+sequences of `{args.data_dir}` (block size {args.block_size}); {f"select_fraction {args.select_fraction}" if
+ args.select_fraction else f"the {args.kd_sequences:,} sequences stage 1 reads"}.
 
 Selected **{len(selected):,} of {len(scores):,}** sequences: median score >= **{threshold:.4f}**.
 {f"{ties:,} more sequences score exactly the threshold; ties go to the lower ids." if ties else ""}
@@ -621,7 +632,10 @@ if __name__ == '__main__':
     report.add_argument('--data_dir', required=True, help='the data it scored')
     report.add_argument('--block_size', type=int, required=True, help='the block size it scored')
     report.add_argument('--max_sequences', type=int, default=0, help='sequences it scored (0 = as its .json says)')
-    report.add_argument('--select_fraction', type=float, default=0.25, help='the fraction SALT_DS keeps')
+    report.add_argument('--kd_sequences', type=int, default=0,
+                        help="the sequences stage 1 reads, kd_steps x the global batch: train.py's default selection")
+    report.add_argument('--select_fraction', type=float, default=0,
+                        help='or the top fraction of the pool (train.py select_fraction)')
     report.add_argument('--examples', type=int, default=3, help='decoded sequences shown from each part of the ranking')
     report.add_argument('--out_dir', required=True, help='selection.md and score_histogram.png go here')
     args = parser.parse_args()

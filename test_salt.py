@@ -543,7 +543,7 @@ def test_batch_loader_ranks_partition_the_global_batches(small_dir):
     B = 8
     single = data.BatchLoader(seqs, B, seed=3)
     ranks = [data.BatchLoader(seqs, B, rank=r, world_size=2, seed=3) for r in range(2)]
-    assert single.batches_per_epoch == 20 and ranks[0].batches_per_epoch == ranks[1].batches_per_epoch == 10
+    assert single.batches_in(0) == 20 and ranks[0].batches_in(0) == ranks[1].batches_in(0) == 10
     blocks = [single.next_batch() for _ in range(20)]
     seen = [[], []]
     for step in range(10):
@@ -578,14 +578,14 @@ def test_batch_loader_resumes_exactly(small_dir):
     for _ in range(4):
         loader.next_batch()
     state = loader.state_dict()
-    assert state == {"epoch": 0, "blocks": 12} and all(type(v) is int for v in state.values())
+    assert state == {"epoch": 0, "blocks": 12, "order": data.ORDER_VERSION} and all(type(v) is int for v in state.values())
     json.dumps(state)
     after = [loader.next_batch() for _ in range(10)]  # crosses an epoch boundary
     resumed = data.BatchLoader(seqs, 8, rank=1, world_size=3, seed=5)
     resumed.load_state_dict(state)
     for (x, y), (rx, ry) in zip(after, [resumed.next_batch() for _ in range(10)]):
         assert torch.equal(x, rx) and torch.equal(y, ry)
-    assert resumed.state_dict() == loader.state_dict() == {"epoch": 2, "blocks": 6}
+    assert resumed.state_dict() == loader.state_dict() == {"epoch": 2, "blocks": 6, "order": data.ORDER_VERSION}
 
 
 def test_batch_loader_global_batches_depend_on_accumulation_times_ranks(small_dir):
@@ -595,12 +595,12 @@ def test_batch_loader_global_batches_depend_on_accumulation_times_ranks(small_di
     seqs = data.TokenSequences(small_dir, "train", 16)  # 162 sequences
     one = data.BatchLoader(seqs, 12, seed=3, accumulation=2)
     two = [data.BatchLoader(seqs, 12, rank=r, world_size=2, seed=3) for r in range(2)]
-    assert one.batches_per_epoch == 12 and two[0].batches_per_epoch == 6
+    assert one.batches_in(0) == 12 and two[0].batches_in(0) == 6
     for step in range(15):  # two and a half epochs
         for rank in two:
             assert torch.equal(one.next_batch()[0], rank.next_batch()[0]), step
     state = two[0].state_dict()
-    assert state == {"epoch": 2, "blocks": 6} == one.state_dict()
+    assert state == {"epoch": 2, "blocks": 6, "order": data.ORDER_VERSION} == one.state_dict()
     resumed = data.BatchLoader(seqs, 12, seed=3, accumulation=2)
     resumed.load_state_dict(state)
     for step in range(2):
@@ -2193,19 +2193,27 @@ def test_scores_equal_brute_force():
             np.testing.assert_allclose(row.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_selection_keeps_exactly_the_top_fraction():
+def test_selection_keeps_exactly_the_top_count():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(1000, 3)).astype(np.float32)
-    for fraction in (0.1, 0.25, 0.5, 1.0):
-        picked = salt.select_top(scores, fraction)
-        assert len(picked) == round(fraction * 1000) and np.all(np.diff(picked) > 0)
+    for count in (100, 250, 500, 1000):
+        picked = salt.select_top(scores, count)
+        assert len(picked) == count and np.all(np.diff(picked) > 0)
         rest = np.setdiff1d(np.arange(1000), picked)
         if len(rest):
             assert scores[picked, 0].min() >= scores[rest, 0].max()
     tied = np.zeros((10, 3), np.float32)
-    assert salt.select_top(tied, 0.3).tolist() == [0, 1, 2]  # ties: lowest ids, deterministically
-    with pytest.raises(ValueError, match='select_fraction'):
-        salt.select_top(scores, 0.0)
+    assert salt.select_top(tied, 3).tolist() == [0, 1, 2]  # ties: lowest ids, deterministically
+
+
+def test_selection_size_is_what_stage_1_reads_unless_a_fraction_is_set():
+    """select_fraction=0 (the default): kd_steps x the global batch sequences; a fraction: of the pool; a selection
+    of none or of more than the pool is one line naming the setting."""
+    assert salt.selection_size(19_200, 0, 200 * 16) == 3_200
+    assert salt.selection_size(19_200, 0.25, 200 * 16) == 4_800
+    for fraction, stage1 in ((0, 20_000), (0.00001, 3_200)):
+        with pytest.raises(common.InputError, match='select_fraction'):
+            salt.selection_size(19_200, fraction, stage1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ checkpoint in its out_dir (checkpoint_manager.py), and holds out_dir/run.lock wh
 same out_dir is refused. A rank whose launcher dies stops within a second (common.end_with_parent).
 """
 import gc
+import json
 import math
 import os
 import sys
@@ -36,7 +37,7 @@ import losses
 import salt
 import tokenizer
 from common import InputError, compute_init, end_job, fsdp_shard, git_commit, lock_for_the_job, report_input_errors
-from data import BatchLoader, TokenSequences
+from data import ORDER_VERSION, BatchLoader, TokenSequences
 from memory import memory_plan, memory_table, start_memory
 from model import GPT, GPT2_NAMES, GPTConfig, compiled, model_args
 
@@ -47,6 +48,8 @@ out_dir = 'out/run'          # checkpoints and metrics.jsonl go here
 init_from = 'scratch'        # a new run starts from 'scratch' or a GPT-2 name ('gpt2', ...); whatever it says,
                              # a run whose out_dir holds a checkpoint continues from it ('resume' requires one)
 seed = 1337                  # model init and data order
+role = 'student'             # the data order's random stream ('slm' in the SLMs' configs): runs of one seed and role
+                             # read one order; another role's order is independent of it, whatever the seeds
 # data
 data_dir = 'data/stdlib'     # made by `python prepare.py ...`
 train_sequences = 0          # train on the first N sequences only (0 = all), e.g. a small demo pool
@@ -81,7 +84,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0              # clip the global gradient norm (0 = off)
 skip_nonfinite = 0           # skip up to this many steps whose loss or gradient is inf/NaN (0 = stop at the first)
-# SALT (the paper's w and tau; select_fraction from our CPU studies: docs/cpu_studies.md, "Choosing the defaults")
+# SALT (the paper's w and tau)
 teacher_ckpt = ''            # the SLM: a checkpoint of this script, a transformers model's directory (Pythia,
                              # SmolLM2, Qwen, ...: the data's tokenizer) or a GPT-2 name; '' = baseline
 kd_steps = 0                 # stage 1 length in steps (paper: 36K of ~208K, 17%)
@@ -95,11 +98,13 @@ kd_loss = 'forward_kl'       # KD: KL(teacher || student), the paper's; or 'reve
 kd_token_weight = 'constant' # w per token: 'constant' (the paper's), or w times the teacher's 'confidence' or its
                              # probability of the true token, 'on_target' (losses.TOKEN_WEIGHTS)
 score_file = ''              # SALT_DS: the SLM's scores (python salt.py score); '' = no selection
-select_fraction = 0.25       # SALT_DS: stage 1 trains on this fraction of sequences, the highest scores
+select_fraction = 0.0        # SALT_DS selects the top kd_steps x global batch sequences by score, what stage 1 reads
+                             # (0, the paper's), or this fraction of the pool (stage 1 reads a seeded part of it)
 # evaluation and logging
 eval_interval = 50           # steps between val-loss evaluations (also at step 0 and at the end)
 eval_batches = 20            # val batches of batch_size sequences per evaluation, shared by the ranks
 log_interval = 10
+log_ids = False              # append the ids of the sequences each step reads to out_dir/ids_rank<R>.jsonl (R: the rank)
 ckpt_interval = 200          # steps between checkpoints (also at the end; 0 = none, e.g. a benchmark)
 branch_steps = ''            # '300,420': also keep the checkpoints of these steps (out_dir/ckpt_stepN), to branch from
 branch_from = ''             # 'DIR@N': a new run starts as the run in DIR at its kept step N, to decay to this max_steps
@@ -161,7 +166,8 @@ if score_file:
     scores = salt.load_scores(score_file, expected=dict(  # the most telling difference first
         block_size=block_size, n_sequences=len(train_data), teacher=teacher_identity,
         data_fingerprint=train_fingerprint))
-    selected_ids = salt.select_top(scores, select_fraction)
+    stage1_sequences = kd_steps * batch_size * grad_accum_steps * world_size  # what stage 1 reads, at most
+    selected_ids = salt.select_top(scores, salt.selection_size(len(scores), select_fraction, stage1_sequences))
     if master:
         print(salt.selection_summary(scores, selected_ids))
 val_set = evaluation.val_set(val_data, eval_batches * batch_size)  # the same sequences every time
@@ -173,11 +179,19 @@ text_tokenizer = tokenizer.of_data(data_dir) if tasks else None  # the tasks' te
 schedule = salt.Schedule(kd_steps if teacher_ckpt else 0, kd_weight, kd_schedule, kd_end)
 
 
-def make_loader(stage):
-    """The batches of a stage: SALT_DS's stage 1 reads the selected sequences only."""
-    ids = selected_ids if stage.selection else None
-    return BatchLoader(train_data, batch_size, rank=rank, world_size=world_size, seed=seed, ids=ids,
-                       accumulation=grad_accum_steps, device=device)
+def make_loader(step):
+    """What the run reads from `step` on, all of it said here. The baseline and SALT read every sequence in one
+    order from the first step to the last: SALT changes the loss only, so at every step it reads the baseline's
+    batch (the same seed's). SALT_DS's stage 1 reads the selected sequences, in an order of their own; its stage 2
+    goes on with the baseline's order, leaving out of the epoch in progress what stage 1 read, so that one pass
+    reads every sequence of the pool once (later epochs: the whole pool)."""
+    def loader(part, **reads):
+        return BatchLoader(train_data, batch_size, rank=rank, world_size=world_size, seed=seed, device=device,
+                           accumulation=grad_accum_steps, stream=f'{role}/{part}', **reads)
+    if selected_ids is None:
+        return loader('pool')
+    stage1 = loader('selection', ids=selected_ids)
+    return stage1 if schedule.at(step).selection else loader('pool', skip=stage1.read_ids(schedule.end))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,8 +207,7 @@ if pretrained and not tokenizer.same_vocabulary(data_tokenizer, tokenizer.GPT2_R
                      f"{tokenizer.describe(data_tokenizer)}")
 if checkpoint:
     checkpoint_manager.check_resumable(checkpoint, config, fingerprints, world_size, branch=branching)
-    if branching:
-        checkpoint_manager.check_branch(checkpoint, config, salt.lr_at)
+    checkpoint_manager.check_learning_rates(checkpoint, config, salt.lr_at, branch=branching)
     model_config = GPTConfig(**checkpoint['model_args'])
 elif init_from == 'resume':
     raise InputError(f"init_from=resume but {out_dir} holds no checkpoint")
@@ -260,7 +273,7 @@ if teacher is not None and shard_teacher:  # (fsdp only) the root stays whole: i
 # run then takes each rank's RNG state from the checkpoint)
 torch.manual_seed(seed + rank)
 upcoming = schedule.at(step)  # the stage of the next step, which the loop asks the schedule after each step
-loader = make_loader(upcoming)
+loader = make_loader(step)
 if checkpoint:
     checkpoint_manager.restore_progress(checkpoint, loader)
     checkpoint = None  # free the memory
@@ -336,6 +349,7 @@ if master:
     val_tokens = np.bincount(val_subsets, minlength=len(subset_names)) * block_size
     metrics = checkpoint_manager.Metrics(out_dir, step, dict(
         type='header', run_id=run_id, resumed_at=step, config=config, git_commit=git_commit(),
+        data_order=ORDER_VERSION,
         device=torch.cuda.get_device_name() if device_type == 'cuda' else 'cpu', torch=torch.__version__,
         world_size=world_size, n_params=raw_model.num_params(), model_args=model_args(model_config),
         time=time.strftime('%Y-%m-%d %H:%M:%S'),
@@ -364,6 +378,7 @@ def throughput(tokens_per_s, current):
 # ----------------------------------------------------------------------------------------------------------
 # the loop
 t_start, step_at_start = time.time(), step
+ids_log = open(os.path.join(out_dir, f'ids_rank{rank}.jsonl'), 'a', buffering=1) if log_ids else None
 kept_steps = configurator.branch_steps(config)  # the checkpoints kept for branches, besides every ckpt_interval
 if step == 0:
     first_eval = evaluate()  # every rank takes part in the all-reduces
@@ -380,11 +395,13 @@ while step < max_steps:
     for group in optimizer.param_groups:
         group['lr'] = lr
     step_losses = torch.zeros(3, device=device)  # the step's loss and its CE and KD terms, over its micro-batches
+    step_ids = []  # the sequences it reads, for log_ids
     # w as a tensor: a float that changes by the step (kd_schedule='linear') would recompile a compiled model;
     # filled on the device (torch.tensor(w, device=...) would be a blocking copy, the CPU waiting for the GPU)
     kd_weight_now = torch.full((), current.kd_weight, device=device)
     for micro in range(grad_accum_steps):
         x, y = loader.next_batch()
+        step_ids += loader.last_ids.tolist()
         with gradient_sync(micro == grad_accum_steps - 1):
             loss, ce, kd = loss_on(x, y, current, kd_weight_now)
             (loss / grad_accum_steps).backward()
@@ -402,6 +419,8 @@ while step < max_steps:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
+    if ids_log:  # a resumed run writes its steps after the checkpoint again: the last line of a step is the one
+        ids_log.write(json.dumps(dict(step=step, ids=step_ids)) + '\n')
     if warming_up:
         compile_s = time.time() - t_step if compile else None
         t_last, step_at_last, not_training_s, warming_up = time.time(), step, 0.0, False
@@ -419,8 +438,8 @@ while step < max_steps:
         gc.collect()  # compiled blocks and FSDP's hooks hold it in reference cycles: gone only once collected
         if device_type == 'cuda':
             torch.cuda.empty_cache()
-    if upcoming.selection != current.selection:  # stage 2 reads every sequence: a new loader, epoch 0
-        loader = make_loader(upcoming)
+    if selected_ids is not None and upcoming.selection != current.selection:  # SALT_DS's stage 2: make_loader
+        loader = make_loader(step)
     if master and (step % log_interval == 0 or do_eval):
         now = time.time()
         loss_v, ce_v, kd_v = step_losses.tolist()

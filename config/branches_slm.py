@@ -2,6 +2,7 @@
 # This file is the weak one, trained on the student's own 2.5M tokens (the student passes it within its run: SALT's
 # regime); config/branches_slm_strong.py trains the same model on 3x as many, so that it stays ahead.
 out_dir = 'out/branches/slm'
+role = 'slm'               # its data order: a stream of its own, independent of every student's
 data_dir = 'data/stdlib_bpe4096'
 model_size = 'llama-demo-student'
 n_layer = 3

@@ -1,6 +1,7 @@
 # The embedded demo's small LM (SLM): a 2-layer, 64-wide GPT trained on the Python standard library.
 # It serves as the SALT teacher and the SALT_DS scorer for config/demo_student.py. CPU: a few minutes.
 out_dir = 'out/demo/slm'
+role = 'slm'               # its data order: a stream of its own, independent of every student's
 data_dir = 'data/stdlib'
 train_sequences = 8192     # a 0.5M-token pool keeps scoring and training within the demo's CPU budget
 block_size = 64

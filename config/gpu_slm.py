@@ -2,6 +2,7 @@
 # about half its student's parameters, trained on the same pool for as many steps (gpu_experiment.sh scales both
 # to fit its time): 16.4M tokens, ~20 s on an H100 at an assumed 15% MFU (194 MFLOP a token; not measured yet).
 out_dir = 'out/gpu/slm'
+role = 'slm'               # its data order: a stream of its own, independent of every student's
 data_dir = 'data/python'
 train_sequences = 65536
 block_size = 512

@@ -20,11 +20,10 @@ min_lr = 1.5e-4
 warmup_steps = 50
 lr_schedule = 'wsd'
 decay_fraction = 0.2         # the last 20% of a run's steps (of a branch's too) decay to min_lr
-# SALT: the paper's w and tau, KD for 17% of the steps (36K of ~208K); SALT_DS keeps the top quarter of the pool
+# SALT: the paper's w and tau, KD for 17% of the steps (36K of ~208K); SALT_DS selects what stage 1 reads
 kd_steps = 85
 kd_weight = 0.667
 teacher_temperature = 1.0
-select_fraction = 0.25
 # 21 evaluations (4% of the run apart) of 512 val sequences spread over the val split: 262K tokens, 32x the CPU
 # demo's, so that "steps to the baseline's final val loss" is not the val set's noise (the report says how fine)
 eval_interval = 25

@@ -5,6 +5,7 @@
 # (needs `pip install transformers` and the hub).
 # Batch and schedule are ours, not the paper's (it does not publish them all): tune before trusting them.
 out_dir = 'out/pile/slm'
+role = 'slm'               # its data order: a stream of its own, independent of every student's
 data_dir = 'data/pile'
 # Memory (python memory.py --student gpt2-xl --batch_size 4 --block_size 2048): ~48 GiB per GPU under ddp
 model_size = 'gpt2-xl'

@@ -5,8 +5,8 @@
 #                 --data_dir data/pile --block_size 2048 --out out/pile/scores.npy
 #             ... train.py config/pile_student.py --teacher_ckpt=out/pile/slm/ckpt \
 #                 --score_file=out/pile/scores.npy --out_dir=out/pile/salt_ds
-# kd_weight and teacher_temperature are the paper's suggestions (it does not confirm them); select_fraction is
-# what our CPU studies chose (docs/cpu_studies.md, "Choosing the defaults"), on a 7M-parameter student: retune at scale.
+# kd_weight and teacher_temperature are the paper's suggestions (it does not confirm them). SALT_DS selects the top
+# 36K x 512 = 18.4M sequences by score, what stage 1 reads, each once (train.py's select_fraction = 0).
 # Memory (python memory.py --student salt-2.8b --teacher gpt2-xl --batch_size 8 --block_size 2048 --world_size 8
 # --grad_accum_steps 8): under ddp each GPU would hold the whole student, its gradients and AdamW's moments, ~71 GiB
 # per 80 GB GPU at batch_size 4 with the teacher; fsdp shards them 8 ways: ~65 GiB at batch_size 8, half the
@@ -25,7 +25,6 @@ warmup_steps = 2000
 kd_steps = 36_000
 kd_weight = 0.667
 teacher_temperature = 1.0
-select_fraction = 0.25
 eval_interval = 1000
 eval_batches = 50
 ckpt_interval = 1000
