@@ -632,6 +632,77 @@ def test_undecodable_and_corrupt_pile_files_name_the_file(tmp_path):
     assert str(corrupt) in str(e.value)
 
 
+def batch_ids(loader):
+    """The ids of the loader's next batch."""
+    loader.next_batch()
+    return loader.last_ids
+
+
+def test_batch_loader_leaves_the_skipped_ids_out_of_epoch_0_only(small_dir):
+    """skip (SALT_DS's stage 2: what stage 1 read): epoch 0 is the pool's own order without those ids, whole steps of
+    it; epoch 1 the whole pool again, in its own order; read_ids(steps) names what the first steps read, on every
+    rank together, and a loader resumed inside the short epoch 0 goes on with the same batches."""
+    seqs = data.TokenSequences(small_dir, "train", 16)  # 162 sequences
+    skip = np.arange(0, 162, 4)  # 41 ids
+    plain = data.BatchLoader(seqs, 8, seed=3)
+    skipping = [data.BatchLoader(seqs, 4, rank=r, world_size=2, seed=3, skip=skip) for r in range(2)]
+    expected = plain.order(0)[~np.isin(plain.order(0), skip)]
+    assert np.array_equal(skipping[0].order(0), expected[:len(expected) // 8 * 8])  # 121 ids: 15 steps of 8
+    assert skipping[0].batches_in(0) == 15 and skipping[0].batches_in(1) == 20
+    assert np.array_equal(skipping[0].order(1), plain.order(1))
+    read = [np.concatenate([batch_ids(rank) for rank in skipping]) for _ in range(16)]
+    assert np.array_equal(np.sort(np.concatenate(read[:15])), np.sort(expected[:120]))  # each once, none skipped
+    assert np.array_equal(read[15], plain.order(1)[:8])
+    assert np.array_equal(skipping[1].read_ids(15), np.sort(expected[:120]))
+    assert np.array_equal(skipping[1].read_ids(16), np.union1d(expected[:120], plain.order(1)[:8]))
+    resumed = data.BatchLoader(seqs, 4, seed=3, skip=skip, accumulation=2)  # 1 process x 2: the same global batch
+    resumed.load_state_dict({"epoch": 0, "blocks": 14, "order": data.ORDER_VERSION})  # 2 ranks' state after 7 steps
+    assert np.array_equal(np.concatenate(read[7:9]), np.concatenate([batch_ids(resumed) for _ in range(4)]))
+    order = data.epoch_order(162, 3, 'student/pool', 0)  # int32 where it fits: permutation(162)'s order all the same
+    assert np.array_equal(order, np.random.default_rng([3, zlib.crc32(b'student/pool'), 0]).permutation(162))
+    assert np.array_equal(order[:160], plain.order(0))  # 20 whole steps of 8
+
+
+def test_an_slms_data_order_is_independent_of_every_students(tmp_path):
+    """On the study's configs (role='slm' in the SLMs'), the rank correlation of the order in which the SLMs and the
+    students of every seed read the students' pool is below 0.05; with one stream for every role (seed 1337's, the
+    old order) the strong SLM's was +0.31 and the weak SLM's the same order as the student's."""
+    def read(name):
+        scope = {}
+        exec(open(os.path.join(REPO, 'config', name)).read(), scope)
+        return scope
+    student, strong, weak = map(read, ('branches_student.py', 'branches_slm_strong.py', 'branches_slm.py'))
+    n = student['train_sequences']
+
+    def positions(order):  # where each of the students' ids comes in an order, among those ids
+        kept = order[order < n]
+        where = np.empty(n)
+        where[kept] = np.arange(n)
+        return where
+    assert strong['role'] == weak['role'] == 'slm' and 'role' not in student
+    for slm in (strong, weak):
+        for seed in (1337, 1338, 1339):
+            rho = np.corrcoef(positions(data.epoch_order(slm['train_sequences'], 1337, 'slm/pool', 0)),
+                              positions(data.epoch_order(n, seed, 'student/pool', 0)))[0, 1]  # of ranks: Spearman's
+            assert abs(rho) < 0.05, (slm['out_dir'], seed, rho)
+    old = [positions(np.random.default_rng([1337, 0]).permutation(size)) for size in (strong['train_sequences'], n)]
+    assert np.corrcoef(*old)[0, 1] > 0.25  # the order before streams: every role's from default_rng([seed, epoch])
+
+
+def test_a_study_run_of_the_old_data_order_is_set_aside_and_trained_again(tmp_path, capsys):
+    """experiment.py reuses a finished run only if it read this code's data order: one whose header names none (order
+    1) is moved to DIR.order1, kept, and its folder is free for the run again; one of this order stays."""
+    experiment = experiment_module()
+    old, new = tmp_path / 'old', tmp_path / 'new'
+    for path, header in ((old, {'type': 'header'}), (new, {'type': 'header', 'data_order': data.ORDER_VERSION})):
+        path.mkdir()
+        (path / 'metrics.jsonl').write_text(json.dumps(header) + '\n')
+    assert experiment.set_aside_if_stale(str(old)) and not old.exists() and (tmp_path / 'old.order1').is_dir()
+    assert 'trained with data order 1' in capsys.readouterr().out
+    assert not experiment.set_aside_if_stale(str(new)) and new.is_dir()
+    assert not experiment.set_aside_if_stale(str(tmp_path / 'not_yet'))
+
+
 def test_nanogpt_headerless_dir_and_resume_mismatch(tmp_path):
     np.arange(3000, dtype=np.uint16).tofile(tmp_path / "train.bin")  # what nanoGPT's prepare.py writes
     seqs = data.TokenSequences(str(tmp_path), "train", 100)
@@ -2260,7 +2331,8 @@ def test_resume_reproduces_uninterrupted_salt_ds_run(tmp_path, text_data, slm_an
     (tokenizer.py), which must resume as well."""
     teacher, scores = slm_and_scores
     salt_ds = [f'--teacher_ckpt={teacher}', f'--score_file={scores}', '--train_sequences=256', '--kd_steps=4',
-               '--select_fraction=0.5', '--lr_decay_steps=8', '--ckpt_interval=100', f'--model_size={model_size}']
+               '--select_fraction=0.5', '--lr_decay_steps=8', '--ckpt_interval=100', f'--model_size={model_size}',
+               '--log_ids=True']
     train(text_data, tmp_path / 'whole', '--max_steps=8', *salt_ds)
     for stop in (2, 5, 8):
         resume = ['--init_from=resume'] if stop > 2 else []
@@ -2274,6 +2346,7 @@ def test_resume_reproduces_uninterrupted_salt_ds_run(tmp_path, text_data, slm_an
             torch.save(meta, meta_file)
     whole, pieces = step_records(tmp_path / 'whole'), step_records(tmp_path / 'pieces')
     assert sorted(whole) == sorted(pieces) == list(range(1, 9))
+    assert logged_ids(tmp_path / 'pieces') == logged_ids(tmp_path / 'whole')  # stopped in stage 2 too: the same ids
     for step in whole:
         for key in ('loss', 'ce', 'kd', 'kd_weight'):
             assert whole[step][key] == pieces[step][key], (step, key)
@@ -2284,6 +2357,81 @@ def test_resume_reproduces_uninterrupted_salt_ds_run(tmp_path, text_data, slm_an
     # the schedule: KD (w > 0, a KL is measured) for steps 1..4, plain CE afterwards
     assert [whole[s]['kd_weight'] for s in range(1, 9)] == [0.667] * 4 + [0.0] * 4
     assert all(whole[s]['kd'] > 0 for s in range(1, 5)) and all(whole[s]['kd'] == 0 for s in range(5, 9))
+
+
+def logged_ids(out_dir):
+    """{step: the sorted ids it read}, from train.py's log_ids files (experiment.read_ids)."""
+    return experiment_module().read_ids(str(out_dir))
+
+
+@pytest.mark.slow
+def test_each_method_reads_what_its_definition_says_across_the_switch(tmp_path, text_data, slm_and_scores):
+    """A pool of exactly max_steps x the global batch (24 sequences, 12 steps of 2), KD for 4 steps, every sequence id
+    logged: SALT reads the baseline's batch at every step, across the switch too (it changes the loss only); SALT_DS's
+    stage 1 reads exactly the top 8 by score, each once, and over the 12 steps every id of the pool exactly once; a
+    second seed's stage 1 reads the same 8 in another order; the selection-only control (w = 0) trains without KD on
+    SALT_DS's batches."""
+    teacher, _ = slm_and_scores
+    scores = str(tmp_path / 'scores.npy')
+    run_script('salt.py', 'score', f'--ckpt={teacher}', f'--data_dir={text_data}', '--block_size=16',
+               '--max_sequences=24', f'--out={scores}', '--batch_size=8')
+    common = ['--train_sequences=24', '--max_steps=12', '--kd_steps=4', '--log_ids=True', '--eval_interval=12',
+              '--ckpt_interval=0']
+    salt_ds = [f'--teacher_ckpt={teacher}', f'--score_file={scores}']
+    runs = {name: ['train.py', f'--data_dir={text_data}', f'--out_dir={tmp_path / name}', '--model_size=demo-student',
+                   *TINY, *common, *extra] for name, extra in (
+        ('baseline', []), ('salt', [f'--teacher_ckpt={teacher}']), ('salt_ds', salt_ds),
+        ('salt_ds_seed2', [*salt_ds, '--seed=2']), ('selection_only', [*salt_ds, '--kd_weight=0.0']))}
+    for name, result in run_scripts(runs).items():
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+    reads = {name: logged_ids(tmp_path / name) for name in runs}
+    assert list(reads['baseline']) == list(range(1, 13)) and all(len(ids) == 2 for ids in reads['baseline'].values())
+    assert reads['salt'] == reads['baseline']
+    top = np.sort(salt.ranking(np.load(scores))[:8])
+    for name in ('salt_ds', 'salt_ds_seed2', 'selection_only'):
+        stage1 = [i for step in range(1, 5) for i in reads[name][step]]
+        assert sorted(stage1) == top.tolist(), name
+        assert sorted(i for ids in reads[name].values() for i in ids) == list(range(24)), name
+    assert [reads['salt_ds'][step] for step in range(1, 5)] != [reads['salt_ds_seed2'][step] for step in range(1, 5)]
+    assert reads['selection_only'] == reads['salt_ds']
+    control, kd = step_records(tmp_path / 'selection_only'), step_records(tmp_path / 'salt_ds')
+    assert all(control[s]['kd_weight'] == 0.0 and control[s]['kd'] == 0.0 for s in range(1, 5))
+    assert all(kd[s]['kd_weight'] == 0.667 and kd[s]['kd'] > 0 for s in range(1, 5))
+
+
+@pytest.mark.slow
+def test_salt_ds_reads_the_same_ids_on_2_ranks_as_on_1_process_with_2_micro_batches_across_the_switch(
+        tmp_path, text_data, slm_and_scores):
+    """SALT_DS on 2 gloo ranks and on 1 process with grad_accum_steps=2 (the same global batch): step by step the
+    same sequence ids, in stage 1 and after the switch."""
+    teacher, scores = slm_and_scores
+    salt_ds = [f'--teacher_ckpt={teacher}', f'--score_file={scores}', '--train_sequences=256', '--kd_steps=3',
+               '--max_steps=6', '--log_ids=True', '--ckpt_interval=0', '--eval_interval=6']
+    train(text_data, tmp_path / 'two', *salt_ds, nproc=2)
+    train(text_data, tmp_path / 'one', *salt_ds, '--grad_accum_steps=2')
+    two, one = logged_ids(tmp_path / 'two'), logged_ids(tmp_path / 'one')
+    assert list(one) == list(range(1, 7)) and all(len(ids) == 4 for ids in one.values()) and two == one
+
+
+@pytest.mark.slow
+def test_a_resume_that_moves_the_learning_rate_or_reads_another_order_is_one_line(tmp_path, text_data):
+    """A cosine run of 4 steps resumed with max_steps=8 would have trained its steps at other learning rates: one line
+    naming max_steps (a WSD run extended before its decay resumes). A checkpoint of the data order before streams
+    (no 'order' in its loader state) is refused in one line, as a run and as a branch point."""
+    train(text_data, tmp_path / 'cosine', '--max_steps=4', '--ckpt_interval=4', '--branch_steps=2')
+    assert_one_line_error(train(text_data, tmp_path / 'cosine', '--max_steps=8', check=False),
+                          'at step 3 the learning rate was', 'max_steps=8 (was 4)')
+    wsd = ['--lr_schedule=wsd', '--decay_fraction=0.5']
+    train(text_data, tmp_path / 'wsd', '--max_steps=4', '--ckpt_interval=2', *wsd, '--lr_decay_steps=8')
+    train(text_data, tmp_path / 'wsd', '--max_steps=6', '--ckpt_interval=2', *wsd, '--lr_decay_steps=8')
+    for path in (tmp_path / 'cosine' / 'ckpt' / 'meta.pt', tmp_path / 'cosine' / 'ckpt_step2' / 'meta.pt'):
+        meta = torch.load(path, weights_only=True)
+        del meta['loader']['order']
+        torch.save(meta, path)
+    assert_one_line_error(train(text_data, tmp_path / 'cosine', '--max_steps=4', check=False),
+                          'a checkpoint of data order 1, this code reads order 2')
+    assert_one_line_error(train(text_data, tmp_path / 'branch', '--max_steps=4',
+                                f'--branch_from={tmp_path / "cosine"}@2', check=False), 'data order 1')
 
 
 @pytest.mark.slow
