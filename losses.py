@@ -161,8 +161,10 @@ def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teac
         teacher_weight = teacher_weight.detach()
     device, padded_vocab = hidden.device, student_weight.shape[0]
     # w reaches the arithmetic as a tensor: under torch.compile a Python float that changes every step (the
-    # linear schedule) would be a guard, and each new value a recompilation of the whole forward
-    kd_weight = torch.as_tensor(kd_weight, dtype=torch.float32, device=device)
+    # linear schedule) would be a guard, and each new value a recompilation of the whole forward. A number is
+    # filled on the device: torch.as_tensor(w, device='cuda') would be a blocking copy, the CPU waiting for the GPU
+    kd_weight = kd_weight.to(device, torch.float32) if isinstance(kd_weight, torch.Tensor) else \
+        torch.full((), kd_weight, dtype=torch.float32, device=device)
     autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     config = _LossConfig(
         temperature=float(temperature), vocab_size=vocab_size or padded_vocab, ignore_index=ignore_index,
@@ -243,7 +245,7 @@ def describe_choices(device):
             f"{default_chunk_size(1, 1, 1, device.type)} to 2048 rows; {gemm}")
 
 
-_OUT_DTYPE_GEMM = {}  # str(device) -> whether mm/addmm take out_dtype there: probed once, then a constant
+_OUT_DTYPE_GEMM = {}  # 'cuda:N' -> whether mm/addmm take out_dtype there: probed once, then a constant
 
 
 def out_dtype_gemm(device):
@@ -253,17 +255,23 @@ def out_dtype_gemm(device):
     device = torch.device(device)
     if device.type != 'cuda':
         return False
-    if str(device) not in _OUT_DTYPE_GEMM and not torch.compiler.is_compiling():
-        _OUT_DTYPE_GEMM[str(device)] = _probe_out_dtype_gemm(device)
-    return _OUT_DTYPE_GEMM.get(str(device), False)
+    # one key per GPU: 'cuda' (a run's setting) and 'cuda:0' (a tensor's device, all a compiled graph sees) are one
+    key = f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
+    if key not in _OUT_DTYPE_GEMM and not torch.compiler.is_compiling():
+        _OUT_DTYPE_GEMM[key] = _probe_out_dtype_gemm(device)
+    return _OUT_DTYPE_GEMM.get(key, False)
 
 
 def _probe_out_dtype_gemm(device):
+    """Whether the out_dtype GEMMs exist and compute what _accumulate_matmul needs: addmm adds the product into an
+    fp32 output of ones (an output of zeros could not tell a GEMM that overwrites it: grad_weight would hold the
+    last chunk's share alone, in every path, the autograd fallback's too), and mm's product is fp32."""
     try:
         a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-        out = torch.zeros(2, 2, device=device)
+        out = torch.ones(2, 2, device=device)
         torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        product = torch.mm(a, a, out_dtype=torch.float32)
+        return product.dtype == torch.float32 and bool((out == 3).all()) and bool((product == 2).all())
     except (RuntimeError, TypeError, NotImplementedError):  # an older build, or one without the kernels
         return False
 

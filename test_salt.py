@@ -2068,6 +2068,34 @@ def test_forward_and_backward_never_wait_for_the_gpu(impl):
         torch.cuda.set_sync_debug_mode('default')
 
 
+class HostNumbersToTensors(torch.overrides.TorchFunctionMode):
+    """A tensor made from a Python number by torch.tensor or torch.as_tensor raises: on a GPU that is a copy from
+    pageable host memory, the CPU waiting for the GPU to reach it (what torch.cuda.set_sync_debug_mode reports)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.tensor, torch.as_tensor) and not isinstance(args[0], torch.Tensor):
+            raise AssertionError(f"{func.__name__}({args[0]!r}, ...): a blocking copy on a GPU")
+        return func(*args, **(kwargs or {}))
+
+
+@ignore_masked_lane_warnings
+@pytest.mark.parametrize('impl', ['torch', 'triton', 'autograd'])
+def test_a_loss_step_copies_no_host_number_to_the_device(impl, monkeypatch):
+    """The CPU's view of test_forward_and_backward_never_wait_for_the_gpu: w given as a number (bench.py) and as a
+    tensor (train.py), no tensor is made from a host number in the forward or the backward."""
+    if impl == 'triton':
+        use_impl(impl, 'cpu', monkeypatch)
+    vocab = KERNEL_SIZES['cpu'][0]
+    for kd_weight in (0.5, torch.full((), 0.5)):
+        x = make_inputs('cpu')
+        with HostNumbersToTensors():
+            loss = salt_loss(**x, kd_weight=kd_weight, vocab_size=vocab, chunk_size=16, impl=impl,
+                             kd_loss='jsd' if impl == 'autograd' else 'forward_kl')[0]
+            loss.backward()
+    with pytest.raises(AssertionError, match='a blocking copy'), HostNumbersToTensors():
+        torch.as_tensor(0.5, device='cpu')  # the mode does see what it must refuse
+
+
 @pytest.mark.parametrize('impl', ['triton', 'torch'])
 @pytest.mark.cuda
 @requires_gpu
@@ -4567,6 +4595,36 @@ def test_gemm_without_out_dtype_takes_the_fp32_product_path(monkeypatch):
     assert not losses.out_dtype_gemm('cuda:0') and not losses.out_dtype_gemm(torch.device('cuda:0'))
     assert len(probes) == 1 and losses._OUT_DTYPE_GEMM == {'cuda:0': False}
     assert 'no out_dtype GEMM' in losses.describe_choices(torch.device('cpu'))
+
+
+def test_the_probe_refuses_an_out_dtype_gemm_that_does_not_add_into_its_output(monkeypatch):
+    """grad_weight is summed inside addmm (beta = 1): a build whose out_dtype addmm overwrote its output instead would
+    leave grad_weight the last chunk's share, in every path, and the checks could not tell (the autograd fallback
+    has the same fault). The probe starts from an output of ones, so it can: such a GEMM is not used."""
+    def mm(a, b, out_dtype):
+        return a.to(out_dtype) @ b.to(out_dtype)
+
+    def adding(self, a, b, out_dtype, out):
+        return out.copy_(self + mm(a, b, out_dtype))
+
+    def overwriting(self, a, b, out_dtype, out):
+        return out.copy_(mm(a, b, out_dtype))
+    monkeypatch.setattr(torch, 'mm', mm)
+    for addmm, works in ((adding, True), (overwriting, False)):
+        monkeypatch.setattr(torch, 'addmm', addmm)
+        assert losses._probe_out_dtype_gemm(torch.device('cpu')) is works
+
+
+def test_the_probe_keeps_one_answer_per_gpu(monkeypatch):
+    """train.py asks with its setting ('cuda'), a compiled graph with a tensor's device ('cuda:0'): one probe, one key,
+    so that a compiled model reads the answer rather than taking the bf16-rounded path for want of one."""
+    probes = []
+    monkeypatch.setattr(losses, '_probe_out_dtype_gemm', lambda device: probes.append(str(device)) or True)
+    monkeypatch.setattr(losses, '_OUT_DTYPE_GEMM', {})
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    assert all(losses.out_dtype_gemm(device) for device in ('cuda', 'cuda:0', torch.device('cuda', 0)))
+    assert probes == ['cuda'] and losses._OUT_DTYPE_GEMM == {'cuda:0': True}
+    assert losses.out_dtype_gemm('cuda:1') and probes == ['cuda', 'cuda:1']  # another GPU: a probe of its own
 
 
 def test_the_loss_choice_probes_the_out_dtype_gemms_before_anything_is_compiled(monkeypatch):
