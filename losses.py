@@ -241,8 +241,9 @@ def describe_choices(device):
     version = f" (triton {triton.__version__})" if impl == 'triton' else ''
     gemm = ('16-bit GEMMs accumulate into fp32 (out_dtype)' if out_dtype_gemm(device)
             else '16-bit GEMMs round, then convert to fp32 (no out_dtype GEMM here)')
-    return (f"forward_kl by impl={impl!r}{version}, other divergences by 'autograd', chunks of "
-            f"{default_chunk_size(1, 1, 1, device.type)} to 2048 rows; {gemm}")
+    chunks = f"{default_chunk_size(1, 1, 50304, 'cuda')} rows at V = 50,304" if device.type == 'cuda' else \
+        '64 to 2048 rows'
+    return f"forward_kl by impl={impl!r}{version}, other divergences by 'autograd', chunks of {chunks}; {gemm}"
 
 
 _OUT_DTYPE_GEMM = {}  # 'cuda:N' -> whether mm/addmm take out_dtype there: probed once, then a constant
@@ -276,16 +277,23 @@ def _probe_out_dtype_gemm(device):
         return False
 
 
+CUDA_CHUNK_BYTES = 2 ** 31  # a chunk's buffers on a GPU: the fp32 logits and teacher logits, the 16-bit gradient
+
+
 def default_chunk_size(n_rows, hidden_size, padded_vocab, device_type):
     """
-    Token rows per chunk: enough that one chunk of logits is about as large as the hidden
-    states (the extra memory then stays comparable to the inputs), at most 2048, and at least
-    256 on GPUs, where each chunk rereads the whole weight and short GEMMs are memory-bound,
-    or 64 on CPU, where the fallback is about memory (~13 MiB per fp32 buffer at V=50k).
+    Token rows per chunk. On a GPU, as many as keep a chunk's buffers (10 bytes a logit) within CUDA_CHUNK_BYTES
+    (2 GiB, a few percent of an 80 GB GPU), a power of two from 256 to 16,384: 4,096 at V = 50,304. Every chunk
+    rereads the weights in its GEMMs and adds its share into the fp32 grad_weight, read and written whole (824 MB
+    at V = 50,304, H = 2,048): fewer, longer chunks move fewer bytes (bench.py models them). On a CPU, where the
+    fallback is about memory: enough that one chunk of logits is about as large as the hidden states, 64 to 2048
+    rows (~13 MiB per fp32 buffer at V = 50k).
     """
+    if device_type == 'cuda':
+        rows = CUDA_CHUNK_BYTES // (10 * padded_vocab)
+        return max(256, min(16384, 1 << (max(rows, 1).bit_length() - 1)))
     rows = -(-n_rows * hidden_size // padded_vocab)
-    min_rows = 64 if device_type == "cpu" else 256
-    return max(min_rows, min(2048, 1 << (rows - 1).bit_length()))
+    return max(64, min(2048, 1 << (rows - 1).bit_length()))
 
 
 @dataclass(frozen=True)
@@ -498,8 +506,8 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, kd_w
             teacher_logits = None
             if teacher_hidden is not None:
                 teacher_logits = _matmul(teacher_hidden[rows], teacher_weight.T, row_dtype)
-            # logits := dloss/dlogits
-            ce, kd, w_rows = chunk_rows(logits, teacher_logits, targets[rows], grad_scale, kd_weight, config)
+            ce, kd, w_rows, grad_logits = chunk_rows(logits, teacher_logits, targets[rows], grad_scale, kd_weight,
+                                                     config, student_dtype)
             ce_sum += ce.sum()
             kd_sum += kd.sum()
             if w_rows is not None:
@@ -508,7 +516,6 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, kd_w
                 per_row[0][rows], per_row[1][rows] = ce, kd
             del teacher_logits  # free before the backward GEMMs allocate
 
-            grad_logits = logits.to(student_dtype)
             if need_grad_hidden:
                 grad_hidden[rows] = grad_logits @ weight_c
             if need_grad_weight:
@@ -564,11 +571,12 @@ def _gemm_dtype(hidden, weight, config):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One chunk's rows: each returns the rows' CE and KD term (zero on ignored rows) and their w (None: the constant
-# one), and overwrites `logits` with d(loss)/d(logits) / n_counted, zero in the padded columns.
+# One chunk's rows: each returns the rows' CE and KD term (zero on ignored rows), their w (None: the constant one)
+# and d(loss)/d(logits) / n_counted in grad_dtype (the backward GEMMs' operand), zero in the padded columns, written
+# over `logits` where grad_dtype is theirs.
 
 
-def _rows_autograd(logits, teacher_logits, targets, grad_scale, kd_weight, config):
+def _rows_autograd(logits, teacher_logits, targets, grad_scale, kd_weight, config, grad_dtype):
     """Any divergence: the rows' loss as salt_loss_reference defines it, differentiated by autograd; only this
     chunk's (rows, V) tensors are ever alive."""
     vocab, w, w_rows = config.vocab_size, kd_weight.to(logits.dtype), None
@@ -586,10 +594,10 @@ def _rows_autograd(logits, teacher_logits, targets, grad_scale, kd_weight, confi
         grad, = torch.autograd.grad(mix(ce, kd, w), z, torch.where(valid, grad_scale, 0.0))
     logits[:, :vocab] = grad
     logits[:, vocab:].zero_()
-    return torch.where(valid, ce.detach(), 0.0), torch.where(valid, kd.detach(), 0.0), w_rows
+    return torch.where(valid, ce.detach(), 0.0), torch.where(valid, kd.detach(), 0.0), w_rows, logits.to(grad_dtype)
 
 
-def _rows_torch(logits, teacher_logits, targets, grad_scale, kd_weight, config):
+def _rows_torch(logits, teacher_logits, targets, grad_scale, kd_weight, config, grad_dtype):
     """The forward KL, its gradient by hand (see the comment above _salt_rows_kernel for the
     derivation): d(loss)/d(logits) = (p - (1-w) onehot(y) - w q) / n_counted."""
     vocab, w = config.vocab_size, kd_weight.to(logits.dtype)
@@ -616,25 +624,28 @@ def _rows_torch(logits, teacher_logits, targets, grad_scale, kd_weight, config):
     grad.scatter_add_(1, safe_targets, (w - 1.0).expand_as(lse))
     grad.mul_(torch.where(valid, grad_scale, 0.0).unsqueeze(1))
     logits[:, vocab:].zero_()
-    return torch.where(valid, ce, 0.0), torch.where(valid, kl, 0.0), None
+    return torch.where(valid, ce, 0.0), torch.where(valid, kl, 0.0), None, logits.to(grad_dtype)
 
 
-def _rows_triton(logits, teacher_logits, targets, grad_scale, kd_weight, config):
-    """The forward KL in a Triton kernel, one program per row."""
+def _rows_triton(logits, teacher_logits, targets, grad_scale, kd_weight, config, grad_dtype):
+    """The forward KL in a Triton kernel, one program per row. It writes the gradient in grad_dtype itself: a
+    16-bit one in a buffer of its own, as the GEMMs read it, rather than over the fp32 logits and then converted,
+    which would pass over the fp32 logits twice more."""
     n_rows, padded_width = logits.shape
     ce = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     kl = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    grad = logits if grad_dtype == logits.dtype else torch.empty(logits.shape, dtype=grad_dtype, device=logits.device)
     has_teacher = teacher_logits is not None
     teacher = teacher_logits if has_teacher else logits  # never read without a teacher
     block_v = min(TRITON_BLOCK_V, triton.next_power_of_2(config.vocab_size))
     # Triton launches on the current CUDA device, which need not be the tensors' (a run on cuda:1)
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
         _salt_rows_kernel[(n_rows,)](
-            logits, logits.stride(0), teacher, teacher.stride(0), targets, ce, kl, grad_scale,
+            logits, logits.stride(0), teacher, teacher.stride(0), grad, grad.stride(0), targets, ce, kl, grad_scale,
             config.vocab_size, padded_width, config.ignore_index, kd_weight, 1.0 / config.temperature,
             HAS_TEACHER=has_teacher, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
         )
-    return ce, kl, None
+    return ce, kl, None, grad
 
 
 # Vocabulary block walked by one Triton program step. A module attribute so tests can shrink it
@@ -652,17 +663,19 @@ TRITON_BLOCK_V = 4096
 # d = sum_j exp(x_j - m); when m grows, d is rescaled by exp(m_old - m_new). The KL needs
 # sum_j q_j (z'_j - z_j) = a / d_t with a = sum_j exp(z'_j - m_t) (z'_j - z_j), rescaled like d_t.
 # Keeping z' - z together (rather than two sums of magnitude |z|) avoids cancellation when the
-# teacher and student agree. Pass 2 rereads the row and writes the gradient over it.
+# teacher and student agree. Pass 2 rereads the row and writes the gradient, in the GEMMs' dtype (over the
+# logits where that is theirs).
 if triton is not None:
 
     @triton.jit
-    def _salt_rows_kernel(logits_ptr, logits_stride, teacher_ptr, teacher_stride, targets_ptr, ce_ptr, kl_ptr,
-                          grad_scale_ptr, vocab_size, padded_width, ignore_index, kd_weight_ptr, inv_temperature,
-                          HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _salt_rows_kernel(logits_ptr, logits_stride, teacher_ptr, teacher_stride, grad_ptr, grad_stride, targets_ptr,
+                          ce_ptr, kl_ptr, grad_scale_ptr, vocab_size, padded_width, ignore_index, kd_weight_ptr,
+                          inv_temperature, HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         kd_weight = tl.load(kd_weight_ptr)  # a pointer, not a number: w changes by the step without a host sync
         logits_ptr += row * logits_stride
         teacher_ptr += row * teacher_stride
+        grad_ptr += row * grad_stride
         target = tl.load(targets_ptr + row)
 
         # pass 1: online logsumexp of the student (and teacher), z[y], and the KL accumulator
@@ -710,4 +723,4 @@ if triton is not None:
             if HAS_TEACHER:
                 zt = tl.load(teacher_ptr + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
                 grad -= kd_weight * tl.exp(zt - lse_t)
-            tl.store(logits_ptr + cols, (grad * row_scale).to(logits_ptr.dtype.element_ty), mask=cols < padded_width)
+            tl.store(grad_ptr + cols, (grad * row_scale).to(grad_ptr.dtype.element_ty), mask=cols < padded_width)

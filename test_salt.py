@@ -1779,6 +1779,29 @@ def test_backward_scales_by_grad_output_and_no_grad_mode_matches():
     torch.testing.assert_close(eval_loss, loss.detach(), rtol=1e-12, atol=0)
 
 
+@ignore_masked_lane_warnings
+def test_the_kernel_writes_the_16_bit_gradient_as_the_torch_path_rounds_it(monkeypatch):
+    """Under a bf16 autocast the kernel writes d(loss)/d(logits) in bf16 itself, in a buffer of its own, rather than
+    over the fp32 logits: the same loss as the torch path, which converts its fp32 gradient, and gradients within
+    bf16's rounding (a rounding flipped here and there, summed over the vocabulary). The interpreter, blocks of 32
+    columns: several a row, the last one partial."""
+    if losses.triton is None:
+        pytest.skip('triton is not installed')
+    monkeypatch.setattr(losses, 'TRITON_BLOCK_V', 32)
+    vocab, chunk = KERNEL_SIZES['cpu'][0], KERNEL_SIZES['cpu'][5]
+    results = []
+    for impl in ('torch', 'triton'):
+        x = make_inputs('cpu')
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = salt_loss(**x, kd_weight=0.5, temperature=2.0, vocab_size=vocab, chunk_size=chunk, impl=impl)[0]
+        loss.backward()
+        results.append((loss.detach(), x['student_hidden'].grad, x['student_weight'].grad))
+    (torch_loss, *torch_grads), (triton_loss, *triton_grads) = results
+    torch.testing.assert_close(triton_loss, torch_loss, rtol=1e-6, atol=0)
+    for got, expected in zip(triton_grads, torch_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=2 ** -6 * expected.abs().max().item())  # TOLERANCES
+
+
 def test_bf16_inputs_keep_their_dtypes_and_stay_close():
     """The CPU's dtype rules (the GPU's are in the precisions above): bf16 in, bf16 gradients out."""
     device = 'cpu'
@@ -1823,9 +1846,12 @@ def test_bf16_activations_with_fp32_weights_use_bf16_gemms():
 
 def test_default_chunk_size_bounds():
     assert losses.default_chunk_size(4096, 256, 50304, "cpu") == 64  # 64 rows * 50304 * 4 B = 13 MiB
-    assert losses.default_chunk_size(4096, 768, 50304, "cuda") == 256
-    assert losses.default_chunk_size(32768, 2048, 50304, "cuda") == 2048
     assert losses.default_chunk_size(10, 16, 128, "cpu") == 64
+    # on a GPU: the most rows whose buffers (10 bytes a logit) fit 2 GiB, whatever the tokens and the width
+    for tokens, hidden in ((4096, 768), (32768, 2048)):
+        assert losses.default_chunk_size(tokens, hidden, 50304, "cuda") == 4096  # 4096 * 50304 * 10 B = 1.9 GiB
+    assert losses.default_chunk_size(16384, 4096, 152064, "cuda") == 1024  # Qwen's vocabulary
+    assert losses.default_chunk_size(16384, 512, 128, "cuda") == 16384
 
 
 def test_divergences_follow_their_definitions():
@@ -1982,13 +2008,14 @@ def test_a_path_wrong_at_the_production_width_is_refused(monkeypatch, capfd):
     assert "on the variant that trains" in capfd.readouterr().err
 
 COMPILE_FOR_SM90 = """
-import triton, losses
+import itertools, triton, losses
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-signature = dict(logits_ptr="*fp32", logits_stride="i64", teacher_ptr="*fp32", teacher_stride="i64", targets_ptr="*i64",
-                 ce_ptr="*fp32", kl_ptr="*fp32", grad_scale_ptr="*fp32", vocab_size="i32", padded_width="i32",
-                 ignore_index="i32", kd_weight_ptr="*fp32", inv_temperature="fp32", HAS_TEACHER="constexpr", BLOCK_V="constexpr")
-for has_teacher in (True, False):
+for has_teacher, grad in itertools.product((True, False), ("*bf16", "*fp32")):  # a 16-bit gradient, or over the logits
+    signature = dict(logits_ptr="*fp32", logits_stride="i64", teacher_ptr="*fp32", teacher_stride="i64", grad_ptr=grad,
+                     grad_stride="i64", targets_ptr="*i64", ce_ptr="*fp32", kl_ptr="*fp32", grad_scale_ptr="*fp32",
+                     vocab_size="i32", padded_width="i32", ignore_index="i32", kd_weight_ptr="*fp32",
+                     inv_temperature="fp32", HAS_TEACHER="constexpr", BLOCK_V="constexpr")
     source = ASTSource(losses._salt_rows_kernel, signature, constexprs=dict(HAS_TEACHER=has_teacher, BLOCK_V=4096))
     assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm
 """
@@ -4497,13 +4524,13 @@ def test_a_small_tree_whose_hashes_send_no_file_to_val_still_has_a_val_split(tmp
 
 
 def test_the_memory_plan_counts_the_rows_a_loss_chunk_really_has():
-    """A 512-token micro-batch: its chunks have the kernel's rows (256 on a GPU here), never 2,048."""
+    """A 512-token micro-batch: its chunks have its 512 rows, or the CPU's 64, never the GPU's 4,096."""
     student = GPTConfig.from_preset('demo-student', block_size=512)
     vocab, hidden = student.padded_vocab_size, student.n_embd
     for device_type, tokens in (('cuda', 512), ('cpu', 512), ('cuda', 32)):
         rows = min(tokens, losses.default_chunk_size(tokens, hidden, vocab, device_type))
         plan = memory_plan(student, None, tokens=tokens, world_size=1, compute_bytes=4, device_type=device_type)
-        assert plan['loss (LM head)'][0] == vocab * hidden * 4 + 3 * rows * vocab * 4 and rows <= min(tokens, 256)
+        assert plan['loss (LM head)'][0] == vocab * hidden * 4 + 3 * rows * vocab * 4 and rows <= tokens
 
 
 # ---- torch.compile: a bounded number of graphs
