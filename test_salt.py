@@ -3283,9 +3283,42 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert result.returncode != 0 and 'step 2: loss' in result.stderr and 'not finite' in result.stderr
     assert f"{tmp_path / 'stop' / 'ckpt'} (step 1)" in result.stderr
     assert checkpoint_manager.read_meta(str(tmp_path / 'stop' / 'ckpt'))['step'] == 1
+    # a skipped step is a step whose update was dropped: the weights stay those of step 1, and steps 3 and 4 fail too
     result = train(text_data, tmp_path / 'skip', *blow_up, '--skip_nonfinite=2', check=False)
-    assert 'batch skipped (1/2)' in result.stdout and 'batch skipped (2/2)' in result.stdout
-    assert result.returncode != 0 and 'step 2: loss' in result.stderr
+    assert 'step 2: non-finite loss or gradient, batch skipped (1/2)' in result.stdout
+    assert 'step 3: non-finite loss or gradient, batch skipped (2/2)' in result.stdout
+    assert result.returncode != 0 and 'step 4: loss' in result.stderr
+    assert checkpoint_manager.read_meta(str(tmp_path / 'skip' / 'ckpt'))['nonfinite_skipped'] == 2
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_a_step_with_an_inf_gradient_changes_no_weight_and_no_optimizer_state(fused, capsys):
+    """checkpoint_manager.step_unless: fused AdamW (CUDA's; the CPU has one too) drops the update on the device, given
+    the step's non-finiteness as GradScaler's found_inf; the unfused one is not called. Either way no weight and no
+    moment or step count changes, and a finite step after it trains. checkpoint_manager.nonfinite then reads the
+    steps in one go, says each skipped one in a line, and stops the run past the allowed count."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    unchecked = []
+    for step, gradient in enumerate((1.0, math.inf, 1.0), start=1):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, gradient)
+        before = [p.detach().clone() for p in model.parameters()]
+        state = copy.deepcopy(optimizer.state_dict()['state'])
+        bad = torch.tensor(float(not math.isfinite(gradient)))
+        unchecked.append((step, torch.stack([bad, torch.tensor(2.5), torch.tensor(gradient)])))
+        checkpoint_manager.step_unless(optimizer, bad)
+        changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+        assert all(changed) if step != 2 else not any(changed)
+        if step == 2:
+            after = optimizer.state_dict()['state']
+            assert all(torch.equal(state[i][key], after[i][key]) for i in state for key in state[i])
+    assert checkpoint_manager.nonfinite(unchecked, 0, 1, 'ckpt (step 1)', True) == 1 and unchecked == []
+    assert capsys.readouterr().out == 'step 2: non-finite loss or gradient, batch skipped (1/1)\n'
+    with pytest.raises(SystemExit, match=r'^step 7: loss 2.5, gradient norm inf: not finite, stopping. The last good '
+                                         r'checkpoint is ckpt \(step 1\)'):
+        checkpoint_manager.nonfinite([(7, torch.tensor([1.0, 2.5, math.inf]))], 1, 1, 'ckpt (step 1)', True)
 
 
 NONSENSE_SETTINGS = ['learning_rate=-0.001', 'learning_rate=0.0', 'min_lr=0.01', 'batch_size=0', 'block_size=0',

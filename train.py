@@ -372,6 +372,7 @@ if step == 0:
 # tokens/s leaves out evaluation and checkpoint time, and the first step of this process and of stage 2:
 # torch.compile compiles (again) there
 t_last, step_at_last, not_training_s, warming_up = time.time(), step, 0.0, True
+unchecked = []  # (step, [non-finite, loss, gradient norm]) on the device, read at the next log or checkpoint
 compile_s = None  # with compile: the seconds of that first step, compilation included, until logged
 while step < max_steps:
     current = upcoming
@@ -394,12 +395,11 @@ while step < max_steps:
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # fsdp: the global norm
     if distributed:
         dist.all_reduce(step_losses, op=dist.ReduceOp.AVG)  # every rank takes the same decision below
-    if not torch.isfinite(torch.stack([step_losses[0], grad_norm])).all():  # the one host-device sync of a step
-        nonfinite_skipped = checkpoint_manager.nonfinite(step + 1, step_losses[0], grad_norm, nonfinite_skipped,
-                                                         skip_nonfinite, last_good, master)
-        optimizer.zero_grad(set_to_none=True)
-        continue
-    optimizer.step()
+    # a non-finite loss or gradient norm drops the step's update on the device, without a host sync; the host
+    # reads which steps did, and counts them, where it waits for the device anyway (checkpoint_manager.nonfinite)
+    nonfinite = (~torch.isfinite(torch.stack([step_losses[0], grad_norm]))).any().float()
+    unchecked.append((step + 1, torch.stack([nonfinite, step_losses[0].float(), grad_norm.float()])))
+    checkpoint_manager.step_unless(optimizer, nonfinite)
     optimizer.zero_grad(set_to_none=True)
     step += 1
     if warming_up:
@@ -407,6 +407,11 @@ while step < max_steps:
         t_last, step_at_last, not_training_s, warming_up = time.time(), step, 0.0, False
 
     do_eval = step % eval_interval == 0 or step == max_steps
+    kept = step in kept_steps
+    saving = kept or ckpt_interval and (step % ckpt_interval == 0 or step == max_steps)
+    if step % log_interval == 0 or do_eval or saving:  # before a checkpoint: last_good is good
+        nonfinite_skipped = checkpoint_manager.nonfinite(unchecked, nonfinite_skipped, skip_nonfinite, last_good,
+                                                         master)
     t_eval = time.time()
     evaluated = evaluate() if do_eval else {}
     not_training_s += time.time() - t_eval
@@ -445,8 +450,7 @@ while step < max_steps:
               (f" | mfu {record['mfu']:.1%}" if 'mfu' in record else '') +
               (f" | val {evaluated['val_loss']:.4f}" if evaluated else '') + f" | eta {eta / 60:.1f} min",
               flush=True)
-    kept = step in kept_steps
-    if kept or ckpt_interval and (step % ckpt_interval == 0 or step == max_steps):
+    if saving:
         t_save = time.time()
         last_good = save_checkpoint()  # every rank writes its part
         if kept and master:
