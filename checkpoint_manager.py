@@ -35,7 +35,7 @@ RESUMABLE_CHANGES = {'out_dir', 'init_from', 'max_steps', 'eval_interval', 'eval
                      'ckpt_interval', 'wandb_log', 'wandb_project', 'eval_tasks', 'eval_shots',
                      'eval_fewshot_files', 'compile', 'device', 'dtype', 'peak_flops', 'ddp_timeout',
                      'skip_nonfinite', 'parallelism', 'shard_teacher', 'activation_checkpointing',
-                     'grad_accum_steps', 'branch_steps'}
+                     'grad_accum_steps', 'branch_steps', 'eval_compiled'}
 # and those a branch may change besides: where its learning rate decays (check_branch compares the rates before
 # the branch point, step by step)
 BRANCH_CHANGES = {'lr_decay_steps', 'decay_fraction', 'branch_from'}

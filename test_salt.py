@@ -4077,6 +4077,10 @@ GPU_CHECK_FILES = ['experiment_steps.jsonl', 'fsdp_step.jsonl', 'logs.tar.gz', '
                    'summary.md', 'train_mfu.jsonl', 'train_more.jsonl']
 
 
+GPU_CHECK_STEPS = ['prepare', 'train_mfu', 'loss_grid', 'cuda_tests', 'experiment_steps', 'fsdp_step', 'loss_compiled',
+                   'train_more']
+
+
 def documented_gpu_command(script):
     """docs/gpu.md's command for the GPU machine that runs `script`, with the lines before it that set its
     environment, and the folder it writes to: the dry runs run exactly what the docs say."""
@@ -4137,17 +4141,17 @@ def test_gpu_check_dry_run_fits_eight_files_and_states_every_target(gpu_checkout
     runs = dict(re.findall(r'^run: (\S+ \S+ \(.+?\)) \| (.+)$', summary, re.M))
     assert list(runs) == ['train_mfu demo-student (blocks)', 'experiment_steps demo-student (off)',
                           'fsdp_step demo-student (off, fsdp)', 'train_more demo-student (off)'], summary
+    assert '- wheels: no wheels in .cache/wheels: the loss is compared without Liger-Kernel' in summary
     for line in runs.values():  # the plan stands beside the peak where the header has it
         assert line.startswith('loss: salt_loss runs ') and re.search(
             r"\| peak memory: not measured \(no CUDA\)( against the plan's [\d.]+ GiB \((ddp|fsdp)\)|, no memory_plan "
             r"logged)$", line), line
-    assert '| 3 compiled graphs, 0 of them after the first logged step (recompiles), graph breaks: ' in \
+    assert '| 2 compiled graphs, 0 of them after the first logged step (recompiles), graph breaks: ' in \
         runs['train_mfu demo-student (blocks)']
     assert re.search(r'^sizing: at [\d,]+ tokens/s, gpu_experiment.sh.s study fits its 420 s with 30% slack at '
                      r'max_steps=\d+ \(config/gpu_student.py: 500\)$', summary, re.M), summary
     sections = summary.split('\n## ')[3:]  # after the targets and the training runs
-    assert [s.split('\n')[0] for s in sections] == ['prepare', 'train_mfu', 'loss_grid', 'cuda_tests',
-                                                    'experiment_steps', 'fsdp_step', 'loss_compiled', 'train_more']
+    assert [s.split('\n')[0] for s in sections] == GPU_CHECK_STEPS
     for section in sections:
         assert ': exit status 0,' in section, section
     assert re.search(r'^test_salt\.py::\S+ SKIPPED', sections[3], re.M), sections[3]  # each test's outcome
@@ -4164,15 +4168,48 @@ def test_gpu_check_dry_run_fits_eight_files_and_states_every_target(gpu_checkout
     with tarfile.open(out / 'logs.tar.gz') as tar:
         names = tar.getnames()
         run = [json.loads(line) for line in tar.extractfile('./runs/demo-student-compiled-per-block/metrics.jsonl')]
-    # per block, train.py compiles the student's block with and without gradients (evaluation) and the teacher's,
-    # all before step 1; the switch to stage 2 and every later step compile nothing
-    assert run[0]['compile_choice'].startswith('salt_loss runs uncompiled')
-    assert {r['compiled_graphs'] for r in run if 'loss' in r} == {3} and len(run) == 10
+    # per block, train.py compiles the student's block and the teacher's, both in step 1 (the evaluations run
+    # eager: eval_compiled=False), so the first step's time counts every compilation; the switch to stage 2 and
+    # every later step compile nothing
+    assert run[0]['compile_choice'].startswith('salt_loss runs uncompiled') and not run[0]['config']['eval_compiled']
+    assert {r['compiled_graphs'] for r in run if 'loss' in r} == {2} and len(run) == 10
     for name in ('train_mfu.log', 'cuda_tests.log', 'runs/demo-student-compiled-per-block/metrics.jsonl',
                  'runs/demo-student-eager/train.log', 'runs/demo-student-eager-fsdp/metrics.jsonl'):
         assert f'./{name}' in names, names
     assert not [name for name in names if 'ckpt' in name or name.startswith('./data/')]  # heavy files stay behind
     assert result.stdout.startswith('# GPU check') and ' PASSED' not in result.stdout  # the tail a terminal shows
+
+
+@pytest.mark.slow
+def test_gpu_check_with_a_broken_wheel_and_no_variables_set_writes_its_summary(gpu_checkout, tmp_path):
+    """The checkout as it reaches a GPU machine, with its .cache/ but neither TIKTOKEN_CACHE_DIR nor WHEELS set, and a
+    wheel that does not install: the preflight takes the BPE file from .cache/, says in a line that the wheel did not
+    install, records what Triton needs and the loss's check, and the summary lists every step in order (the budget,
+    1 s here, spent at once). The steps' limits add up to the budget, the MFU run per block alone in its step."""
+    checkout = tmp_path / 'checkout'
+    shutil.copytree(gpu_checkout, checkout)
+    (checkout / '.cache' / 'wheels' / 'liger_kernel-0.0.0-py3-none-any.whl').write_text('not a wheel')
+    env = {key: value for key, value in os.environ.items() if key not in ('TIKTOKEN_CACHE_DIR', 'WHEELS')}
+    result = subprocess.run(['bash', 'gpu_check.sh', str(tmp_path / 'out')], cwd=checkout, capture_output=True,
+                            text=True, timeout=300, env=dict(env, GPU_CHECK_TINY='1', GPU_CHECK_BUDGET='1'))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (tmp_path / 'out' / 'summary.md').read_text()
+    assert re.search(r'^- wheels: the wheels in \.cache/wheels did not install \(.+\): the check goes on without them$',
+                     summary, re.M), summary
+    assert re.search(r'^- python [\d.]+, torch \S+ \(CUDA \S+\), triton \S+, liger-kernel not installed, tiktoken \S+, '
+                     r'transformers .+, pyarrow .+, matplotlib .+, pytest \S+, pytest-timeout .+$', summary, re.M), summary
+    assert re.search(r"^- Triton's launcher build: C compiler \S+, \S+/Python\.h$", summary, re.M), summary
+    assert "- the loss's check here: salt_loss runs impl='torch' for kd_loss='forward_kl', kd_token_weight='constant'\n" \
+        in summary
+    assert re.findall(r'^## (\w+)\n\nnot run: the budget of 1 s was spent$', summary, re.M) == GPU_CHECK_STEPS
+    script = (checkout / 'gpu_check.sh').read_text()
+    limits = re.findall(r'^step (\w+) (\d+) ', script, re.M)
+    assert [name for name, _ in limits] == GPU_CHECK_STEPS and sum(int(limit) for _, limit in limits) == 470
+    assert 'mfu=(--pairs gpt2-medium:gpt2-medium-half --compile blocks "${data[@]}")' in script
+    assert 'more=(--pairs gpt2-medium:gpt2-medium-half --compile model off "${data[@]}")' in script
+    # every step's teacher is made in the prepare step, the sizing run's too (it had 35 s to train its own)
+    assert 'teachers=(--pairs gpt2-medium:gpt2-medium-half gpu-student:gpu-slm "${data[@]}")' in script
+    assert 'step prepare 60 3 python3 bench_train.py "${teachers[@]}" --prepare' in script
 
 
 @pytest.mark.slow

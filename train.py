@@ -99,6 +99,8 @@ select_fraction = 0.25       # SALT_DS: stage 1 trains on this fraction of seque
 # evaluation and logging
 eval_interval = 50           # steps between val-loss evaluations (also at step 0 and at the end)
 eval_batches = 20            # val batches of batch_size sequences per evaluation, shared by the ranks
+eval_compiled = True         # with compile: evaluations run the compiled model; False: eager, no graph of their own,
+                             # so that every compilation falls in a stage's first step (benchmarks: bench_train.py)
 log_interval = 10
 ckpt_interval = 200          # steps between checkpoints (also at the end; 0 = none, e.g. a benchmark)
 branch_steps = ''            # '300,420': also keep the checkpoints of these steps (out_dir/ckpt_stepN), to branch from
@@ -308,8 +310,9 @@ def gradient_sync(on):
 def evaluate():
     """The metrics of an evaluation: val loss, overall and per data subset, and the few-shot tasks' scores."""
     ranks = dict(batch_size=batch_size, rank=rank, world_size=world_size, autocast=autocast)
-    record = evaluation.val_loss(raw_model, val_data, val_set, **ranks)
-    results = evaluation.evaluate_tasks(raw_model, tasks, text_tokenizer, shots=eval_shots, **ranks) if tasks else {}
+    with nullcontext() if eval_compiled else torch.compiler.set_stance('force_eager'):
+        record = evaluation.val_loss(raw_model, val_data, val_set, **ranks)
+        results = evaluation.evaluate_tasks(raw_model, tasks, text_tokenizer, shots=eval_shots, **ranks) if tasks else {}
     return dict(record, **{f"{task}/{metric}": value for task, scores in results.items()
                            for metric, value in scores.items()
                            if metric not in ('chance', 'examples', 'truncated')})
