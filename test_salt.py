@@ -4162,6 +4162,7 @@ def test_gpu_check_dry_run_fits_eight_files_and_states_every_target(gpu_checkout
     header, *rows = [json.loads(line) for line in open(out / 'loss_grid.jsonl')]  # bench.py's own record
     assert header['type'] == 'header' and header['device'] == 'cpu' and header['config']['n'] == [256, 512]
     assert [(row['n'], row['impl']) for row in rows] == [(n, impl) for n in (256, 512) for impl in ('eager', 'fused', 'gemm')]
+    assert all((row['modelled_bytes'] is None) == (row['impl'] == 'eager') for row in rows)  # beside fused and gemm
     [row] = [json.loads(line) for line in open(out / 'train_mfu.jsonl')][1:]
     assert (row['student'], row['compile']) == ('demo-student', 'blocks') and row['medians']['kd']['tokens_per_s'] > 0
     assert row['medians']['kd']['compile_s'] > 0 and row['medians']['plain']['compile_s'] > 0  # the first steps apart
@@ -4449,6 +4450,22 @@ def test_a_resumed_gpu_run_follows_an_uninterrupted_one_within_rerun_noise(tmp_p
 def test_bench_refuses_bad_arguments_naming_the_flag(argv, message):
     with pytest.raises(data.InputError, match=message):
         bench.parse_args(argv)
+
+
+def test_bench_models_the_bytes_of_the_fused_loss_beside_the_gemms(monkeypatch):
+    """bench.py's model of what a fwd+bwd moves and computes, printed beside the GPU's times: at N = 16K, H = 2048,
+    V = 50,257 under bf16, the GEMMs' 11.8 TFLOP for both, 8.8 GB for the bare GEMMs and 32.8 GB for the fused loss
+    in 4 chunks of 4,096 rows (55.5 GB in 16 chunks of 1,024 with the gradient converted apart, before). Each chunk
+    more rereads the weights and reads and writes the fp32 grad_weight: 1.2 GB here."""
+    args = argparse.Namespace(v=50257, teacher_h=None)
+    (fused, flops), (gemm, gemm_flops) = (bench.modelled_traffic(impl, 16384, 2048, args, 'cuda')
+                                          for impl in ('fused', 'gemm'))
+    assert flops == gemm_flops == 2 * 16384 * 50304 * (3 * 2048 + 1024)
+    assert (round(gemm / 1e9, 1), round(fused / 1e9, 1)) == (8.8, 32.8)
+    assert bench.modelled_traffic('eager', 16384, 2048, args, 'cuda') is None
+    monkeypatch.setattr(bench, 'default_chunk_size', lambda *shape: 2048)  # 8 chunks
+    per_chunk = 2 * (2 * 50304 * 2048 + 50304 * 1024) + 8 * 50304 * 2048
+    assert bench.modelled_traffic('fused', 16384, 2048, args, 'cuda')[0] - fused == 4 * per_chunk
 
 
 @pytest.mark.slow

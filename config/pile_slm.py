@@ -6,7 +6,7 @@
 # Batch and schedule are ours, not the paper's (it does not publish them all): tune before trusting them.
 out_dir = 'out/pile/slm'
 data_dir = 'data/pile'
-# Memory (python memory.py --student gpt2-xl --batch_size 4 --block_size 2048): ~48 GiB per GPU under ddp
+# Memory (python memory.py --student gpt2-xl --batch_size 4 --block_size 2048): ~50 GiB per GPU under ddp
 model_size = 'gpt2-xl'
 block_size = 2048
 batch_size = 4               # per GPU; 8 GPUs x 4 x 2048 x grad_accum 16 = 1M tokens per step
