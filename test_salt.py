@@ -1479,10 +1479,10 @@ def test_bad_tables_are_one_line_errors(tmp_path, monkeypatch):
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 CUDA = [pytest.mark.cuda, requires_gpu]  # the marks of a test, or a parameter, that needs a GPU
 # (vocabulary, padded vocabulary, rows, student hidden, teacher hidden, rows per chunk (None: the default)): tiny on
-# a CPU, where the Triton kernel runs in its interpreter; GPT-2's vocabulary and a narrower teacher on a GPU. The
-# vocabulary is no multiple of a Triton block; the last chunk is partial, and the second chunk's targets are all
-# ignored (and row 3's).
-KERNEL_SIZES = {'cpu': (100, 128, 37, 16, 12, 16), 'cuda': (50257, 50304, 777, 256, 192, None)}
+# a CPU, where the Triton kernel runs in its interpreter; GPT-2's vocabulary and a narrower teacher on a GPU, in
+# chunks of 256 rows (the GPU's default, 4,096, would take the 777 rows in one). The vocabulary is no multiple of a
+# Triton block; the last chunk is partial, and the second chunk's targets are all ignored (and row 3's).
+KERNEL_SIZES = {'cpu': (100, 128, 37, 16, 12, 16), 'cuda': (50257, 50304, 777, 256, 192, 256)}
 PRECISIONS = ('fp32', 'bf16', 'autocast')  # fp32 inputs; bf16 inputs; fp32 inputs inside a bf16 autocast region
 # (rtol of loss, ce and kd; tolerance of the gradients, relative to their largest entry) by precision.
 # fp64: the CPU's PyTorch paths, exact but for summation order.
