@@ -17,6 +17,10 @@ GEMMs): the time floor. Liger runs with jsd_beta=0, i.e. the forward KL alone, n
 student's logits by the temperature too; it gets bf16 copies of the inputs (made inside its timed step), as
 autocast would hand them to its matmuls.
 
+Beside the fused loss's and the GEMMs' rows, the bytes and FLOPs a model of their kernels says they must move and
+compute (modelled_traffic): the GPU's time for each can be read against its model, and the fused loss's ratio to
+the GEMMs against the ratio of their bytes.
+
 Reports the median time and the peak memory beyond the inputs. On CUDA memory is
 torch.cuda.max_memory_allocated; on CPU every measurement runs in a fresh subprocess and reports peak RSS
 (ru_maxrss) minus the RSS once the inputs exist. On CUDA the fused loss and its gradients are first
@@ -39,7 +43,7 @@ import time
 import torch
 
 from common import InputError, git_commit, report_input_errors
-from losses import salt_loss, salt_loss_reference
+from losses import default_chunk_size, salt_loss, salt_loss_reference
 
 IMPLS = ["eager", "compiled", "fused", "fused_reverse_kl", "fused_jsd", "liger", "gemm"]
 
@@ -122,6 +126,31 @@ def gemm_floor(student_hidden, student_weight, targets, teacher_hidden, teacher_
         teacher_hidden @ teacher_weight.T
         logits @ student_weight
         logits.T @ student_hidden
+
+
+def modelled_traffic(impl, n, h, args, device_type):
+    """(bytes, FLOPs) of one fwd+bwd of 'fused' (salt_loss's Triton path) or 'gemm' (gemm_floor) at (n, h), by a
+    model of their kernels, each reading and writing its operands once from memory (none stays in a cache), on
+    CUDA under bf16 autocast over fp32 inputs, elsewhere in fp32; None for the other implementations. The FLOPs
+    are the GEMMs' alone (the row math adds ~1%)."""
+    if impl not in ('fused', 'gemm'):
+        return None
+    v, t = -(-args.v // 64) * 64, args.teacher_h or max(1, h // 2)
+    e = 2 if device_type == 'cuda' else 4  # the GEMMs' operands; fp32 inputs are cast once (read 4, write 2)
+    flops = 2 * n * v * (3 * h + t)  # the logits, the teacher's, grad_hidden, grad_weight
+    casts = 6 * (v * h + n * h + v * t + n * t) if e == 2 else 0
+    if impl == 'gemm':  # four GEMMs, each reading its operands and writing its product in the compute dtype
+        return casts + e * (4 * n * v + 3 * v * h + 3 * n * h + n * t + v * t), flops
+    chunks = -(-n // default_chunk_size(n, h, v, device_type))
+    # per chunk the GEMMs reread the weights, and addmm reads and writes the whole fp32 grad_weight
+    per_chunk = e * (v * h + v * t + v * h) + 8 * v * h
+    # per logit: the fp32 logits and teacher logits written by their GEMMs, read twice by the kernel; the
+    # gradient written in the compute dtype and read by the two backward GEMMs
+    per_logit = 4 * 2 + 4 * 2 * 2 + 3 * e
+    # per hidden row: the GEMMs' row operands, and grad_hidden's rows, written by their GEMM, then copied into fp32
+    per_row = e * (2 * h + t) + (2 * e + 4) * h
+    scaling = 8 * (n * h + v * h)  # backward: both gradients scaled by grad_output in place
+    return casts + chunks * per_chunk + n * v * per_logit + n * per_row + scaling, flops
 
 
 def fused_vs_eager_error(inputs, args):
@@ -267,9 +296,11 @@ def bench_size(n, h, args, on_cuda, out):
         elif result is not None:  # None: not available on this machine
             ms, mib = result
             eager = result if impl == "eager" else eager
+            modelled = modelled_traffic(impl, n, h, args, "cuda" if on_cuda else "cpu") or (None, None)
             emit(dict(type="result", n=n, h=h, impl=impl, ms=ms, peak_extra_mib=mib,
                       time_vs_eager=ms / eager[0] if eager else None,
-                      memory_vs_eager=mib / eager[1] if eager and eager[1] > 0 else None), out)
+                      memory_vs_eager=mib / eager[1] if eager and eager[1] > 0 else None,
+                      modelled_bytes=modelled[0], modelled_flops=modelled[1]), out)
 
 
 def emit(row, out):
@@ -284,7 +315,10 @@ def emit(row, out):
         vs_time = "" if row["time_vs_eager"] is None else f"{row['time_vs_eager']:.2f}x"
         vs_mem = "" if row["memory_vs_eager"] is None else f"{row['memory_vs_eager']:.3f}x"
         impl = "liger (KL only, no CE)" if row["impl"] == "liger" else row["impl"]
-        print(f"| {n} | {h} | {impl} | {row['ms']:.1f} | {vs_time} | {row['peak_extra_mib']:.0f} | {vs_mem} |", flush=True)
+        model = "" if row["modelled_bytes"] is None else \
+            f" {row['modelled_bytes'] / 1e9:.2f} | {row['modelled_flops'] / 1e12:.3f} |"
+        print(f"| {n} | {h} | {impl} | {row['ms']:.1f} | {vs_time} | {row['peak_extra_mib']:.0f} | {vs_mem} |{model}",
+              flush=True)
     if out is not None:
         out.write(json.dumps(row) + "\n")
         out.flush()
@@ -360,8 +394,8 @@ def main():
           f"temperature={args.temperature}, teacher H={args.teacher_h or 'H/2'}; median of {args.reps}")
     if on_cuda and "liger" in args.impls:
         print("liger: LigerFusedLinearJSD, jsd_beta=0: the forward KL alone (no CE), on bf16 copies of the inputs")
-    print("\n| N | H | impl | time (ms) | vs eager | peak extra (MiB) | vs eager |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| N | H | impl | time (ms) | vs eager | peak extra (MiB) | vs eager | modelled GB | modelled TFLOP |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for h in args.h:
         for n in args.n:
             bench_size(n, h, args, on_cuda, out)

@@ -10,8 +10,10 @@ Each STUDENT:TEACHER pair (model.PRESETS; the defaults' teachers have half their
 train.py's compile_scope: 'blocks' or 'model'; the teacher is compiled when the student is), on --data_dir (the
 standard library, tokenized first if missing). Its metrics.jsonl gives, per stage, the median tokens/s and MFU
 over the logged steps; train.py leaves the first step of the run and of stage 2, where torch.compile compiles,
-out of them and logs their time apart ('first step s', compilation included). The teacher is a checkpoint of
-its preset after one training step: its weights do not matter for speed; the student writes no checkpoint.
+out of them and logs their time apart ('first step s', compilation included). Its evaluations run eager
+(eval_compiled=False), so that no graph is compiled outside those first steps: their times count every
+compilation. The teacher is a checkpoint of its preset after one training step: its weights do not matter for
+speed; the student writes no checkpoint.
 MFU counts the student's training FLOPs (`mfu`) or those and the teacher's forward (`mfu_with_teacher`),
 over --peak_flops (H100/H200 SXM dense bf16 by default).
 
@@ -121,7 +123,8 @@ def predicted_kd_cost(student, teacher, block_size):
 
 def common_settings(args):
     return [f'--data_dir={args.data_dir}', f'--block_size={args.block_size}', f'--batch_size={args.batch_size}',
-            '--warmup_steps=1', '--eval_batches=1', '--log_interval=1', f'--peak_flops={args.peak_flops}']
+            '--warmup_steps=1', '--eval_batches=1', '--eval_compiled=False', '--log_interval=1',
+            f'--peak_flops={args.peak_flops}']
 
 
 def teacher_ckpt(teacher, args):

@@ -36,9 +36,9 @@ RESUMABLE_CHANGES = {'out_dir', 'init_from', 'max_steps', 'eval_interval', 'eval
                      'ckpt_interval', 'wandb_log', 'wandb_project', 'eval_tasks', 'eval_shots',
                      'eval_fewshot_files', 'compile', 'device', 'dtype', 'peak_flops', 'ddp_timeout',
                      'skip_nonfinite', 'parallelism', 'shard_teacher', 'activation_checkpointing',
-                     'grad_accum_steps', 'branch_steps', 'log_ids'}
-# and those a branch may change besides: where its learning rate decays (check_learning_rates compares the rates before
-# the branch point, step by step)
+                     'grad_accum_steps', 'branch_steps', 'log_ids', 'eval_compiled'}
+# and those a branch may change besides: where its learning rate decays (check_learning_rates compares the rates
+# before the branch point, step by step)
 BRANCH_CHANGES = {'lr_decay_steps', 'decay_fraction', 'branch_from'}
 # what the learning rate of a step depends on (salt.lr_at): a resumed run's must not move for the steps it took
 LR_SETTINGS = ('max_steps', 'lr_decay_steps', 'lr_schedule', 'decay_fraction', 'warmup_steps', 'learning_rate',
@@ -405,16 +405,35 @@ def disk_error(error):
     return None
 
 
-def nonfinite(step, loss, grad_norm, skipped, allowed, last_good, master):
-    """A step whose loss or gradient is not finite: its batch is skipped while no more than `allowed` were
-    (returns the new count), else the run stops, naming the last good checkpoint, which is kept."""
-    skipped += 1
-    if skipped > allowed:
-        raise SystemExit(f"step {step}: loss {loss.item()}, gradient norm {grad_norm.item()}: not finite, "
-                         f"stopping. The last good checkpoint is {last_good or 'none (none was written yet)'}."
-                         f" Lower learning_rate, or set skip_nonfinite=N to skip up to N such batches.")
-    if master:
-        print(f"step {step}: non-finite loss or gradient, batch skipped ({skipped}/{allowed})")
+def step_unless(optimizer, nonfinite):
+    """optimizer.step(), unless `nonfinite` (0-dim float, 1 or 0) says the step's loss or gradient is not finite:
+    then no weight and no optimizer state changes. Fused AdamW (CUDA) decides on the device, taking it as
+    GradScaler's found_inf, so the host never waits for the step; the unfused one (a CPU) has no such input, and
+    there the host reads it at no cost."""
+    if optimizer.defaults.get('fused'):
+        optimizer.found_inf = nonfinite
+        optimizer.step()
+    elif not nonfinite:
+        optimizer.step()
+
+
+def nonfinite(unchecked, skipped, allowed, last_good, master):
+    """The steps of `unchecked`, [(step, [non-finite, loss, gradient norm])] on the device, read in one host sync
+    and emptied: each non-finite one had its update dropped (step_unless) and its batch is skipped while no more
+    than `allowed` were (returns the new count), else the run stops, naming the last good checkpoint, which is
+    kept."""
+    values = torch.stack([value for _, value in unchecked]).tolist() if unchecked else []
+    for (step, _), (bad, loss, grad_norm) in zip(unchecked, values):
+        if not bad:
+            continue
+        skipped += 1
+        if skipped > allowed:
+            raise SystemExit(f"step {step}: loss {loss}, gradient norm {grad_norm}: not finite, stopping. The last "
+                             f"good checkpoint is {last_good or 'none (none was written yet)'}. Lower learning_rate, "
+                             f"or set skip_nonfinite=N to skip up to N such batches.")
+        if master:
+            print(f"step {step}: non-finite loss or gradient, batch skipped ({skipped}/{allowed})")
+    unchecked.clear()
     return skipped
 
 

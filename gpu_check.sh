@@ -7,15 +7,16 @@
 # logs.tar.gz (every step's log, every training run's train.log and metrics.jsonl).
 #
 #   bash gpu_check.sh --prepare                  # on a machine with network, in the checkout: .cache/ (below)
-#   TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken WHEELS=.cache/wheels bash gpu_check.sh OUT   # on the GPU machine
+#   bash gpu_check.sh OUT                        # on the GPU machine, in the checkout with its .cache/
 #   GPU_CHECK_TINY=1 bash gpu_check.sh OUT       # every step at toy sizes, on a CPU (a test runs this)
 #
 # --prepare writes what travels with the checkout to a GPU machine without network: the GPT-2 BPE file in
-# .cache/tiktoken, liger-kernel's wheel in .cache/wheels and the commit in .cache/git_commit (.git need not
-# travel; SALT_GIT_COMMIT overrides it). The check measures the machine's own PyTorch and Triton and installs
-# nothing, but for WHEELS=DIR: the wheels in DIR go on the path of this run only. Each step has its time limit
-# (GPU_CHECK_BUDGET seconds in all, 470 by default; 4x both at toy sizes); a step that fails or runs out of time
-# is said so in the summary, keeps the rows it measured, and the next step runs.
+# .cache/tiktoken (TIKTOKEN_CACHE_DIR, unless set), liger-kernel's wheel in .cache/wheels (WHEELS, unless set) and
+# the commit in .cache/git_commit (.git need not travel; SALT_GIT_COMMIT overrides it). The check measures the
+# machine's own PyTorch and Triton and installs nothing, but for the wheels in WHEELS: on the path of this run only;
+# wheels that do not install, or no pip, are a line of the summary, and the check goes on without them. Each step
+# has its time limit (GPU_CHECK_BUDGET seconds in all, 470 by default; 4x both at toy sizes); a step that fails or
+# runs out of time is said so in the summary, keeps the rows it measured, and the next step runs.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -51,9 +52,16 @@ slack=1
 [ -n "${GPU_CHECK_TINY:-}" ] && slack=4  # toy sizes on a CPU, maybe a shared one: each limit 4x the GPU one
 budget=${GPU_CHECK_BUDGET:-$((470 * slack))}
 ends_at=$((SECONDS + budget))
-if [ -n "${WHEELS:-}" ] && compgen -G "$WHEELS/*.whl" > /dev/null; then  # none: no liger-kernel, said in the summary
-    python3 -m pip install -q --no-index --no-deps --target "$work/site" "$WHEELS"/*.whl || exit 1
+# what --prepare put in .cache/, unless told otherwise: the check must not stop for a variable not set by hand
+[ -d .cache/tiktoken ] && export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$PWD/.cache/tiktoken}
+wheels=${WHEELS:-.cache/wheels}
+if ! compgen -G "$wheels/*.whl" > /dev/null; then  # an optional wheel missing is a line, never the end of the check
+    wheels_note="no wheels in $wheels: the loss is compared without Liger-Kernel"
+elif python3 -m pip install -q --no-index --no-deps --target "$work/site" "$wheels"/*.whl > "$work/wheels.log" 2>&1; then
+    wheels_note="installed for this run from $wheels: $(cd "$wheels" && echo *.whl)"
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+    wheels_note="the wheels in $wheels did not install ($(grep -v '^\s*$' "$work/wheels.log" | tail -n 1 | cut -c1-200)): the check goes on without them"
 fi
 data=(--data_dir "$work/data" --work_dir "$work/runs")
 if [ -n "${GPU_CHECK_TINY:-}" ]; then
@@ -62,16 +70,20 @@ if [ -n "${GPU_CHECK_TINY:-}" ]; then
     mfu=(--pairs demo-student:demo-slm --block_size 64 --batch_size 4 --steps 8 --compile blocks "${data[@]}")
     more=(--pairs demo-student:demo-slm --block_size 64 --batch_size 4 --steps 8 --compile off "${data[@]}")
     sizing=(--pairs demo-student:demo-slm --block_size 32 --batch_size 4 --steps 6 --compile off "${data[@]}")
+    teachers=(--pairs demo-student:demo-slm --block_size 64 --batch_size 4 "${data[@]}")
     fsdp=(--pairs demo-student:demo-slm --block_size 32 --batch_size 4 --steps 6 --compile off --fsdp "${data[@]}")
     target_n=512 target_h=64
 else
     grid=(--n 1024 4096 16384 32768 --h 2048)
     one_size=(--n 16384 --h 2048)
-    # the MFU target per block (train.py's default compile_scope), then the whole model: speed and compile time
-    mfu=(--pairs gpt2-medium:gpt2-medium-half --compile blocks model "${data[@]}")
-    more=(--pairs gpt2-medium:gpt2-medium-half gpt2:gpt2-half --compile off "${data[@]}")
+    # the MFU target per block (train.py's default compile_scope), alone: its row first, whatever comes after
+    mfu=(--pairs gpt2-medium:gpt2-medium-half --compile blocks "${data[@]}")
+    # the whole model compiled (speed and compile time), then uncompiled: after the headline rows
+    more=(--pairs gpt2-medium:gpt2-medium-half --compile model off "${data[@]}")
     # config/gpu_student.py's model, sequences, batch and compile setting: what sizes gpu_experiment.sh
     sizing=(--pairs gpu-student:gpu-slm --block_size 512 --batch_size 64 --compile off "${data[@]}")
+    # every step's teacher, made before the steps' limits (at the longest block size: a teacher may be longer)
+    teachers=(--pairs gpt2-medium:gpt2-medium-half gpu-student:gpu-slm "${data[@]}")
     # a few FSDP steps in one process, with the prepared teacher: the peak memory against the plan's fsdp total
     fsdp=(--pairs gpt2-medium:gpt2-medium-half --batch_size 8 --steps 6 --compile off --fsdp "${data[@]}")
     target_n=16384 target_h=2048
@@ -85,6 +97,7 @@ step() {  # step NAME SECONDS WHAT-TO-KEEP COMMAND...: run it within its limit a
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 5 ]; then
         printf '## %s\n\nnot run: the budget of %s s was spent\n\n' "$name" "$budget" >> "$work/sections.md"
+        write_summary
         return
     fi
     timeout -k 10 "$limit" "$@" > "$work/$name.log" 2>&1
@@ -173,8 +186,8 @@ EOF
 }
 
 # preflight, seconds: no GPU or no tokenizer ends the check at once, with one line
-timeout -k 5 60 python3 - "${GPU_CHECK_TINY:-}" "$work/peak_flops" > "$work/preflight.md" <<'EOF' || { cat "$work/preflight.md"; exit 1; }
-import importlib.metadata, os, platform, subprocess, sys
+timeout -k 5 60 python3 - "${GPU_CHECK_TINY:-}" "$work/peak_flops" "$wheels_note" > "$work/preflight.md" <<'EOF' || { cat "$work/preflight.md"; exit 1; }
+import importlib.metadata, os, platform, shutil, subprocess, sys, sysconfig
 import torch
 tiny = bool(sys.argv[1])
 if not torch.cuda.is_available() and not tiny:
@@ -204,10 +217,20 @@ if torch.cuda.is_available():
     print(f"- nvidia-smi: {' / '.join(smi.stdout.strip().splitlines()) or smi.stderr.strip()}")
 else:
     print('- device: no GPU (CPU)')
-print(f"- python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-      f"triton {version('triton')}, liger-kernel {version('liger-kernel')}, tiktoken {version('tiktoken')}")
+print(f"- python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), " + ', '.join(
+    f"{name} {version(name)}" for name in ('triton', 'liger-kernel', 'tiktoken', 'transformers', 'pyarrow',
+                                           'matplotlib', 'pytest', 'pytest-timeout')))
+# what Triton needs to build a kernel's launcher the first time (triton/runtime/build.py): a C compiler and Python.h
+compiler = os.environ.get('CC') or shutil.which('gcc') or shutil.which('clang')
+header = os.path.join(sysconfig.get_paths()['include'], 'Python.h')
+print(f"- Triton's launcher build: C compiler {compiler or 'none (set CC): Triton cannot build its launcher'}, "
+      f"{header if os.path.isfile(header) else f'no {header}: Triton cannot build its launcher'}")
+print(f"- wheels: {sys.argv[3]}")
 print(f"- git commit {git_commit()}")
-print(f"- the loss's choices here: {losses.describe_choices(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))}")
+device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+print(f"- the loss's choices here: {losses.describe_choices(device)}")
+# the run's own check (bf16 autocast on a GPU), with the reason for any path it refused (else on stderr alone)
+print(f"- the loss's check here: {losses.choice(device, autocast_dtype=torch.bfloat16 if device.type == 'cuda' else None)}")
 # MFU's denominator, dense bf16 by the datasheets: the SXM parts 989 TFLOP/s, the PCIe H100 756, the NVL parts 835
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else ''
 peak = os.environ.get('PEAK_FLOPS') or ('756e12' if 'PCIe' in name else '835e12' if 'NVL' in name else '989e12')
@@ -222,14 +245,14 @@ peak=(--peak_flops "$(cat "$work/peak_flops")")
 per_test=()
 python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(-p timeout --timeout 60)
 # the MFU target first and alone, then the loss, the tests, and the rest
-# the data and gpt2-medium's teacher (a 2.4 GB checkpoint) first, outside the MFU step's limit
-step prepare 45 3 python3 bench_train.py "${mfu[@]}" --prepare
-step train_mfu 160 table python3 bench_train.py "${mfu[@]}" "${peak[@]}" --out "$out/train_mfu.jsonl"
+# every step's data and teacher first (gpt2-medium's a 2.4 GB checkpoint), outside the measuring steps' limits
+step prepare 60 3 python3 bench_train.py "${teachers[@]}" --prepare
+step train_mfu 120 table python3 bench_train.py "${mfu[@]}" "${peak[@]}" --out "$out/train_mfu.jsonl"
 step loss_grid 65 table python3 bench.py "${grid[@]}" --impls eager fused liger gemm --out "$out/loss_grid.jsonl"
-step cuda_tests 85 tests python3 -m pytest -m cuda test_salt.py -v -rfE --durations=10 -p no:cacheprovider "${per_test[@]}"
-step experiment_steps 35 table python3 bench_train.py "${sizing[@]}" "${peak[@]}" --out "$out/experiment_steps.jsonl"
+step cuda_tests 80 tests python3 -m pytest -m cuda test_salt.py -v -rfE --durations=10 -p no:cacheprovider "${per_test[@]}"
+step experiment_steps 30 table python3 bench_train.py "${sizing[@]}" "${peak[@]}" --out "$out/experiment_steps.jsonl"
 step fsdp_step 30 table python3 bench_train.py "${fsdp[@]}" "${peak[@]}" --out "$out/fsdp_step.jsonl"
-step loss_compiled 25 table python3 bench.py "${one_size[@]}" --impls eager compiled fused --out "$out/loss_compiled.jsonl"
-step train_more 25 table python3 bench_train.py "${more[@]}" "${peak[@]}" --out "$out/train_more.jsonl"
+step loss_compiled 20 table python3 bench.py "${one_size[@]}" --impls eager compiled fused --out "$out/loss_compiled.jsonl"
+step train_more 65 table python3 bench_train.py "${more[@]}" "${peak[@]}" --out "$out/train_more.jsonl"
 rm -rf "$work"
 grep -v ' PASSED' "$out/summary.md"   # the tail a terminal shows: targets, tables, any test that did not pass

@@ -5,7 +5,7 @@
 # decay), each with a short decay branched at 50% and 70% of its steps (experiment.py --fractions: the three budgets
 # from one run), then write the report (config/gpu_*.py say how that was sized).
 #
-#   SALT_GIT_COMMIT=$(git rev-parse HEAD) TIKTOKEN_CACHE_DIR=$PWD/.cache/tiktoken bash gpu_experiment.sh OUT
+#   bash gpu_experiment.sh OUT                            # in the checkout with gpu_check.sh --prepare's .cache/
 #   bash gpu_experiment.sh OUT --ablate top_k=10,100      # then SALT_DS with the SLM's top-100: trains only what is new
 #   GPU_CHECK_TINY=1 bash gpu_experiment.sh OUT           # every step at toy sizes on a small tree, on a CPU (a test)
 #
@@ -17,14 +17,15 @@
 # with 30% slack at the rate gpu_check.sh measured (RATE_FILE, default results/gpu_check/experiment_steps.jsonl
 # beside this script: fewer steps where the configs' would not fit, the branches counted); without it, the
 # configs' size. table.md is rewritten after every run and when the limit stops the study; the selection report
-# runs whenever the scores exist. On a machine without network, TIKTOKEN_CACHE_DIR names a folder with the GPT-2
-# BPE file; nothing is installed.
+# runs whenever the scores exist. On a machine without network the GPT-2 BPE file comes from .cache/tiktoken
+# (gpu_check.sh --prepare), or TIKTOKEN_CACHE_DIR; nothing is installed.
 set -uo pipefail
 here=$(dirname "$(realpath "$0")")
 out=$(realpath -m "${1:-results/gpu}")
 shift $(($# > 0 ? 1 : 0))
 work=$(realpath -m "${WORK:-out/gpu_experiment}")
 mkdir -p "$out" "$work"
+[ -d "$here/.cache/tiktoken" ] && export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$here/.cache/tiktoken}
 export PYTHONUNBUFFERED=1 SALT_GIT_COMMIT=${SALT_GIT_COMMIT:-$(git -C "$here" rev-parse HEAD 2>/dev/null ||
     cat "$here/.cache/git_commit" 2>/dev/null || echo unknown)}  # .cache/git_commit: gpu_check.sh --prepare's
 name=gpu
@@ -65,9 +66,12 @@ if [ $status = 0 ]; then
         --student_config "$here/config/gpu_student.py" --seeds 1337 --tokenize= --weak_slm_config= \
         --fractions $fractions "${sizes[@]}" "$@") || status=$?
 fi
-if [ -f "$work/out/$name/scores_top10.npy" ]; then  # also after a failure or the time limit of a later run
+if [ -f "$work/out/$name/seed1337/salt_ds/metrics.jsonl" ]; then  # also after a failure or a later run's time limit
+    # the selection SALT_DS trained on, as its run's header records it (kd_steps x the global batch)
+    selected=$(cd "$work" && python3 -c "import sys; sys.path.insert(0, '$here'); import experiment
+print(len(experiment.selection_of(experiment.header_of('out/$name/seed1337/salt_ds'))[1]))")
     limited "${limits[2]}" python3 "$here/salt.py" report --scores "$work/out/$name/scores_top10.npy" --data_dir "$data" \
-        --block_size $block_size --select_fraction 0.25 --out_dir "$work/results/$name/selection" > /dev/null ||
+        --block_size $block_size --kd_sequences "$selected" --out_dir "$work/results/$name/selection" > /dev/null ||
         status=$((status ? status : $?))
 fi
 # whatever finished comes back, also after a failure or a time limit

@@ -161,8 +161,10 @@ def salt_loss(student_hidden, student_weight, targets, teacher_hidden=None, teac
         teacher_weight = teacher_weight.detach()
     device, padded_vocab = hidden.device, student_weight.shape[0]
     # w reaches the arithmetic as a tensor: under torch.compile a Python float that changes every step (the
-    # linear schedule) would be a guard, and each new value a recompilation of the whole forward
-    kd_weight = torch.as_tensor(kd_weight, dtype=torch.float32, device=device)
+    # linear schedule) would be a guard, and each new value a recompilation of the whole forward. A number is
+    # filled on the device: torch.as_tensor(w, device='cuda') would be a blocking copy, the CPU waiting for the GPU
+    kd_weight = kd_weight.to(device, torch.float32) if isinstance(kd_weight, torch.Tensor) else \
+        torch.full((), kd_weight, dtype=torch.float32, device=device)
     autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     config = _LossConfig(
         temperature=float(temperature), vocab_size=vocab_size or padded_vocab, ignore_index=ignore_index,
@@ -239,11 +241,12 @@ def describe_choices(device):
     version = f" (triton {triton.__version__})" if impl == 'triton' else ''
     gemm = ('16-bit GEMMs accumulate into fp32 (out_dtype)' if out_dtype_gemm(device)
             else '16-bit GEMMs round, then convert to fp32 (no out_dtype GEMM here)')
-    return (f"forward_kl by impl={impl!r}{version}, other divergences by 'autograd', chunks of "
-            f"{default_chunk_size(1, 1, 1, device.type)} to 2048 rows; {gemm}")
+    chunks = f"{default_chunk_size(1, 1, 50304, 'cuda')} rows at V = 50,304" if device.type == 'cuda' else \
+        '64 to 2048 rows'
+    return f"forward_kl by impl={impl!r}{version}, other divergences by 'autograd', chunks of {chunks}; {gemm}"
 
 
-_OUT_DTYPE_GEMM = {}  # str(device) -> whether mm/addmm take out_dtype there: probed once, then a constant
+_OUT_DTYPE_GEMM = {}  # 'cuda:N' -> whether mm/addmm take out_dtype there: probed once, then a constant
 
 
 def out_dtype_gemm(device):
@@ -253,31 +256,44 @@ def out_dtype_gemm(device):
     device = torch.device(device)
     if device.type != 'cuda':
         return False
-    if str(device) not in _OUT_DTYPE_GEMM and not torch.compiler.is_compiling():
-        _OUT_DTYPE_GEMM[str(device)] = _probe_out_dtype_gemm(device)
-    return _OUT_DTYPE_GEMM.get(str(device), False)
+    # one key per GPU: 'cuda' (a run's setting) and 'cuda:0' (a tensor's device, all a compiled graph sees) are one
+    key = f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
+    if key not in _OUT_DTYPE_GEMM and not torch.compiler.is_compiling():
+        _OUT_DTYPE_GEMM[key] = _probe_out_dtype_gemm(device)
+    return _OUT_DTYPE_GEMM.get(key, False)
 
 
 def _probe_out_dtype_gemm(device):
+    """Whether the out_dtype GEMMs exist and compute what _accumulate_matmul needs: addmm adds the product into an
+    fp32 output of ones (an output of zeros could not tell a GEMM that overwrites it: grad_weight would hold the
+    last chunk's share alone, in every path, the autograd fallback's too), and mm's product is fp32."""
     try:
         a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-        out = torch.zeros(2, 2, device=device)
+        out = torch.ones(2, 2, device=device)
         torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        product = torch.mm(a, a, out_dtype=torch.float32)
+        return product.dtype == torch.float32 and bool((out == 3).all()) and bool((product == 2).all())
     except (RuntimeError, TypeError, NotImplementedError):  # an older build, or one without the kernels
         return False
 
 
+CUDA_CHUNK_BYTES = 2 ** 31  # a chunk's buffers on a GPU: the fp32 logits and teacher logits, the 16-bit gradient
+
+
 def default_chunk_size(n_rows, hidden_size, padded_vocab, device_type):
     """
-    Token rows per chunk: enough that one chunk of logits is about as large as the hidden
-    states (the extra memory then stays comparable to the inputs), at most 2048, and at least
-    256 on GPUs, where each chunk rereads the whole weight and short GEMMs are memory-bound,
-    or 64 on CPU, where the fallback is about memory (~13 MiB per fp32 buffer at V=50k).
+    Token rows per chunk. On a GPU, as many as keep a chunk's buffers (10 bytes a logit) within CUDA_CHUNK_BYTES
+    (2 GiB, a few percent of an 80 GB GPU), a power of two from 256 to 16,384: 4,096 at V = 50,304. Every chunk
+    rereads the weights in its GEMMs and adds its share into the fp32 grad_weight, read and written whole (824 MB
+    at V = 50,304, H = 2,048): fewer, longer chunks move fewer bytes (bench.py models them). On a CPU, where the
+    fallback is about memory: enough that one chunk of logits is about as large as the hidden states, 64 to 2048
+    rows (~13 MiB per fp32 buffer at V = 50k).
     """
+    if device_type == 'cuda':
+        rows = CUDA_CHUNK_BYTES // (10 * padded_vocab)
+        return max(256, min(16384, 1 << (max(rows, 1).bit_length() - 1)))
     rows = -(-n_rows * hidden_size // padded_vocab)
-    min_rows = 64 if device_type == "cpu" else 256
-    return max(min_rows, min(2048, 1 << (rows - 1).bit_length()))
+    return max(64, min(2048, 1 << (rows - 1).bit_length()))
 
 
 @dataclass(frozen=True)
@@ -354,7 +370,7 @@ def disagreement(impl, device, autocast_dtype=None):
         # wherever the first call comes from: an evaluation under no_grad or inference_mode, an autocast region
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
             _DISAGREEMENTS[key] = next(filter(None, (_compare_with_the_definition(impl, torch.device(device), check)
-                                                     for check in _checks(autocast_dtype))), None)
+                                                     for check in _checks(device, autocast_dtype))), None)
         if _DISAGREEMENTS[key]:
             print(f"salt_loss: impl={impl!r} is not used on {key[1]}: {_DISAGREEMENTS[key]}", file=sys.stderr)
     return _DISAGREEMENTS[key]
@@ -374,17 +390,21 @@ class _Check:
     tolerance: float  # of the loss and of each gradient, relative to its largest entry
 
 
-def _checks(autocast_dtype):
-    """The formula: a small vocabulary in chunks with a partial last one, fp32 GEMMs in full precision, within fp32's
-    rounding of a few hundred terms (~1e-6; a wrong formula is off by ~1). The variant that trains: a vocabulary of
-    three Triton blocks (TRITON_BLOCK_V = 4096, at its width and warps) under the run's autocast and GEMM settings,
-    within their rounding: three roundings to 16 bits of 2^-9 each (the logits, where no out_dtype GEMM keeps them
-    fp32, d(loss)/d(logits), the 16-bit gradient), summed over a vocabulary of terms whose absolute sum is a few
-    times the largest entry: ~2^-5 (0.014 measured on a CPU, which has no out_dtype GEMMs); TF32 GEMMs in fp32
-    runs round their inputs to 2^-11 (~2e-3 measured). What passes the formula and is off here is a kernel that
-    fails at the production width: off by ~1."""
-    return (_Check('the formula', 96, 16, 100, 128, 32, None, True, 1e-4),
-            _Check('the variant that trains', 80, 32, 10_000, 10_048, 64, autocast_dtype, False, 0.1))
+def _checks(device, autocast_dtype):
+    """The formula: a vocabulary of three Triton blocks (TRITON_BLOCK_V = 4096, the last one partial), so that the
+    online softmax's rescaling from block to block is exercised, in chunks with a partial last one, fp32 GEMMs in
+    full precision, within fp32's rounding of ten thousand terms (~1e-6 measured; a wrong formula is off by ~1, a
+    kernel that drops one rescaling by ~0.1). The variant that trains: the same vocabulary at its width and
+    warps under the run's autocast and GEMM settings, within their rounding. Where 16-bit GEMMs hand over fp32
+    (out_dtype_gemm) and in fp32 runs, d(loss)/d(logits) rounded to 16 bits, and the 16-bit gradient (2^-9 each)
+    summed over a vocabulary of terms whose absolute sum is a few times the largest entry (~4e-3 measured on a
+    GPU); TF32 GEMMs in fp32 runs round their inputs to 2^-11 (~2e-3 measured): 0.02 allowed. Where the logits
+    are rounded to 16 bits too (no out_dtype GEMM: a CPU, an older PyTorch), three roundings: ~2^-5 (0.014
+    measured on a CPU), 0.1 allowed."""
+    rounded_logits = autocast_dtype in _HALF_DTYPES and not out_dtype_gemm(device)
+    return (_Check('the formula', 96, 16, 10_000, 10_048, 32, None, True, 1e-4),
+            _Check('the variant that trains', 80, 32, 10_000, 10_048, 64, autocast_dtype, False,
+                   0.1 if rounded_logits else 0.02))
 
 
 @contextlib.contextmanager
@@ -399,9 +419,9 @@ def _fp32_gemms(exact):
 
 
 def _compare_with_the_definition(impl, device, check):
-    """Why `impl` is off the definition on `check` (None: it is within the check's tolerance): the loss and the
-    student's gradients, with a teacher, ignored targets, w = 0.6 and tau = 1.5, against float64 on the same
-    operands (rounded to the autocast dtype first, as the run's GEMMs see them)."""
+    """Why `impl` is off the definition on `check` (None: it is within the check's tolerance): the loss, its CE and
+    KD terms and the student's gradients, each apart, with a teacher, ignored targets, w = 0.6 and tau = 1.5, against
+    float64 on the same operands (rounded to the autocast dtype first, as the run's GEMMs see them)."""
     generator = torch.Generator().manual_seed(0)
     shapes = dict(student_hidden=(check.rows, check.hidden), student_weight=(check.padded_vocab, check.hidden),
                   teacher_hidden=(check.rows, check.hidden // 2), teacher_weight=(check.padded_vocab, check.hidden // 2))
@@ -419,15 +439,19 @@ def _compare_with_the_definition(impl, device, check):
         try:
             with _fp32_gemms(check.exact_fp32_gemms), torch.autocast(
                     torch.device(run_on).type, dtype=check.dtype, enabled=check.dtype is not None and loss_fn is salt_loss):
-                loss = loss_fn(**x, targets=targets.to(run_on), **{**settings, **extra})[0]
+                loss, ce, kd = loss_fn(**x, targets=targets.to(run_on), **{**settings, **extra})
             loss.backward()
         except Exception as error:  # a kernel that does not compile or launch here: the reason, in a line
             return f"it raised {type(error).__name__} on {check.name}: {str(error).strip().splitlines()[0][:200]}"
-        results.append([t.detach().double().cpu() for t in (loss, x['student_hidden'].grad, x['student_weight'].grad)])
-    worst = max(((ours - want).abs().max() / want.abs().max()).item() for want, ours in zip(*results))
+        results.append([t.detach().double().cpu() for t in (loss, ce, kd, x['student_hidden'].grad,
+                                                             x['student_weight'].grad)])
+    # each term apart: a fault in the KD term alone is diluted in the loss by its weight
+    names = ('loss', 'CE', 'KD term', 'gradient of the hidden states', 'gradient of the weights')
+    errors = {name: ((ours - want).abs().max() / want.abs().max()).item() for name, want, ours in zip(names, *results)}
+    name, worst = max(errors.items(), key=lambda item: math.inf if math.isnan(item[1]) else item[1])
     if not worst <= check.tolerance:
-        return f"its loss or gradients are off the definition's (losses.salt_loss_reference) by {worst:.2g} of " \
-               f"their size on {check.name}, where {check.tolerance:g} is allowed"
+        return f"its {name} is off the definition's (losses.salt_loss_reference) by {worst:.2g} of its size on " \
+               f"{check.name}, where {check.tolerance:g} is allowed"
     return None
 
 
@@ -490,8 +514,8 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, kd_w
             teacher_logits = None
             if teacher_hidden is not None:
                 teacher_logits = _matmul(teacher_hidden[rows], teacher_weight.T, row_dtype)
-            # logits := dloss/dlogits
-            ce, kd, w_rows = chunk_rows(logits, teacher_logits, targets[rows], grad_scale, kd_weight, config)
+            ce, kd, w_rows, grad_logits = chunk_rows(logits, teacher_logits, targets[rows], grad_scale, kd_weight,
+                                                     config, student_dtype)
             ce_sum += ce.sum()
             kd_sum += kd.sum()
             if w_rows is not None:
@@ -500,7 +524,6 @@ def _fused_forward(hidden, weight, targets, teacher_hidden, teacher_weight, kd_w
                 per_row[0][rows], per_row[1][rows] = ce, kd
             del teacher_logits  # free before the backward GEMMs allocate
 
-            grad_logits = logits.to(student_dtype)
             if need_grad_hidden:
                 grad_hidden[rows] = grad_logits @ weight_c
             if need_grad_weight:
@@ -556,11 +579,12 @@ def _gemm_dtype(hidden, weight, config):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One chunk's rows: each returns the rows' CE and KD term (zero on ignored rows) and their w (None: the constant
-# one), and overwrites `logits` with d(loss)/d(logits) / n_counted, zero in the padded columns.
+# One chunk's rows: each returns the rows' CE and KD term (zero on ignored rows), their w (None: the constant one)
+# and d(loss)/d(logits) / n_counted in grad_dtype (the backward GEMMs' operand), zero in the padded columns, written
+# over `logits` where grad_dtype is theirs.
 
 
-def _rows_autograd(logits, teacher_logits, targets, grad_scale, kd_weight, config):
+def _rows_autograd(logits, teacher_logits, targets, grad_scale, kd_weight, config, grad_dtype):
     """Any divergence: the rows' loss as salt_loss_reference defines it, differentiated by autograd; only this
     chunk's (rows, V) tensors are ever alive."""
     vocab, w, w_rows = config.vocab_size, kd_weight.to(logits.dtype), None
@@ -578,10 +602,10 @@ def _rows_autograd(logits, teacher_logits, targets, grad_scale, kd_weight, confi
         grad, = torch.autograd.grad(mix(ce, kd, w), z, torch.where(valid, grad_scale, 0.0))
     logits[:, :vocab] = grad
     logits[:, vocab:].zero_()
-    return torch.where(valid, ce.detach(), 0.0), torch.where(valid, kd.detach(), 0.0), w_rows
+    return torch.where(valid, ce.detach(), 0.0), torch.where(valid, kd.detach(), 0.0), w_rows, logits.to(grad_dtype)
 
 
-def _rows_torch(logits, teacher_logits, targets, grad_scale, kd_weight, config):
+def _rows_torch(logits, teacher_logits, targets, grad_scale, kd_weight, config, grad_dtype):
     """The forward KL, its gradient by hand (see the comment above _salt_rows_kernel for the
     derivation): d(loss)/d(logits) = (p - (1-w) onehot(y) - w q) / n_counted."""
     vocab, w = config.vocab_size, kd_weight.to(logits.dtype)
@@ -608,25 +632,28 @@ def _rows_torch(logits, teacher_logits, targets, grad_scale, kd_weight, config):
     grad.scatter_add_(1, safe_targets, (w - 1.0).expand_as(lse))
     grad.mul_(torch.where(valid, grad_scale, 0.0).unsqueeze(1))
     logits[:, vocab:].zero_()
-    return torch.where(valid, ce, 0.0), torch.where(valid, kl, 0.0), None
+    return torch.where(valid, ce, 0.0), torch.where(valid, kl, 0.0), None, logits.to(grad_dtype)
 
 
-def _rows_triton(logits, teacher_logits, targets, grad_scale, kd_weight, config):
-    """The forward KL in a Triton kernel, one program per row."""
+def _rows_triton(logits, teacher_logits, targets, grad_scale, kd_weight, config, grad_dtype):
+    """The forward KL in a Triton kernel, one program per row. It writes the gradient in grad_dtype itself: a
+    16-bit one in a buffer of its own, as the GEMMs read it, rather than over the fp32 logits and then converted,
+    which would pass over the fp32 logits twice more."""
     n_rows, padded_width = logits.shape
     ce = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     kl = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    grad = logits if grad_dtype == logits.dtype else torch.empty(logits.shape, dtype=grad_dtype, device=logits.device)
     has_teacher = teacher_logits is not None
     teacher = teacher_logits if has_teacher else logits  # never read without a teacher
     block_v = min(TRITON_BLOCK_V, triton.next_power_of_2(config.vocab_size))
     # Triton launches on the current CUDA device, which need not be the tensors' (a run on cuda:1)
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
         _salt_rows_kernel[(n_rows,)](
-            logits, logits.stride(0), teacher, teacher.stride(0), targets, ce, kl, grad_scale,
+            logits, logits.stride(0), teacher, teacher.stride(0), grad, grad.stride(0), targets, ce, kl, grad_scale,
             config.vocab_size, padded_width, config.ignore_index, kd_weight, 1.0 / config.temperature,
             HAS_TEACHER=has_teacher, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
         )
-    return ce, kl, None
+    return ce, kl, None, grad
 
 
 # Vocabulary block walked by one Triton program step. A module attribute so tests can shrink it
@@ -644,17 +671,19 @@ TRITON_BLOCK_V = 4096
 # d = sum_j exp(x_j - m); when m grows, d is rescaled by exp(m_old - m_new). The KL needs
 # sum_j q_j (z'_j - z_j) = a / d_t with a = sum_j exp(z'_j - m_t) (z'_j - z_j), rescaled like d_t.
 # Keeping z' - z together (rather than two sums of magnitude |z|) avoids cancellation when the
-# teacher and student agree. Pass 2 rereads the row and writes the gradient over it.
+# teacher and student agree. Pass 2 rereads the row and writes the gradient, in the GEMMs' dtype (over the
+# logits where that is theirs).
 if triton is not None:
 
     @triton.jit
-    def _salt_rows_kernel(logits_ptr, logits_stride, teacher_ptr, teacher_stride, targets_ptr, ce_ptr, kl_ptr,
-                          grad_scale_ptr, vocab_size, padded_width, ignore_index, kd_weight_ptr, inv_temperature,
-                          HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _salt_rows_kernel(logits_ptr, logits_stride, teacher_ptr, teacher_stride, grad_ptr, grad_stride, targets_ptr,
+                          ce_ptr, kl_ptr, grad_scale_ptr, vocab_size, padded_width, ignore_index, kd_weight_ptr,
+                          inv_temperature, HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         kd_weight = tl.load(kd_weight_ptr)  # a pointer, not a number: w changes by the step without a host sync
         logits_ptr += row * logits_stride
         teacher_ptr += row * teacher_stride
+        grad_ptr += row * grad_stride
         target = tl.load(targets_ptr + row)
 
         # pass 1: online logsumexp of the student (and teacher), z[y], and the KL accumulator
@@ -702,4 +731,4 @@ if triton is not None:
             if HAS_TEACHER:
                 zt = tl.load(teacher_ptr + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
                 grad -= kd_weight * tl.exp(zt - lse_t)
-            tl.store(logits_ptr + cols, (grad * row_scale).to(logits_ptr.dtype.element_ty), mask=cols < padded_width)
+            tl.store(grad_ptr + cols, (grad * row_scale).to(grad_ptr.dtype.element_ty), mask=cols < padded_width)

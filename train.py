@@ -103,6 +103,8 @@ select_fraction = 0.0        # SALT_DS selects the top kd_steps x global batch s
 # evaluation and logging
 eval_interval = 50           # steps between val-loss evaluations (also at step 0 and at the end)
 eval_batches = 20            # val batches of batch_size sequences per evaluation, shared by the ranks
+eval_compiled = True         # with compile: evaluations run the compiled model; False: eager, no graph of their own,
+                             # so that every compilation falls in a stage's first step (benchmarks: bench_train.py)
 log_interval = 10
 log_ids = False              # append the ids of the sequences each step reads to out_dir/ids_rank<R>.jsonl (R: the rank)
 ckpt_interval = 200          # steps between checkpoints (also at the end; 0 = none, e.g. a benchmark)
@@ -321,8 +323,9 @@ def gradient_sync(on):
 def evaluate():
     """The metrics of an evaluation: val loss, overall and per data subset, and the few-shot tasks' scores."""
     ranks = dict(batch_size=batch_size, rank=rank, world_size=world_size, autocast=autocast)
-    record = evaluation.val_loss(raw_model, val_data, val_set, **ranks)
-    results = evaluation.evaluate_tasks(raw_model, tasks, text_tokenizer, shots=eval_shots, **ranks) if tasks else {}
+    with nullcontext() if eval_compiled else torch.compiler.set_stance('force_eager'):
+        record = evaluation.val_loss(raw_model, val_data, val_set, **ranks)
+        results = evaluation.evaluate_tasks(raw_model, tasks, text_tokenizer, shots=eval_shots, **ranks) if tasks else {}
     return dict(record, **{f"{task}/{metric}": value for task, scores in results.items()
                            for metric, value in scores.items()
                            if metric not in ('chance', 'examples', 'truncated')})
@@ -387,6 +390,7 @@ if step == 0:
 # tokens/s leaves out evaluation and checkpoint time, and the first step of this process and of stage 2:
 # torch.compile compiles (again) there
 t_last, step_at_last, not_training_s, warming_up = time.time(), step, 0.0, True
+unchecked = []  # (step, [non-finite, loss, gradient norm]) on the device, read at the next log or checkpoint
 compile_s = None  # with compile: the seconds of that first step, compilation included, until logged
 while step < max_steps:
     current = upcoming
@@ -411,12 +415,11 @@ while step < max_steps:
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # fsdp: the global norm
     if distributed:
         dist.all_reduce(step_losses, op=dist.ReduceOp.AVG)  # every rank takes the same decision below
-    if not torch.isfinite(torch.stack([step_losses[0], grad_norm])).all():  # the one host-device sync of a step
-        nonfinite_skipped = checkpoint_manager.nonfinite(step + 1, step_losses[0], grad_norm, nonfinite_skipped,
-                                                         skip_nonfinite, last_good, master)
-        optimizer.zero_grad(set_to_none=True)
-        continue
-    optimizer.step()
+    # a non-finite loss or gradient norm drops the step's update on the device, without a host sync; the host
+    # reads which steps did, and counts them, where it waits for the device anyway (checkpoint_manager.nonfinite)
+    nonfinite = (~torch.isfinite(torch.stack([step_losses[0], grad_norm]))).any().float()
+    unchecked.append((step + 1, torch.stack([nonfinite, step_losses[0].float(), grad_norm.float()])))
+    checkpoint_manager.step_unless(optimizer, nonfinite)
     optimizer.zero_grad(set_to_none=True)
     step += 1
     if ids_log:  # a resumed run writes its steps after the checkpoint again: the last line of a step is the one
@@ -426,6 +429,11 @@ while step < max_steps:
         t_last, step_at_last, not_training_s, warming_up = time.time(), step, 0.0, False
 
     do_eval = step % eval_interval == 0 or step == max_steps
+    kept = step in kept_steps
+    saving = kept or ckpt_interval and (step % ckpt_interval == 0 or step == max_steps)
+    if step % log_interval == 0 or do_eval or saving:  # before a checkpoint: last_good is good
+        nonfinite_skipped = checkpoint_manager.nonfinite(unchecked, nonfinite_skipped, skip_nonfinite, last_good,
+                                                         master)
     t_eval = time.time()
     evaluated = evaluate() if do_eval else {}
     not_training_s += time.time() - t_eval
@@ -464,8 +472,7 @@ while step < max_steps:
               (f" | mfu {record['mfu']:.1%}" if 'mfu' in record else '') +
               (f" | val {evaluated['val_loss']:.4f}" if evaluated else '') + f" | eta {eta / 60:.1f} min",
               flush=True)
-    kept = step in kept_steps
-    if kept or ckpt_interval and (step % ckpt_interval == 0 or step == max_steps):
+    if saving:
         t_save = time.time()
         last_good = save_checkpoint()  # every rank writes its part
         if kept and master:

@@ -7,7 +7,7 @@
 out_dir = 'out/pile/slm'
 role = 'slm'               # its data order: a stream of its own, independent of every student's
 data_dir = 'data/pile'
-# Memory (python memory.py --student gpt2-xl --batch_size 4 --block_size 2048): ~48 GiB per GPU under ddp
+# Memory (python memory.py --student gpt2-xl --batch_size 4 --block_size 2048): ~50 GiB per GPU under ddp
 model_size = 'gpt2-xl'
 block_size = 2048
 batch_size = 4               # per GPU; 8 GPUs x 4 x 2048 x grad_accum 16 = 1M tokens per step
