@@ -634,7 +634,7 @@ def test_undecodable_and_corrupt_pile_files_name_the_file(tmp_path):
     assert str(corrupt) in str(e.value)
 
 
-def batch_ids(loader):
+def next_ids(loader):
     """The ids of the loader's next batch."""
     loader.next_batch()
     return loader.last_ids
@@ -652,14 +652,14 @@ def test_batch_loader_leaves_the_skipped_ids_out_of_epoch_0_only(small_dir):
     assert np.array_equal(skipping[0].order(0), expected[:len(expected) // 8 * 8])  # 121 ids: 15 steps of 8
     assert skipping[0].batches_in(0) == 15 and skipping[0].batches_in(1) == 20
     assert np.array_equal(skipping[0].order(1), plain.order(1))
-    read = [np.concatenate([batch_ids(rank) for rank in skipping]) for _ in range(16)]
+    read = [np.concatenate([next_ids(rank) for rank in skipping]) for _ in range(16)]
     assert np.array_equal(np.sort(np.concatenate(read[:15])), np.sort(expected[:120]))  # each once, none skipped
     assert np.array_equal(read[15], plain.order(1)[:8])
     assert np.array_equal(skipping[1].read_ids(15), np.sort(expected[:120]))
     assert np.array_equal(skipping[1].read_ids(16), np.union1d(expected[:120], plain.order(1)[:8]))
     resumed = data.BatchLoader(seqs, 4, seed=3, skip=skip, accumulation=2)  # 1 process x 2: the same global batch
     resumed.load_state_dict({"epoch": 0, "blocks": 14, "order": data.ORDER_VERSION})  # 2 ranks' state after 7 steps
-    assert np.array_equal(np.concatenate(read[7:9]), np.concatenate([batch_ids(resumed) for _ in range(4)]))
+    assert np.array_equal(np.concatenate(read[7:9]), np.concatenate([next_ids(resumed) for _ in range(4)]))
     order = data.epoch_order(162, 3, 'student/pool', 0)  # int32 where it fits: permutation(162)'s order all the same
     assert np.array_equal(order, np.random.default_rng([3, zlib.crc32(b'student/pool'), 0]).permutation(162))
     assert np.array_equal(order[:160], plain.order(0))  # 20 whole steps of 8
@@ -3082,8 +3082,12 @@ def test_experiment_fractions_table_and_plot_from_wsd_branches(tmp_path, text_da
     assert table[0] == ("| run | seed | val loss at 60% | val loss at 100% | reaches the baseline's 100% at | "
                         "KD gain at 100% | the baseline's last 40% of the steps |")
     rows = [[cell.strip() for cell in row.split('|')[1:-1]] for row in table[2:]]
-    assert [row[:2] for row in rows] == [[run, '1337'] for run in ('baseline', 'salt', 'salt_ds', 'salt weak_slm',
-                                                                   'salt_ds weak_slm')]
+    assert [row[:2] for row in rows] == [[run, '1337'] for run in ('baseline', 'salt', 'salt_ds', 'selection_only',
+                                                                   'salt weak_slm', 'salt_ds weak_slm')]
+    reads = report.split('## What each run read (its logged sequence ids)\n\n')[1].split('\n\n')[0].splitlines()
+    reads = {row.split('|')[1].strip(): [cell.strip() for cell in row.split('|')[3:-1]] for row in reads[2:]}
+    assert reads['salt'] == reads['baseline'] == ['20', '0', '108 of 128', '10 of 10', '-']  # the baseline's batches
+    assert reads['salt_ds'][-1] == reads['selection_only'][-1] == 'yes' and reads['salt_ds'][1] == '0'
     weak = step_records(tmp_path / 'out' / 'toy' / 'seed1337' / 'salt_ds_weak_slm_60pct')
     assert max(weak) == 6 and '## Wall-clock with the branches' in report
     costs = report.split('## Cost per step\n\n')[1].split('\n\n')[0].splitlines()  # every SLM's KD runs
@@ -3866,10 +3870,11 @@ def test_report_on_pile_data_with_subsets(slm, tmp_path):
     # second run with the same selection (a shorter run's) adds no second table
     run_dir = tmp_path / 'seed1' / 'salt_ds'
     run_dir.mkdir(parents=True)
-    config = dict(score_file=scores_file, select_fraction=0.3, data_dir=pile, block_size=16)
-    (run_dir / 'metrics.jsonl').write_text(json.dumps(dict(type='header', config=config)) + '\n')
+    config = dict(score_file=scores_file, select_fraction=0.3, data_dir=pile, block_size=16, kd_steps=2, batch_size=4,
+                  grad_accum_steps=1)
+    (run_dir / 'metrics.jsonl').write_text(json.dumps(dict(type='header', config=config, world_size=1)) + '\n')
     table = experiment_module().selection_tables({'salt_ds': str(run_dir), 'salt_ds 7 steps': str(run_dir)})
-    assert table.startswith(f"`salt_ds`: the top 30% of {len(scores):,} sequences by `{scores_file}`")
+    assert table.startswith(f"`salt_ds`: the top {selected:,} of {len(scores):,} sequences by `{scores_file}`")
     assert table.count('| subset |') == 1 and subset_rows(table) == subsets
 
     # data tokenized before subsets were recorded: the report still works and says why there are no shares
