@@ -104,6 +104,7 @@ INPUT_BYTES = 1 << 22  # tree: bytes of files per input, the unit of parallel wo
 SKIPPED_PATHS = 100  # tree: paths listed per reason for skipping a file in meta.json (the counts are complete)
 ROWS = 1024  # parquet and hf: rows read at a time (a parquet file is read a batch of rows at a time, never whole)
 HF_ROWS = 100_000  # hf: rows per input of a dataset saved by save_to_disk (a streamed one's input is a data file)
+SAVED_MARKS = ("state.json", "dataset_dict.json")  # hf: the files of a save_to_disk folder (a Dataset, a DatasetDict)
 CHECK_TOKENS = 1 << 28  # megatron: tokens per input of the vocabulary check, the unit of parallel work and resuming
 
 # -----------------------------------------------------------------------------
@@ -253,19 +254,47 @@ def row_documents(batches, name, val_fraction, where):
             row += 1
 
 
-def parquet_batches(path, text_column, subset_column=None):
-    """(texts, subsets) of a parquet file, ROWS rows at a time (pyarrow's iter_batches: a row group at most in
-    memory); subsets are the subset column's values, or "parquet"."""
-    pq = _import("pyarrow.parquet", "pyarrow")
+def open_parquet(path, columns):
+    """A parquet file's reader, after checking its footer and that it has the columns: a file that is not parquet,
+    or one cut short, is one line. Returns it and the errors its reading may raise."""
+    pa, pq = _import("pyarrow", "pyarrow"), _import("pyarrow.parquet", "pyarrow")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
     try:
         reader = pq.ParquetFile(path)
-    except (OSError, pq.lib.ArrowException) as error:
-        raise InputError(f"{path}: not a parquet file ({str(error).splitlines()[0][:200]})") from error
-    columns = [text_column] + ([subset_column] if subset_column else [])
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(f"{path}: not a parquet file, or a truncated one ({_first_line(error)})") from error
     _check_columns(path, columns, reader.schema_arrow.names)
-    for batch in reader.iter_batches(batch_size=ROWS, columns=columns):
-        texts = batch.column(0).to_pylist()
-        yield texts, batch.column(1).to_pylist() if subset_column else ["parquet"] * len(texts)
+    return reader, (OSError, pa.ArrowException)
+
+
+def parquet_batches(path, text_column, subset_column=None):
+    """(texts, subsets) of a parquet file, ROWS rows at a time (pyarrow's iter_batches: a row group at most in
+    memory); subsets are the subset column's values, or "parquet". A row group that cannot be decoded is one line."""
+    columns = [text_column] + ([subset_column] if subset_column else [])
+    reader, errors = open_parquet(path, columns)
+    groups = reader.metadata.num_row_groups
+    for group in range(groups):
+        batches = reader.iter_batches(batch_size=ROWS, row_groups=[group], columns=columns)
+        for batch in _decoded(batches, f"{path}: row group {group} of {groups}", errors):
+            texts = batch.column(0).to_pylist()
+            yield texts, batch.column(1).to_pylist() if subset_column else ["parquet"] * len(texts)
+
+
+def _decoded(batches, where, errors):
+    """The batches of a table's reader; one of its errors (a damaged row group, a cut Arrow file) is one line."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except errors as error:
+            raise InputError(f"{where}: cannot be decoded ({_first_line(error)})") from error
+        yield batch
+
+
+def _first_line(error):
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 def _check_columns(where, columns, names):
@@ -281,10 +310,13 @@ def open_hf(dataset):
     cache when offline), a local dataset folder, or a builder such as "parquet" with data_files."""
     datasets = _import("datasets", "datasets")
     path, split = dataset["path"], dataset["split"]
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json")):
-        return datasets.load_from_disk(path)
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        saved = datasets.load_from_disk(path)
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in SAVED_MARKS):
+        try:
+            saved = datasets.load_from_disk(path)
+        except (OSError, ValueError, KeyError) as error:  # a JSON or Arrow file damaged, cut short or missing
+            raise InputError(f"{path}: a damaged save_to_disk folder ({_first_line(error)})") from error
+        if not isinstance(saved, datasets.DatasetDict):
+            return saved
         if split not in saved:
             raise InputError(f"{path}: no split {split!r} (it has {', '.join(saved)}); name one with --split")
         return saved[split]
@@ -295,7 +327,27 @@ def open_hf(dataset):
         import huggingface_hub
         offline = isinstance(error, ConnectionError) or huggingface_hub.constants.HF_HUB_OFFLINE
         raise InputError(f"{path}: cannot be read{' (offline: not in the local cache)' if offline else ''}: "
-                         f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
+                         f"{_first_line(error)}") from error
+
+
+def hf_key(dataset):
+    """What a job records of a dataset, to resume by: a local one (a folder, or local data_files) by its files'
+    names and SHA-256, so that a copy elsewhere resumes and one changed under the same path is tokenized
+    again; one of the hub by its name."""
+    files = {}
+    if os.path.isdir(dataset["path"]):
+        for folder, _, names in os.walk(dataset["path"]):
+            files.update({os.path.relpath(os.path.join(folder, name), dataset["path"]): os.path.join(folder, name)
+                          for name in names})
+    for pattern in dataset["data_files"] or []:
+        files.update({os.path.basename(path): path for path in glob.glob(pattern)})
+    if not files:
+        return dataset
+    content = hashlib.sha256()
+    for name, path in sorted(files.items()):
+        with open(path, "rb") as f:
+            content.update(name.encode("utf-8", "surrogateescape") + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return {"content_sha256": content.hexdigest(), "name": dataset["name"], "split": dataset["split"]}
 
 
 def hf_inputs(ds):
@@ -305,10 +357,11 @@ def hf_inputs(ds):
     return max(1, min(PARTS, count))
 
 
-def hf_batches(ds, index, inputs, text_column, subset_column=None):
-    """(texts, subsets) of input `index` of `inputs` of a dataset, ROWS rows at a time."""
+def hf_batches(ds, index, inputs, text_column, subset_column=None, where="the dataset"):
+    """(texts, subsets) of input `index` of `inputs` of a dataset, ROWS rows at a time; a row that cannot be read
+    (a damaged Arrow or data file) is one line naming `where`."""
     shard = ds.shard(inputs, index) if hasattr(ds, "n_shards") else ds.shard(inputs, index, contiguous=True)
-    for batch in shard.iter(batch_size=ROWS):
+    for batch in _decoded(iter(shard.iter(batch_size=ROWS)), where, (OSError, ValueError)):
         texts = batch[text_column]
         yield texts, batch[subset_column] if subset_column else ["hf"] * len(texts)
 
@@ -805,22 +858,23 @@ def _budget_shares(settings, inputs):
 
 
 def _tokenize_hf_input(index, dataset, out_dir, shard_tokens, job, threads):
-    batches = hf_batches(open_hf(dataset), index, job["inputs"], job["text_column"], job.get("subset_column"))
-    documents = row_documents(batches, f"{index}-of-{job['inputs']}", job["val_fraction"],
-                              f"{dataset['path']} input {index}")
+    where = f"{dataset['path']} input {index}"
+    batches = hf_batches(open_hf(dataset), index, job["inputs"], job["text_column"], job.get("subset_column"), where)
+    documents = row_documents(batches, f"{index}-of-{job['inputs']}", job["val_fraction"], where)
     return _tokenize_input(index, documents, out_dir, shard_tokens, job, threads)
 
 
 def tokenize_hf(dataset, out_dir, source, settings, shard_tokens=SHARD_TOKENS, tok=None):
     """Tokenize a Hugging Face dataset (open_hf) into shards under out_dir, in parallel and resumably as
     tokenize_files: input i is the dataset's shard i of hf_inputs, its rows going to val by a hash of
-    f"{i}-of-{inputs}:{row}"."""
+    f"{i}-of-{inputs}:{row}". A local dataset is resumed by its content (hf_key)."""
     ds = open_hf(dataset)
     if ds.column_names is not None:  # None: a stream whose features are known only once read
         _check_columns(dataset["path"], [c for c in (settings["text_column"], settings["subset_column"]) if c],
                        ds.column_names)
     tok, inputs = tok or tokenizer.GPT2Tokenizer(), hf_inputs(ds)
-    jobs = [dict(_budget_shares(settings, inputs), dataset=dataset, inputs=inputs, shard_tokens=shard_tokens,
+    key = hf_key(dataset)
+    jobs = [dict(_budget_shares(settings, inputs), dataset=key, inputs=inputs, shard_tokens=shard_tokens,
                  **tokenizer_key(tok)) for _ in range(inputs)]
     start = _begin(out_dir, shard_tokens, tok)
     todo = _tokenize_in_pool(_tokenize_hf_input, [dataset] * inputs, jobs, out_dir, shard_tokens, start)
@@ -1198,6 +1252,8 @@ def _tokenize_table(args, tok):
                 "subset_column": args.subset_column, "max_tokens": int(args.max_tokens),
                 "max_bytes": int(args.max_bytes)}
     if args.source == "parquet":
+        for path in args.files:  # each one's footer and columns, before anything is written
+            open_parquet(path, [args.text_column] + ([args.subset_column] if args.subset_column else []))
         source = dict(settings, kind="parquet", files=args.files)
         return tokenize_files(_tokenize_parquet_file, args.files, args.out_dir, source, settings, args.shard_tokens,
                               tok)

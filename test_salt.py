@@ -1470,6 +1470,117 @@ def test_bad_tables_are_one_line_errors(tmp_path, monkeypatch):
     assert '\n' not in str(e.value) and not (tmp_path / 'hf').exists()
 
 
+def damage_row_group(path, group):
+    """Overwrite the page header of a row group's text column (write_parquet's "content"): the footer still reads,
+    that group no longer decodes."""
+    import pyarrow.parquet
+    offset = pyarrow.parquet.ParquetFile(path).metadata.row_group(group).column(1).data_page_offset
+    raw = bytearray(open(path, 'rb').read())
+    raw[offset:offset + 24] = b'\xff' * 24
+    open(path, 'wb').write(bytes(raw))
+
+
+def test_damaged_parquet_files_are_one_line_errors_and_nothing_is_left_as_done(tmp_path):
+    """A file that is not parquet, or cut in half, is refused before anything is written; a row group that cannot
+    be decoded ends its input without its manifest and the run without meta.json (pyarrow 26 made all three an
+    AttributeError of our own except clause)."""
+    good = str(tmp_path / 'good.parquet')
+    write_parquet(good, table_documents(200))
+    (tmp_path / 'text.parquet').write_text('not a parquet file\n')
+    (tmp_path / 'half.parquet').write_bytes(open(good, 'rb').read()[:os.path.getsize(good) // 2])
+    flags = ['--text_column', 'content', '--out_dir']
+    for name in ('text', 'half'):
+        path = str(tmp_path / f'{name}.parquet')
+        with pytest.raises(common.InputError, match='not a parquet file, or a truncated one') as e:
+            prepare.main(['parquet', good, path, *flags, str(tmp_path / name)])
+        assert str(e.value).startswith(path) and '\n' not in str(e.value)
+        assert not (tmp_path / name).exists()  # refused before anything was written
+    bad = str(tmp_path / 'bad.parquet')
+    shutil.copy(good, bad)
+    damage_row_group(bad, 2)
+    result = run_script('prepare.py', 'parquet', good, bad, *flags, str(tmp_path / 'out'), check=False)
+    assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
+    assert result.stderr.startswith(f'error: {bad}: row group 2 of 4: cannot be decoded (OSError: ')
+    assert not (tmp_path / 'out' / 'input_001.json').exists() and not (tmp_path / 'out' / 'meta.json').exists()
+
+
+def saved_dataset(folder, documents, shards=4):
+    import datasets
+    rows = {'content': [t for t, _ in documents], 'source': [s for _, s in documents]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(folder), num_shards=shards)
+
+
+def test_a_damaged_dataset_folder_is_one_line_naming_it(tmp_path):
+    """Each file of a save_to_disk folder damaged, cut short, replaced or missing: one line naming the folder, and
+    the output left without meta.json."""
+    saved_dataset(tmp_path / 'saved', table_documents(100))
+    arrow = sorted(name for name in os.listdir(tmp_path / 'saved') if name.endswith('.arrow'))[1]
+    damages = {'state.json not JSON': lambda folder: (folder / 'state.json').write_text('{not json'),
+               'dataset_info.json not JSON': lambda folder: (folder / 'dataset_info.json').write_text('{not json'),
+               'an Arrow file cut in half': lambda folder: (folder / arrow).write_bytes(
+                   (folder / arrow).read_bytes()[:(folder / arrow).stat().st_size // 2]),
+               'an Arrow file not Arrow': lambda folder: (folder / arrow).write_bytes(b'hello world' * 10),
+               'an Arrow file missing': lambda folder: (folder / arrow).unlink()}
+    for i, (damage, apply) in enumerate(damages.items()):
+        folder = tmp_path / f'damaged{i}'
+        shutil.copytree(tmp_path / 'saved', folder)
+        apply(folder)
+        with pytest.raises(common.InputError) as e:
+            prepare.main(['hf', str(folder), '--text_column', 'content', '--out_dir', str(tmp_path / f'out{i}')])
+        assert str(e.value).startswith(str(folder)) and '\n' not in str(e.value), damage
+        assert not (tmp_path / f'out{i}' / 'meta.json').exists(), damage
+
+
+def test_a_local_dataset_resumes_by_its_content_not_its_path(tmp_path, capsys):
+    documents = table_documents(60)
+    saved_dataset(tmp_path / 'a', documents, shards=1)
+    command = ['--text_column', 'content', '--subset_column', 'source', '--out_dir', str(tmp_path / 'out')]
+    first = prepare.main(['hf', str(tmp_path / 'a'), *command])
+    os.rename(tmp_path / 'a', tmp_path / 'b')  # moved: the same dataset
+    prepare.main(['hf', str(tmp_path / 'b'), *command])
+    assert '1 of 1 inputs already done' in capsys.readouterr().out
+    shutil.rmtree(tmp_path / 'b')
+    saved_dataset(tmp_path / 'b', documents[:59] + [('another last row', 'x')], shards=1)  # changed in place
+    second = prepare.main(['hf', str(tmp_path / 'b'), *command])
+    assert '0 of 1 inputs already done' in capsys.readouterr().out
+    assert second['subsets'] == sorted(set(first['subsets']) | {'x'})
+
+
+def write_table_inputs(folder):
+    """The inputs of the pile tests (input 1 over one encoding batch) as parquet files of the same rows."""
+    paths, contents = write_pile_inputs(folder, SIZES)
+    for path, lines in zip(paths, contents):
+        write_parquet(path.replace('.jsonl.zst', '.parquet'), list(lines.values()))
+    return [path.replace('.jsonl.zst', '.parquet') for path in paths]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source', ['parquet', 'hf'])
+def test_killed_table_tokenization_resumes_to_identical_files(source, tmp_path):
+    """parquet files, and the same files as a streamed dataset's data_files: SIGKILL the parent alone midway, and
+    the same command again resumes to the files of an uninterrupted run."""
+    paths = write_table_inputs(str(tmp_path))
+    command = ['parquet', *paths] if source == 'parquet' else ['hf', 'parquet', '--data_files', *paths]
+    cli = lambda out: subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'prepare.py'), *command, '--text_column', 'content', '--subset_column',
+         'source', '--val_fraction', str(VAL_FRACTION), '--shard_tokens', str(SHARD_TOKENS), '--out_dir', str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = cli(tmp_path / 'whole')
+    assert run.communicate(timeout=300)[0] and run.returncode == 0
+    out = tmp_path / 'resumed'
+    run = cli(out)
+    deadline = time.time() + 120
+    while not ((out / 'input_000.json').exists() and (out / 'train_001000.bin').exists()):
+        assert run.poll() is None and time.time() < deadline, run.communicate()[0]
+        time.sleep(0.01)
+    kill_the_parent_alone(run)
+    assert not (out / 'input_001.json').exists() and not (out / 'meta.json').exists(), 'nothing was left to resume'
+    run = cli(out)
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 0 and 'of 4 inputs already done' in output and '0 of 4 inputs already done' not in output
+    assert files_of(out) == files_of(tmp_path / 'whole')  # no temporary file of the killed run is left behind either
+
+
 # ----------------------------------------------------------------------------------------------------------
 # losses.py: salt_loss against losses.salt_loss_reference in float64, on every device (`pytest -m cuda` runs the
 # GPU's), implementation and precision
