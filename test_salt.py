@@ -1352,11 +1352,53 @@ def test_bad_indexed_datasets_are_one_line_errors_and_write_nothing(megatron, tm
 def test_the_vocabulary_check_resumes(megatron, tmp_path, capsys):
     folder, tok, _, _ = megatron
     out = tmp_path / 'out'
-    prepare.prepare_megatron([str(folder / 'books')], str(out), tok, check_tokens=3000)
+    prepare.prepare_megatron([str(folder / 'books')], str(out), tok, check_tokens=3000, check_fraction=1)
     spans = len(glob.glob(str(out / 'input_*.json')))
     os.remove(out / 'input_001.json')  # as a kill would leave it
-    meta = prepare.prepare_megatron([str(folder / 'books')], str(out), tok, check_tokens=3000)
+    meta = prepare.prepare_megatron([str(folder / 'books')], str(out), tok, check_tokens=3000, check_fraction=1)
     assert f'{spans - 1} of {spans} inputs already done' in capsys.readouterr().out and len(meta['inputs']) == spans
+    assert meta['source']['checked_tokens'] == sum(p['tokens'] for p in meta['indexed']['pieces'])
+
+
+def test_the_vocabulary_check_samples_and_reading_checks_the_rest(megatron, tmp_path):
+    """The default check reads a sample of spans spread over the data, the first always; a token beyond the
+    vocabulary that the sample missed ends training's read of its window in one line naming the .bin."""
+    folder, tok, documents, _ = megatron
+    tokens = np.concatenate(documents[:400])
+    spans, sampled = -(-len(tokens) // 1000), math.ceil(0.2 * -(-len(tokens) // 1000))
+    checked = [i * spans // sampled for i in range(sampled)]
+    missed = next(i for i in range(spans) if i not in checked)
+    tokens[1000 * missed + 500] = tok.vocab_size + 3
+    bad = str(tmp_path / 'bad')
+    megatron_write(bad, [tokens[:len(tokens) // 2], tokens[len(tokens) // 2:]], dtype=np.int32)
+    meta = prepare.prepare_megatron([bad], str(tmp_path / 'out'), tok, 0, check_tokens=1000, check_fraction=0.2)
+    assert [m['job']['span'] for m in meta['inputs']] == [[1000 * i, min(len(tokens), 1000 * i + 1000)] for i in checked]
+    assert meta['source']['checked_tokens'] == sum(min(len(tokens), 1000 * i + 1000) - 1000 * i for i in checked)
+    sequences = data.TokenSequences(str(tmp_path / 'out'), 'train', 100)
+    with pytest.raises(common.InputError, match=f'bad.bin .*token id {tok.vocab_size + 3} >= vocab size') as e:
+        sequences.get(np.arange(len(sequences)))
+    assert '\n' not in str(e.value)
+    with pytest.raises(common.InputError, match='--check_fraction in \\(0, 1\\]'):
+        prepare.main(['megatron', bad, '--tokenizer', tok.folder, '--check_fraction', '0', '--out_dir',
+                      str(tmp_path / 'none')])
+
+
+def test_an_index_is_read_a_block_at_a_time_to_the_same_runs(megatron, tmp_path, monkeypatch):
+    """Documents read a few at a time (a run of one split crossing many blocks) give the runs and meta.json of
+    reading them whole: the .idx of the Pile (2.9 GB) is read INDEX_CHUNK entries at a time."""
+    folder, tok, _, _ = megatron
+    prefixes = [str(folder / 'books'), str(folder / 'plays')]
+    prepare.prepare_megatron(prefixes, str(tmp_path / 'whole'), tok, VAL_FRACTION)
+    monkeypatch.setattr(prepare, 'INDEX_CHUNK', 7)
+    prepare.prepare_megatron(prefixes, str(tmp_path / 'blocks'), tok, VAL_FRACTION)
+    for name in ('train.runs.npy', 'val.runs.npy', 'meta.json'):
+        assert (tmp_path / 'blocks' / name).read_bytes() == (tmp_path / 'whole' / name).read_bytes(), name
+    assert not glob.glob(str(tmp_path / 'blocks' / '.*'))  # no temporary file left behind
+    documents = megatron[2]
+    val = [prepare._is_val_index(n, c, VAL_FRACTION) for n, c in (('books', 400), ('plays', len(documents) - 400))]
+    runs = np.load(tmp_path / 'blocks' / 'val.runs.npy')
+    assert runs[:, 1].sum() == sum(len(d) for d, v in zip(documents, np.concatenate(val)) if v)
+    assert len(runs) == sum(int(v[0]) + int((v[1:] & ~v[:-1]).sum()) for v in val)  # no run cut at a block's end
 
 
 @pytest.mark.slow
