@@ -2361,6 +2361,21 @@ def test_selection_keeps_exactly_the_top_fraction():
         salt.select_top(scores, 0.0)
 
 
+def test_the_ranking_of_a_score_file_is_lexsorts_in_one_array_of_keys():
+    """Float32 scores (a score file's) rank by keys sorted in place: the order of a lexsort on (-score, id),
+    through ties, both zeros, infinities and NaN (last, as a sort puts it); float64 scores take the lexsort."""
+    rng = np.random.default_rng(0)
+    median = np.round(rng.normal(0, 2, 5000), 1).astype(np.float32)  # many ties, negatives
+    median[rng.integers(0, 5000, 300)] = rng.choice(np.float32([0.0, -0.0, np.inf, -np.inf, np.nan]), 300)
+    scores = np.stack([median, rng.random(5000, dtype=np.float32), rng.random(5000, dtype=np.float32)], axis=1)
+    expected = np.lexsort((np.arange(5000), -median.astype(np.float64)))
+    order = salt.ranking(scores)
+    assert order.dtype == np.int64 and order.tolist() == expected.tolist()
+    assert salt.ranking(scores.astype(np.float64)).tolist() == expected.tolist()
+    ranks = [0, 1, 2, 2498, 2499, 2500, 4997, 4998, 4999]
+    assert salt.ranked(scores, ranks).tolist() == expected[ranks].tolist()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # train: config, two stages, DDP, resume (each run is a real `python train.py` on a tiny model)
 
