@@ -6,23 +6,36 @@ Benchmarks of the data path, on whatever machine runs them (prints the numbers, 
                                       # dataset (prepare.py megatron: the vocabulary check alone), tokens/s
     python bench_data.py loader       # BatchLoader.next_batch against a training step of the demo SLM
     python bench_data.py score        # SALT_DS scoring tokens/s against training tokens/s of the demo SLM
+    python bench_data.py pythia --folder /big/disk/sim  # every step from prepare to the first batch on a
+                                      # simulation of Pythia's Pile at its real size: time and peak memory
 
 The shards are made from this Python's standard library source (real text on every machine), one document a
 file, with the top-level package as pile_set_name.
+
+`pythia` writes an .idx of the preshuffled Pile's shape (146,432,000 sequences of 2,049 tokens, the layout
+megatron-core writes: 2.9 GB) beside a sparse .bin of the matching size (600 GB that take no disk and read as
+token 0), whole and in 20 pieces, and the parts of `salt.py score` for it (8 ranks, 1.7 GB). Each step then runs
+in a process of its own, which reports its time and its peak resident memory (getrusage: its own, and that of
+the worker processes it waited for). --sequences makes a smaller one.
 """
 import argparse
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 import numpy as np
 import torch
 import zstandard
 
+import checkpoint_manager
 import data
+import evaluation
 import prepare
 import salt
 import tokenizer
@@ -162,11 +175,223 @@ def bench_score(folder, steps=20):
           f"{rates['scoring']:,.0f} tokens/s: scoring is {rates['scoring'] / rates['training']:.2f}x faster per token")
 
 
+# -----------------------------------------------------------------------------
+# Pythia's preshuffled Pile at its real size (simulated): prepare.py megatron, train.py's start, salt.py's merge
+# of the score parts and its report
+
+PYTHIA_SEQUENCES, PYTHIA_TOKENS, PYTHIA_PIECES = 146_432_000, 2049, 20
+CHUNK = 1 << 22  # sequences written (and score records made) at a time
+SCORE_BATCH, SCORE_RANKS = 16, 8  # salt.py score's default batch size, on 8 GPUs
+
+
+def write_pythia(folder, n_sequences):
+    """folder/whole/document.{idx,bin} and folder/pieces/document.idx with document-0000k-of-00020.bin: n_sequences
+    documents of 2049 tokens, each one sequence, in megatron-core's layout (header, int32 sizes, int64 byte
+    pointers, int64 document indices); the .bin files are sparse."""
+    os.makedirs(os.path.join(folder, 'whole'))
+    os.makedirs(os.path.join(folder, 'pieces'))
+    idx = os.path.join(folder, 'whole', 'document.idx')
+    with open(idx, 'wb') as f:
+        f.write(prepare.INDEX_HEADER.pack(prepare.INDEX_MAGIC, 1, 8, n_sequences, n_sequences + 1))
+        for at in range(0, n_sequences, CHUNK):
+            f.write(np.full(min(CHUNK, n_sequences - at), PYTHIA_TOKENS, dtype='<i4').tobytes())
+        for at in range(0, n_sequences, CHUNK):
+            f.write((np.arange(at, min(n_sequences, at + CHUNK), dtype='<i8') * 2 * PYTHIA_TOKENS).tobytes())
+        for at in range(0, n_sequences + 1, CHUNK):
+            f.write(np.arange(at, min(n_sequences + 1, at + CHUNK), dtype='<i8').tobytes())
+    os.link(idx, os.path.join(folder, 'pieces', 'document.idx'))
+    tokens = n_sequences * PYTHIA_TOKENS
+    with open(os.path.join(folder, 'whole', 'document.bin'), 'wb') as f:
+        f.truncate(2 * tokens)
+    bounds = np.linspace(0, tokens, PYTHIA_PIECES + 1).astype(np.int64)  # byte ranges at token boundaries
+    for k in range(PYTHIA_PIECES):
+        with open(os.path.join(folder, 'pieces', f'document-{k:05d}-of-{PYTHIA_PIECES:05d}.bin'), 'wb') as f:
+            f.truncate(2 * int(bounds[k + 1] - bounds[k]))
+
+
+def write_score_parts(parts, meta, n_sequences):
+    """The parts folder that `salt.py score` on SCORE_RANKS ranks leaves before its merge: each rank's records of
+    the batches dealt to it, in order. Median scores: a fifth exactly 0 (no learnable token), the rest in
+    [0, 8) to 3 decimals (many ties)."""
+    os.makedirs(parts)
+    prepare.write_json(os.path.join(parts, 'meta.json'), dict(meta, batch_size=SCORE_BATCH))
+    dtype, rng = salt.record_dtype(SCORE_BATCH), np.random.default_rng(0)
+    files = [open(os.path.join(parts, f'rank{rank:05d}.bin'), 'wb') for rank in range(SCORE_RANKS)]
+    n_batches = -(-n_sequences // SCORE_BATCH)
+    for first in range(0, n_batches, CHUNK // SCORE_BATCH):
+        batches = np.arange(first, min(n_batches, first + CHUNK // SCORE_BATCH))
+        rows = rng.random((len(batches), SCORE_BATCH, 3), dtype=np.float32)
+        rows[..., 0] = np.where(rows[..., 0] < 0.2, 0, np.round(rows[..., 1] * 8, 3))
+        rows[..., 1] *= 8
+        last = batches[-1] == n_batches - 1 and n_sequences % SCORE_BATCH
+        if last:
+            rows[-1, n_sequences % SCORE_BATCH:] = np.nan
+        records = np.zeros(len(batches), dtype)
+        records['batch'], records['rows'] = batches, rows
+        raw = records.view(np.uint8).reshape(len(records), dtype.itemsize)
+        records['crc'] = [zlib.crc32(record[:-4]) for record in raw]
+        for rank in range(SCORE_RANKS):
+            files[rank].write(records[(batches % SCORE_RANKS) == rank].tobytes())
+    for f in files:
+        f.close()
+
+
+def clock():
+    """(wall seconds, CPU seconds of this process and of the children it waited for): on a shared machine the
+    CPU time is the step's own, the wall time depends on the others' load."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def report(what, start, **more):
+    """One line of JSON: a step's time since `start` (a clock()), and the peak resident memory of this process and
+    of its children so far."""
+    wall, cpu = clock()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps(dict(step=what, seconds=round(wall - start[0], 2), cpu_seconds=round(cpu - start[1], 2),
+                          peak_mb=round(peak), children_peak_mb=round(children), **more)), flush=True)
+
+
+def run_step(name, folder, *args):
+    """One measured step of `pythia` (in a process of its own, so that its peak memory is its own)."""
+    sim = lambda *path: os.path.join(folder, *path)
+    report('imports', clock())  # what every step holds before it starts
+    start = clock()
+    if name == 'prepare':
+        prepare.main(['megatron', sim(args[0], 'document'), '--tokenizer', tokenizer.GPT2, '--out_dir',
+                      sim(f'data_{args[0]}'), *args[1:]])
+        return report(f'prepare.py megatron ({args[0]})', start)
+    if name == 'check':  # the vocabulary check's rate, on a real (not sparse) file in the page cache
+        return bench_check(folder, start)
+    if name == 'merge':
+        merge_scores(sim('scores.npy'), int(args[0]))
+        return report('salt.py score: merge of the parts', start)
+    if name == 'report':
+        return salt_report(sim, start)
+    return train_start(sim, start)
+
+
+def merge_scores(out, n_sequences):
+    parts = out + '.parts'
+    with open(os.path.join(parts, 'meta.json')) as f:
+        meta = json.load(f)
+    meta.pop('batch_size')
+    salt.finish_score_file(out, meta, SCORE_BATCH, n_sequences)
+
+
+def train_start(sim, start):
+    """What train.py does before its first batch of a SALT_DS run (block_size 2048, batch_size 8), call by call,
+    and the next 100 batches; then stage 2's loader (every sequence)."""
+    data_dir = sim('data_pieces')
+    train_data = data.TokenSequences(data_dir, 'train', PYTHIA_TOKENS - 1)
+    val_data = data.TokenSequences(data_dir, 'val', PYTHIA_TOKENS - 1)
+    report('TokenSequences train and val', start, sequences=len(train_data))
+    start = clock()
+    fingerprint = train_data.fingerprint()
+    report('fingerprint', start)
+    start = clock()
+    scores = salt.load_scores(sim('scores.npy'), dict(block_size=PYTHIA_TOKENS - 1, n_sequences=len(train_data),
+                                                     data_fingerprint=fingerprint))
+    report('load_scores', start)
+    start = clock()
+    selected = salt.select_top(scores, 0.25)
+    report('select_top (0.25)', start, selected=len(selected))
+    start = clock()
+    salt.selection_summary(scores, selected)
+    report('selection_summary', start)
+    start = clock()
+    evaluation.val_set(val_data, 20 * 8)
+    checkpoint_manager.fingerprints(f'{fingerprint}/{val_data.fingerprint()}', selected, 'bench')
+    report('val_set and fingerprints', start)
+    start = clock()
+    loader = data.BatchLoader(train_data, 8, ids=selected)
+    loader.next_batch()
+    report('BatchLoader (selection) and its first batch', start)
+    start = clock()
+    for _ in range(100):
+        loader.next_batch()
+    seconds = clock()[1] - start[1]
+    report('the next 100 batches', start, tokens_per_cpu_s=round(100 * 8 * (PYTHIA_TOKENS - 1) / seconds))
+    del loader, selected, scores
+    start = clock()
+    data.BatchLoader(train_data, 8).next_batch()
+    report('stage 2: BatchLoader (every sequence) and its first batch', start)
+
+
+def salt_report(sim, start):
+    data_dir = sim('data_pieces')
+    sequences = data.TokenSequences(data_dir, 'train', PYTHIA_TOKENS - 1)
+    sequences.domains()
+    report('IndexedSequences.domains()', start)
+    start = clock()
+    salt.report_main(argparse.Namespace(scores=sim('scores.npy'), data_dir=data_dir, block_size=PYTHIA_TOKENS - 1,
+                                        max_sequences=0, select_fraction=0.25, examples=3,
+                                        out_dir=sim('selection')))
+    report('salt.py report', start)
+
+
+def bench_check(folder, start, tokens=1 << 30):
+    """The vocabulary check of prepare.py megatron on a real 2 GB .bin (in the page cache once written)."""
+    prefix = os.path.join(folder, 'check', 'document')
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    np.random.default_rng(0).integers(0, 50257, tokens, dtype=np.uint16).tofile(prefix + '.bin')
+    n = tokens // PYTHIA_TOKENS
+    with open(prefix + '.idx', 'wb') as f:
+        f.write(prepare.INDEX_HEADER.pack(prepare.INDEX_MAGIC, 1, 8, n, n + 1))
+        f.write(np.full(n, PYTHIA_TOKENS, dtype='<i4').tobytes())
+        f.write((np.arange(n, dtype='<i8') * 2 * PYTHIA_TOKENS).tobytes())
+        f.write(np.arange(n + 1, dtype='<i8').tobytes())
+    with open(prefix + '.bin', 'r+b') as f:
+        f.truncate(2 * n * PYTHIA_TOKENS)
+    start = clock()
+    prepare.main(['megatron', prefix, '--tokenizer', tokenizer.GPT2, '--out_dir', os.path.join(folder, 'check_out'),
+                  '--check_fraction', '1'])
+    seconds = clock()[1] - start[1]
+    report('the vocabulary check (1G tokens, page cache)', start, tokens_per_cpu_s=round(n * PYTHIA_TOKENS / seconds))
+
+
+def bench_pythia(folder, n_sequences):
+    """Every step at the real size, each in a fresh process: the time and peak memory of each."""
+    keep = bool(folder)
+    folder = folder or tempfile.mkdtemp(prefix='pythia_')
+    try:
+        if not os.path.exists(os.path.join(folder, 'whole')):
+            start = time.perf_counter()
+            write_pythia(folder, n_sequences)
+            print(f"wrote the simulation of {n_sequences:,} sequences in {time.perf_counter() - start:.0f} s")
+        steps = [('prepare', 'whole'), ('prepare', 'pieces'), ('merge', str(n_sequences)), ('start',), ('report',),
+                 ('check',)]
+        for step in steps:
+            if step[0] == 'merge' and not os.path.exists(os.path.join(folder, 'scores.npy.parts')):
+                sequences = data.TokenSequences(os.path.join(folder, 'data_pieces'), 'train', PYTHIA_TOKENS - 1)
+                write_score_parts(os.path.join(folder, 'scores.npy.parts'),
+                                  salt.score_meta('bench', sequences, 10), len(sequences))
+            result = subprocess.run([sys.executable, os.path.abspath(__file__), 'step', step[0], folder, *step[1:]],
+                                    capture_output=True, text=True)
+            lines = [line for line in result.stdout.splitlines() if line.startswith('{')]
+            for line in lines:
+                print(line)
+            if result.returncode:
+                print(f"{step}: failed\n{result.stderr[-3000:]}")
+    finally:
+        if not keep:
+            shutil.rmtree(folder)
+
+
 if __name__ == '__main__':
+    if sys.argv[1:2] == ['step']:  # one step of `pythia`, in its own process: python bench_data.py step NAME ARGS
+        sys.exit(run_step(sys.argv[2], *sys.argv[3:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('what', choices=['tokenize', 'readers', 'loader', 'score'], nargs='+')
+    parser.add_argument('what', choices=['tokenize', 'readers', 'loader', 'score', 'pythia'], nargs='+')
+    parser.add_argument('--folder', default='', help='pythia: where the simulation is made and kept (a temporary '
+                                                     'folder by default, removed at the end)')
+    parser.add_argument('--sequences', type=int, default=PYTHIA_SEQUENCES, help='pythia: its sequences')
     args = parser.parse_args()
     for what in args.what:
+        if what == 'pythia':
+            bench_pythia(args.folder, args.sequences)
+            continue
         with tempfile.TemporaryDirectory() as folder:
             {'tokenize': bench_tokenize, 'readers': bench_readers, 'loader': bench_loader,
              'score': bench_score}[what](folder)

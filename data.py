@@ -16,6 +16,7 @@ details); data without meta.json is GPT-2's.
 """
 import glob
 import hashlib
+import mmap
 import os
 import zlib
 
@@ -106,7 +107,7 @@ class TokenSequences:
                     raise InputError(f"{path} is not a shard of {os.path.join(data_dir, 'meta.json')} (made with "
                                      f"tokenizer {meta.get('encoding')!r}): a shard of another tokenization? Move it "
                                      f"away, or tokenize again into an empty directory")
-        self.tokens = [read_bin(path) for path in self.shards]
+        self.tokens = [random_access(read_bin(path)) for path in self.shards]
         for path, tokens in zip(self.shards, self.tokens):
             # the ends only: reading every token is 600 GB for the Pile. A file that is not a shard of ours (a
             # wrong magic reads as a headerless file) shows at the start; get() checks every window it returns.
@@ -239,14 +240,19 @@ class IndexedSequences(TokenSequences):
 
     def domains(self):
         """The subset of each window: that of the run its first token lies in (meta.json's "subsets": one per
-        dataset named to prepare.py megatron)."""
-        starts = self._starts(np.arange(len(self), dtype=np.int64))
-        return np.asarray(self.runs[np.searchsorted(self.stream, starts, side="right") - 1, 2]), \
-            read_data_meta(self.data_dir)["subsets"]
+        dataset named to prepare.py megatron). Made run by run, the array of the answer alone: 1.1 GB for the
+        Pile's 139M sequences."""
+        if self.per_document:
+            counts = np.diff(self.offsets)  # the windows of each run
+        else:  # the window starts, multiples of block_size, in each run's [start, end) of the stream
+            counts = np.diff(-(-self.stream // self.block_size))
+        runs = int(np.searchsorted(np.cumsum(counts), len(self))) + 1  # those that hold the first len(self)
+        subsets = np.repeat(np.asarray(self.runs[:runs, 2]), counts[:runs])[:len(self)]
+        return subsets, read_data_meta(self.data_dir)["subsets"]
 
     def fingerprint(self):
         """The .bin files' (as TokenSequences'), and the split's runs."""
-        runs = hashlib.sha256(np.ascontiguousarray(self.runs).tobytes()).hexdigest()
+        runs = hashlib.sha256(np.ascontiguousarray(self.runs)).hexdigest()  # the file's pages, not a copy
         return hashlib.sha256(f"{super().fingerprint()} runs={runs}".encode()).hexdigest()
 
 
@@ -268,7 +274,16 @@ def _map_piece(piece):
     if size != piece["tokens"] * dtype.itemsize:
         raise InputError(f"{path}: {'missing' if size is None else f'{size} bytes'}, but prepare.py megatron read "
                          f"{piece['tokens'] * dtype.itemsize} bytes there: moved or changed? Prepare it again")
-    return np.memmap(path, dtype=dtype, mode="r", shape=(piece["tokens"],))
+    return random_access(np.memmap(path, dtype=dtype, mode="r", shape=(piece["tokens"],)))
+
+
+def random_access(tokens):
+    """A memory-mapped shard or .bin, its pages marked for random reads (MADV_RANDOM): a batch reads scattered
+    windows, and the kernel's readahead would otherwise read 128 KiB or more around each 4 KiB window (a random
+    batch of 2049-token windows of a sparse 600 GB .bin read 140x faster with it: bench_data.py pythia)."""
+    if isinstance(tokens, np.memmap) and hasattr(mmap, "MADV_RANDOM"):
+        tokens._mmap.madvise(mmap.MADV_RANDOM)
+    return tokens
 
 
 def epoch_order(ids, seed, stream, epoch):

@@ -18,9 +18,12 @@ a transformers model; its end-of-text token before every document), as nanoGPT's
                   --tokenizer DIR   # a transformers model's (or tokenizer's) directory: SmolLM2, Qwen, Pythia ...
 
 parquet and hf (a Hugging Face dataset: streamed, or a save_to_disk folder) are read a batch of rows at a time and go
-the way of pile; a budget (--max_tokens, --max_bytes) is shared equally by the inputs. megatron copies nothing: it
-checks the indexed datasets' headers, sizes and every token against --tokenizer, and writes meta.json and the runs
-of each split's documents for data.py's IndexedSequences (prepare_megatron, read_index).
+the way of pile; a budget (--max_tokens, --max_bytes) is shared equally by the inputs; a local dataset resumes by
+its files' content (hf_key). megatron copies nothing: it checks the indexed datasets' headers and sizes, and a
+sample of their tokens (--check_fraction; 1 checks every one) against --tokenizer, and writes meta.json and the runs
+of each split's documents for data.py's IndexedSequences (prepare_megatron, read_index), in memory that does not
+grow with the datasets. A damaged input (a file that is not parquet or is cut short, a row group or an Arrow file
+that cannot be decoded, a damaged .idx) is one line naming the file; nothing of it is marked done.
 
 `pile` tokenizes its input files in parallel, one worker process per file (as many at a time as this process
 may use CPUs), each streaming its file; run again after an interruption, it skips the files already done, with
@@ -77,7 +80,9 @@ import glob
 import hashlib
 import importlib
 import io
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -104,7 +109,11 @@ INPUT_BYTES = 1 << 22  # tree: bytes of files per input, the unit of parallel wo
 SKIPPED_PATHS = 100  # tree: paths listed per reason for skipping a file in meta.json (the counts are complete)
 ROWS = 1024  # parquet and hf: rows read at a time (a parquet file is read a batch of rows at a time, never whole)
 HF_ROWS = 100_000  # hf: rows per input of a dataset saved by save_to_disk (a streamed one's input is a data file)
+SAVED_MARKS = ("state.json", "dataset_dict.json")  # hf: the files of a save_to_disk folder (a Dataset, a DatasetDict)
 CHECK_TOKENS = 1 << 28  # megatron: tokens per input of the vocabulary check, the unit of parallel work and resuming
+CHECK_FRACTION = 0.01  # megatron: the share of the tokens checked at prepare time (IndexedSequences.get checks the rest)
+CHECK_CHUNK = 1 << 24  # megatron: tokens mapped at a time by the check
+INDEX_CHUNK = 1 << 22  # megatron: entries of an .idx read at a time (the Pile's has 146M sequences)
 
 # -----------------------------------------------------------------------------
 # shard files
@@ -253,19 +262,47 @@ def row_documents(batches, name, val_fraction, where):
             row += 1
 
 
-def parquet_batches(path, text_column, subset_column=None):
-    """(texts, subsets) of a parquet file, ROWS rows at a time (pyarrow's iter_batches: a row group at most in
-    memory); subsets are the subset column's values, or "parquet"."""
-    pq = _import("pyarrow.parquet", "pyarrow")
+def open_parquet(path, columns):
+    """A parquet file's reader, after checking its footer and that it has the columns: a file that is not parquet,
+    or one cut short, is one line. Returns it and the errors its reading may raise."""
+    pa, pq = _import("pyarrow", "pyarrow"), _import("pyarrow.parquet", "pyarrow")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
     try:
         reader = pq.ParquetFile(path)
-    except (OSError, pq.lib.ArrowException) as error:
-        raise InputError(f"{path}: not a parquet file ({str(error).splitlines()[0][:200]})") from error
-    columns = [text_column] + ([subset_column] if subset_column else [])
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(f"{path}: not a parquet file, or a truncated one ({_first_line(error)})") from error
     _check_columns(path, columns, reader.schema_arrow.names)
-    for batch in reader.iter_batches(batch_size=ROWS, columns=columns):
-        texts = batch.column(0).to_pylist()
-        yield texts, batch.column(1).to_pylist() if subset_column else ["parquet"] * len(texts)
+    return reader, (OSError, pa.ArrowException)
+
+
+def parquet_batches(path, text_column, subset_column=None):
+    """(texts, subsets) of a parquet file, ROWS rows at a time (pyarrow's iter_batches: a row group at most in
+    memory); subsets are the subset column's values, or "parquet". A row group that cannot be decoded is one line."""
+    columns = [text_column] + ([subset_column] if subset_column else [])
+    reader, errors = open_parquet(path, columns)
+    groups = reader.metadata.num_row_groups
+    for group in range(groups):
+        batches = reader.iter_batches(batch_size=ROWS, row_groups=[group], columns=columns)
+        for batch in _decoded(batches, f"{path}: row group {group} of {groups}", errors):
+            texts = batch.column(0).to_pylist()
+            yield texts, batch.column(1).to_pylist() if subset_column else ["parquet"] * len(texts)
+
+
+def _decoded(batches, where, errors):
+    """The batches of a table's reader; one of its errors (a damaged row group, a cut Arrow file) is one line."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except errors as error:
+            raise InputError(f"{where}: cannot be decoded ({_first_line(error)})") from error
+        yield batch
+
+
+def _first_line(error):
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 def _check_columns(where, columns, names):
@@ -281,10 +318,13 @@ def open_hf(dataset):
     cache when offline), a local dataset folder, or a builder such as "parquet" with data_files."""
     datasets = _import("datasets", "datasets")
     path, split = dataset["path"], dataset["split"]
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json")):
-        return datasets.load_from_disk(path)
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        saved = datasets.load_from_disk(path)
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in SAVED_MARKS):
+        try:
+            saved = datasets.load_from_disk(path)
+        except (OSError, ValueError, KeyError) as error:  # a JSON or Arrow file damaged, cut short or missing
+            raise InputError(f"{path}: a damaged save_to_disk folder ({_first_line(error)})") from error
+        if not isinstance(saved, datasets.DatasetDict):
+            return saved
         if split not in saved:
             raise InputError(f"{path}: no split {split!r} (it has {', '.join(saved)}); name one with --split")
         return saved[split]
@@ -295,7 +335,27 @@ def open_hf(dataset):
         import huggingface_hub
         offline = isinstance(error, ConnectionError) or huggingface_hub.constants.HF_HUB_OFFLINE
         raise InputError(f"{path}: cannot be read{' (offline: not in the local cache)' if offline else ''}: "
-                         f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
+                         f"{_first_line(error)}") from error
+
+
+def hf_key(dataset):
+    """What a job records of a dataset, to resume by: a local one (a folder, or local data_files) by its files'
+    names and SHA-256, so that a copy elsewhere resumes and one changed under the same path is tokenized
+    again; one of the hub by its name."""
+    files = {}
+    if os.path.isdir(dataset["path"]):
+        for folder, _, names in os.walk(dataset["path"]):
+            files.update({os.path.relpath(os.path.join(folder, name), dataset["path"]): os.path.join(folder, name)
+                          for name in names})
+    for pattern in dataset["data_files"] or []:
+        files.update({os.path.basename(path): path for path in glob.glob(pattern)})
+    if not files:
+        return dataset
+    content = hashlib.sha256()
+    for name, path in sorted(files.items()):
+        with open(path, "rb") as f:
+            content.update(name.encode("utf-8", "surrogateescape") + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return {"content_sha256": content.hexdigest(), "name": dataset["name"], "split": dataset["split"]}
 
 
 def hf_inputs(ds):
@@ -305,10 +365,11 @@ def hf_inputs(ds):
     return max(1, min(PARTS, count))
 
 
-def hf_batches(ds, index, inputs, text_column, subset_column=None):
-    """(texts, subsets) of input `index` of `inputs` of a dataset, ROWS rows at a time."""
+def hf_batches(ds, index, inputs, text_column, subset_column=None, where="the dataset"):
+    """(texts, subsets) of input `index` of `inputs` of a dataset, ROWS rows at a time; a row that cannot be read
+    (a damaged Arrow or data file) is one line naming `where`."""
     shard = ds.shard(inputs, index) if hasattr(ds, "n_shards") else ds.shard(inputs, index, contiguous=True)
-    for batch in shard.iter(batch_size=ROWS):
+    for batch in _decoded(iter(shard.iter(batch_size=ROWS)), where, (OSError, ValueError)):
         texts = batch[text_column]
         yield texts, batch[subset_column] if subset_column else ["hf"] * len(texts)
 
@@ -805,22 +866,23 @@ def _budget_shares(settings, inputs):
 
 
 def _tokenize_hf_input(index, dataset, out_dir, shard_tokens, job, threads):
-    batches = hf_batches(open_hf(dataset), index, job["inputs"], job["text_column"], job.get("subset_column"))
-    documents = row_documents(batches, f"{index}-of-{job['inputs']}", job["val_fraction"],
-                              f"{dataset['path']} input {index}")
+    where = f"{dataset['path']} input {index}"
+    batches = hf_batches(open_hf(dataset), index, job["inputs"], job["text_column"], job.get("subset_column"), where)
+    documents = row_documents(batches, f"{index}-of-{job['inputs']}", job["val_fraction"], where)
     return _tokenize_input(index, documents, out_dir, shard_tokens, job, threads)
 
 
 def tokenize_hf(dataset, out_dir, source, settings, shard_tokens=SHARD_TOKENS, tok=None):
     """Tokenize a Hugging Face dataset (open_hf) into shards under out_dir, in parallel and resumably as
     tokenize_files: input i is the dataset's shard i of hf_inputs, its rows going to val by a hash of
-    f"{i}-of-{inputs}:{row}"."""
+    f"{i}-of-{inputs}:{row}". A local dataset is resumed by its content (hf_key)."""
     ds = open_hf(dataset)
     if ds.column_names is not None:  # None: a stream whose features are known only once read
         _check_columns(dataset["path"], [c for c in (settings["text_column"], settings["subset_column"]) if c],
                        ds.column_names)
     tok, inputs = tok or tokenizer.GPT2Tokenizer(), hf_inputs(ds)
-    jobs = [dict(_budget_shares(settings, inputs), dataset=dataset, inputs=inputs, shard_tokens=shard_tokens,
+    key = hf_key(dataset)
+    jobs = [dict(_budget_shares(settings, inputs), dataset=key, inputs=inputs, shard_tokens=shard_tokens,
                  **tokenizer_key(tok)) for _ in range(inputs)]
     start = _begin(out_dir, shard_tokens, tok)
     todo = _tokenize_in_pool(_tokenize_hf_input, [dataset] * inputs, jobs, out_dir, shard_tokens, start)
@@ -928,7 +990,9 @@ INDEX_DTYPES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 8: "<u2"}
 def read_index(prefix):
     """PREFIX.idx, checked against its tokens: ([{"path", "dtype", "tokens"}] of the .bin, PREFIX.bin or the
     pieces PREFIX-00000-of-000NN.bin that Pythia's preshuffled Pile ships instead (byte ranges of one .bin), and
-    int64 token offsets of its documents' starts, then of the end). The sequences must lie one after the other."""
+    the index: {"path", "sequences", "documents", "itemsize", "tokens"}, whose document_bounds() reads the
+    documents' token offsets). The sequences must lie one after the other. Read INDEX_CHUNK entries at a time:
+    the Pile's index is 2.9 GB."""
     idx = prefix + ".idx"
     if not os.path.isfile(idx):
         raise InputError(f"{idx}: no such file (name a dataset by its prefix: PREFIX.bin and PREFIX.idx)")
@@ -948,15 +1012,62 @@ def read_index(prefix):
         raise InputError(f"{idx}: {os.path.getsize(idx)} bytes, but its header says {n_sequences} sequences and "
                          f"{n_documents} documents ({expected} bytes): truncated, or empty")
     dtype = np.dtype(INDEX_DTYPES[code])
-    lengths = np.memmap(idx, "<i4", "r", INDEX_HEADER.size, (n_sequences,))
-    pointers = np.memmap(idx, "<i8", "r", INDEX_HEADER.size + 4 * n_sequences, (n_sequences,))
-    documents = np.memmap(idx, "<i8", "r", INDEX_HEADER.size + 12 * n_sequences, (n_documents,))
-    ends = np.cumsum(lengths, dtype=np.int64)
-    if (pointers != (ends - lengths) * dtype.itemsize).any():
-        raise InputError(f"{idx}: its sequences do not lie one after the other in the .bin")
-    if documents[0] != 0 or documents[-1] != n_sequences or (np.diff(documents) < 0).any():
-        raise InputError(f"{idx}: its document indices do not run from 0 to its {n_sequences} sequences")
-    return _bin_pieces(prefix, dtype, int(ends[-1]), idx), np.concatenate([[0], ends])[documents]
+    index = {"path": idx, "sequences": n_sequences, "documents": n_documents, "itemsize": dtype.itemsize}
+    index["tokens"] = _check_sequences(index)
+    _check_documents(index)
+    return _bin_pieces(prefix, dtype, index["tokens"], idx), index
+
+
+def _read_ints(path, dtype, offset, count):
+    """count integers of dtype at byte `offset` of a file: read, not memory-mapped, so that no page stays mapped."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return np.fromfile(f, dtype, count)
+
+
+def _check_sequences(index):
+    """The index's token count, after checking that each sequence starts where the one before ends."""
+    path, n, itemsize, tokens = index["path"], index["sequences"], index["itemsize"], 0
+    for at in range(0, n, INDEX_CHUNK):
+        count = min(INDEX_CHUNK, n - at)
+        lengths = _read_ints(path, "<i4", INDEX_HEADER.size + 4 * at, count).astype(np.int64)
+        pointers = _read_ints(path, "<i8", INDEX_HEADER.size + 4 * n + 8 * at, count)
+        starts = tokens + np.cumsum(lengths) - lengths
+        if (lengths < 0).any() or (pointers != starts * itemsize).any():
+            raise InputError(f"{path}: its sequences do not lie one after the other in the .bin")
+        tokens = int(starts[-1] + lengths[-1])
+    return tokens
+
+
+def _check_documents(index):
+    """Check that the document indices run from 0 to the number of sequences, never backwards."""
+    last = 0
+    for at in range(0, index["documents"], INDEX_CHUNK):
+        documents = _document_indices(index, at, min(index["documents"], at + INDEX_CHUNK))
+        if (at == 0 and documents[0] != 0) or documents[0] < last or (np.diff(documents) < 0).any():
+            break
+        last = documents[-1]
+    else:
+        if last == index["sequences"]:
+            return
+    raise InputError(f"{index['path']}: its document indices do not run from 0 to its {index['sequences']} sequences")
+
+
+def _document_indices(index, first, stop):
+    """Entries [first, stop) of the index's document indices: the sequence each document starts at."""
+    offset = INDEX_HEADER.size + 12 * index["sequences"] + 8 * first
+    return _read_ints(index["path"], "<i8", offset, stop - first)
+
+
+def document_bounds(index, first, stop):
+    """The token offsets of the starts of documents [first, stop) of an index (checked by read_index), the
+    document `index["documents"] - 1` being the end of its tokens. Reads the pointers of those documents only."""
+    documents = _document_indices(index, first, stop)
+    n = index["sequences"]
+    inside = np.minimum(documents, n - 1)
+    low, high = int(inside[0]), int(inside[-1]) + 1  # a window of the pointers, mapped for this call alone
+    pointers = np.memmap(index["path"], "<i8", "r", INDEX_HEADER.size + 4 * n + 8 * low, (high - low,))
+    return np.where(documents < n, pointers[inside - low] // index["itemsize"], index["tokens"])
 
 
 def _bin_pieces(prefix, dtype, tokens, idx):
@@ -981,10 +1092,11 @@ def _check_vocabulary(index, span, out_dir, shard_tokens, job, threads):
     """Input `index` of megatron's pass: tokens [start, end) of one .bin, read in order, each checked to be an id of
     the tokenizer's vocabulary; its manifest marks it done."""
     path, dtype, start, end = span
-    tokens, vocab_size = np.memmap(path, dtype, "r"), job["vocab_size"]
-    for at in range(start, end, 1 << 24):
-        chunk = np.asarray(tokens[at:min(end, at + (1 << 24))])
-        if chunk.max() >= vocab_size or chunk.min() < 0:
+    dtype, vocab_size = np.dtype(dtype), job["vocab_size"]
+    for at in range(start, end, CHECK_CHUNK):
+        # a map of this chunk alone: its pages leave the process with it (a map of the span would keep them all)
+        chunk = np.memmap(path, dtype, "r", at * dtype.itemsize, (min(end, at + CHECK_CHUNK) - at,))
+        if chunk.max() >= vocab_size or (dtype.kind == "i" and chunk.min() < 0):
             bad = int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
             raise InputError(f"{path}: token {int(chunk[bad])} at token offset {at + bad:,} is not in the vocabulary "
                              f"of {job['encoding']!r} ({vocab_size:,} ids): is that the tokenizer of this data?")
@@ -993,34 +1105,47 @@ def _check_vocabulary(index, span, out_dir, shard_tokens, job, threads):
     return manifest
 
 
-def prepare_megatron(prefixes, out_dir, tok, val_fraction=0.05, check_tokens=CHECK_TOKENS):
-    """Make out_dir read Megatron-LM / GPT-NeoX indexed datasets where they lie, copying no token: every token
-    checked against tok's vocabulary once (spans of check_tokens, in parallel, resumably), then meta.json (the
-    .bin files, their subsets: each dataset's name) and {split}.runs.npy (data.py's IndexedSequences)."""
-    if check_tokens < 1:
-        raise InputError(f"--check_tokens must be positive, got {check_tokens}")
-    datasets = [read_index(prefix) for prefix in prefixes]  # every header and size checked before any write
-    pieces = [piece for dataset_pieces, _ in datasets for piece in dataset_pieces]
+def _check_spans(pieces, check_tokens, check_fraction):
+    """The spans (path, dtype, start, end) of the vocabulary check: the pieces cut into spans of check_tokens, and
+    of those ceil(check_fraction * count) spread evenly, the first one always (all of them for 1)."""
     spans = [(piece["path"], piece["dtype"], at, min(at + check_tokens, piece["tokens"]))
              for piece in pieces for at in range(0, piece["tokens"], check_tokens)]
+    sampled = min(len(spans), math.ceil(check_fraction * len(spans)))
+    return [spans[i * len(spans) // sampled] for i in range(sampled)]
+
+
+def prepare_megatron(prefixes, out_dir, tok, val_fraction=0.05, check_tokens=CHECK_TOKENS,
+                     check_fraction=CHECK_FRACTION):
+    """Make out_dir read Megatron-LM / GPT-NeoX indexed datasets where they lie, copying no token: every header and
+    size checked, then a sample of the tokens (check_fraction of them, in spans of check_tokens; 1: every one)
+    checked against tok's vocabulary (in parallel, resumably), then {split}.runs.npy and meta.json (the .bin
+    files, their subsets: each dataset's name) for data.py's IndexedSequences. The rest is checked as it is read:
+    IndexedSequences.get refuses a window with a token beyond the vocabulary."""
+    if check_tokens < 1 or not 0 < check_fraction <= 1:
+        raise InputError(f"--check_tokens must be positive and --check_fraction in (0, 1]: got {check_tokens} and "
+                         f"{check_fraction}")
+    datasets = [read_index(prefix) for prefix in prefixes]  # every header and size checked before any write
+    spans = _check_spans([piece for pieces, _ in datasets for piece in pieces], check_tokens, check_fraction)
     jobs = [{"file": path, "bytes": os.path.getsize(path), "mtime_ns": os.stat(path).st_mtime_ns, "dtype": dtype,
              "span": [at, end], "vocab_size": tok.vocab_size, **tokenizer_key(tok)} for path, dtype, at, end in spans]
     start = _begin(out_dir, SHARD_TOKENS, tok)
     todo = _tokenize_in_pool(_check_vocabulary, spans, jobs, out_dir, SHARD_TOKENS, start)
     names = sorted({os.path.basename(prefix) for prefix in prefixes})
-    runs, splits, lengths = _indexed_runs(prefixes, datasets, names, val_fraction)
+    splits, lengths = _indexed_runs(prefixes, [index for _, index in datasets], names, val_fraction, out_dir)
     for split, counts in splits.items():
         if counts["documents"] == 0 and (split == "train" or val_fraction > 0):
             raise InputError(f"{out_dir}: the {split} split got no documents of the {sum(splits[s]['documents'] for s in SPLITS)} "
                              f"(see --val_fraction)")
-        _write_npy(os.path.join(out_dir, f"{split}.runs.npy"), runs[split])
-    for path in sorted(glob.glob(os.path.join(out_dir, "input_*.json")))[len(jobs):]:
-        os.remove(path)  # an earlier run's, of more spans
+    for path in glob.glob(os.path.join(out_dir, "input_*.json")):
+        if int(os.path.basename(path)[len("input_"):-len(".json")]) >= len(jobs):
+            os.remove(path)  # an earlier run's, of more spans
     record = tok.record()
     meta = {"tokenizer": record, "encoding": record["name"], "vocab_size": record["vocab_size"], "eot": record["eot"],
             "source": {"kind": "megatron", "prefixes": [os.path.abspath(p) for p in prefixes],
-                       "val_fraction": val_fraction, "check_tokens": check_tokens},
-            "indexed": {"pieces": pieces, "document_tokens": lengths.pop() if len(lengths) == 1 else None},
+                       "val_fraction": val_fraction, "check_tokens": check_tokens, "check_fraction": check_fraction,
+                       "checked_tokens": sum(end - at for _, _, at, end in spans)},
+            "indexed": {"pieces": [piece for pieces, _ in datasets for piece in pieces],
+                        "document_tokens": lengths.pop() if len(lengths) == 1 else None},
             "subsets": names, "splits": splits, "inputs": _read_manifests(out_dir, len(jobs))}
     write_json(os.path.join(out_dir, "meta.json"), meta)
     checked, seconds = sum(spans[i][3] - spans[i][2] for i in todo), time.time() - start
@@ -1030,32 +1155,77 @@ def prepare_megatron(prefixes, out_dir, tok, val_fraction=0.05, check_tokens=CHE
     return meta
 
 
-def _indexed_runs(prefixes, datasets, names, val_fraction):
-    """Per split, int64 rows (first token, tokens, subset) of its runs of consecutive documents in the
-    concatenation of the datasets' tokens, its counts, and the set of document lengths. A document goes to val by
-    a hash of (its dataset's name, its index) (_is_val_index)."""
-    runs, splits, lengths, offset = {s: [] for s in SPLITS}, {s: {"tokens": 0, "documents": 0} for s in SPLITS}, set(), 0
-    for prefix, (_, bounds) in zip(prefixes, datasets):
+def _indexed_runs(prefixes, indexes, names, val_fraction, out_dir):
+    """Write {split}.runs.npy: per split, int64 rows (first token, tokens, subset) of its runs of consecutive
+    documents in the concatenation of the datasets' tokens. Returns per split its counts, and the set of document
+    lengths (one value iff every document has it). A document goes to val by a hash of (its dataset's name, its
+    index) (_is_val_index). Streamed: INDEX_CHUNK documents at a time, the rows through a file."""
+    files = {s: _RowsFile(os.path.join(out_dir, f"{s}.runs.npy")) for s in SPLITS}
+    splits, lengths, offset = {s: {"tokens": 0, "documents": 0} for s in SPLITS}, set(), 0
+    for prefix, index in zip(prefixes, indexes):
         name = os.path.basename(prefix)
-        val = _is_val_index(name, len(bounds) - 1, val_fraction)
-        first = np.concatenate([[0], np.flatnonzero(val[1:] != val[:-1]) + 1])  # where each run starts
-        last = np.append(first[1:], len(val))
-        for split, in_val in (("train", False), ("val", True)):
-            mine = val[first] == in_val
-            rows = np.stack([offset + bounds[first[mine]], bounds[last[mine]] - bounds[first[mine]],
-                             np.full(mine.sum(), names.index(name))], axis=1)
-            runs[split].append(rows[rows[:, 1] > 0])
-            splits[split]["tokens"] += int(rows[:, 1].sum())
-            splits[split]["documents"] += int((val == in_val).sum())
-        lengths |= set(np.unique(np.diff(bounds)).tolist())
-        offset += int(bounds[-1])
-    return {s: np.concatenate(r).astype(np.int64) for s, r in runs.items()}, splits, lengths
+        for runs in _dataset_runs(index, name, val_fraction, lengths):
+            for split, in_val in (("train", 0), ("val", 1)):
+                mine = runs[runs[:, 0] == in_val]
+                splits[split]["tokens"] += int(mine[:, 2].sum())
+                splits[split]["documents"] += int(mine[:, 3].sum())
+                rows = np.stack([offset + mine[:, 1], mine[:, 2], np.full(len(mine), names.index(name))], axis=1)
+                files[split].add(rows[rows[:, 1] > 0])
+        offset += index["tokens"]
+    for rows_file in files.values():
+        rows_file.close()
+    return splits, lengths
 
 
-def _is_val_index(name, n, val_fraction):
-    """Whether each of a dataset's n documents goes to val: by a hash of (name, index) as _is_val's of a key,
-    but vectorized (crc32 of a key a document would take minutes for the Pile's 134M)."""
-    x = np.arange(n, dtype=np.uint64) + np.uint64(zlib.crc32(name.encode("utf-8")) << 32)
+def _dataset_runs(index, name, val_fraction, lengths):
+    """The runs of consecutive documents of one split in one dataset, in order, as int64 rows (in val, first token,
+    tokens, documents), a block of them per INDEX_CHUNK documents: the run still open at a block's end goes on in
+    the next block. Adds to `lengths` the shortest and longest document of each block."""
+    n, pending = index["documents"] - 1, None
+    for at in range(0, n, INDEX_CHUNK):
+        stop = min(n, at + INDEX_CHUNK)
+        bounds = document_bounds(index, at, stop + 1)
+        sizes = np.diff(bounds)
+        lengths |= {int(sizes.min()), int(sizes.max())}
+        val = _is_val_index(name, stop - at, val_fraction, first=at)
+        first = np.concatenate([[0], np.flatnonzero(val[1:] != val[:-1]) + 1])
+        last = np.append(first[1:], stop - at)
+        runs = np.stack([val[first], bounds[first], bounds[last] - bounds[first], last - first], axis=1)
+        if pending is not None and pending[0] == runs[0, 0]:  # one run across the blocks' border
+            runs[0, 1:] = pending[1], pending[2] + runs[0, 2], pending[3] + runs[0, 3]
+        elif pending is not None:
+            runs = np.concatenate([pending[None], runs])
+        pending = runs[-1]
+        yield runs[:-1]
+    if pending is not None:
+        yield pending[None]
+
+
+class _RowsFile:
+    """An (n, 3) int64 .npy written a block of rows at a time: the rows go to a temporary file, and close() writes
+    the .npy (atomically) once their number is known."""
+
+    def __init__(self, path):
+        self.path, self.count = path, 0
+        self.rows = open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.rows.tmp"), "wb")
+
+    def add(self, rows):
+        self.rows.write(rows.astype("<i8").tobytes())
+        self.count += len(rows)
+
+    def close(self):
+        self.rows.close()
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (self.count, 3)})
+        with open(self.rows.name, "rb") as rows:
+            atomic_write(self.path, itertools.chain([header.getvalue()], iter(lambda: rows.read(1 << 24), b"")))
+        os.remove(self.rows.name)
+
+
+def _is_val_index(name, n, val_fraction, first=0):
+    """Whether each of a dataset's documents first .. first+n-1 goes to val: by a hash of (name, index) as _is_val's of
+    a key, but vectorized (crc32 of a key a document would take minutes for the Pile's 134M)."""
+    x = np.arange(first, first + n, dtype=np.uint64) + np.uint64(zlib.crc32(name.encode("utf-8")) << 32)
     for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # splitmix64: every bit moves all
         x = (x ^ (x >> np.uint64(shift))) * np.uint64(factor)
     return (x ^ (x >> np.uint64(31))) % np.uint64(1000) < round(val_fraction * 1000)
@@ -1145,6 +1315,9 @@ def argument_parser():
     p = sub.add_parser("megatron", parents=[common], help="Megatron-LM / GPT-NeoX indexed datasets, read in place")
     p.add_argument("prefixes", nargs="+", metavar="PREFIX", help="PREFIX.bin (or its pieces) and PREFIX.idx")
     p.add_argument("--check_tokens", type=int, default=CHECK_TOKENS, help="tokens per span of the vocabulary check")
+    p.add_argument("--check_fraction", type=float, default=CHECK_FRACTION,
+                   help="share of the tokens checked now, spans spread evenly (1: every token; the others are "
+                        "checked as training reads them)")
     p.add_argument("--out_dir", required=True)
     p = sub.add_parser("bpe", help="train a byte-level BPE tokenizer on a data directory's train split")
     p.add_argument("--data_dir", required=True, help="a data directory (of any tokenizer): the text to train on")
@@ -1167,7 +1340,8 @@ def main(argv=None):
     tok = tokenizer.for_prepare(args.tokenizer)
 
     if args.source == "megatron":
-        return prepare_megatron(args.prefixes, args.out_dir, tok, args.val_fraction, args.check_tokens)
+        return prepare_megatron(args.prefixes, args.out_dir, tok, args.val_fraction, args.check_tokens,
+                                args.check_fraction)
     if args.source in ("parquet", "hf"):
         return _tokenize_table(args, tok)
     if args.source == "pile":
@@ -1198,6 +1372,8 @@ def _tokenize_table(args, tok):
                 "subset_column": args.subset_column, "max_tokens": int(args.max_tokens),
                 "max_bytes": int(args.max_bytes)}
     if args.source == "parquet":
+        for path in args.files:  # each one's footer and columns, before anything is written
+            open_parquet(path, [args.text_column] + ([args.subset_column] if args.subset_column else []))
         source = dict(settings, kind="parquet", files=args.files)
         return tokenize_files(_tokenize_parquet_file, args.files, args.out_dir, source, settings, args.shard_tokens,
                               tok)

@@ -1390,6 +1390,40 @@ def test_a_pile_sized_bin_gets_int64_sequence_ids(tmp_path):
     assert last == tokens - 2 and sequences.get([last]).tolist() == [[0, 7]] and sequences._file_of(last) == str(path)
 
 
+def bench_step(*args):
+    """The JSON lines of one measured step of bench_data.py pythia, in a process of its own."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'bench_data.py'), 'step', *args], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+
+
+@pytest.mark.slow
+def test_prepare_and_the_score_merge_hold_the_same_memory_at_any_number_of_sequences(tmp_path):
+    """Pythia's preshuffled Pile simulated (bench_data.py pythia: an .idx of its shape beside a sparse .bin in 20
+    pieces) at 2M and 8M sequences of 2049 tokens: prepare.py megatron (its workers too) and the merge of salt.py
+    score's parts peak at the same memory. Reading the .idx whole, and the records of every part, they grew by
+    about 45 bytes a sequence: 270 MB between these two sizes, 6.5 GB at the Pile's 146M."""
+    import bench_data
+    peaks = {}
+    for n in (2_000_000, 8_000_000):
+        folder = str(tmp_path / str(n))
+        bench_data.write_pythia(folder, n)
+        prepared = bench_step('prepare', folder, 'pieces')[-1]
+        sequences = data.TokenSequences(os.path.join(folder, 'data_pieces'), 'train', PYTHIA_TOKENS - 1)
+        assert len(sequences) == json.load(open(os.path.join(folder, 'data_pieces', 'meta.json')))['splits'][
+            'train']['documents'] > 0.9 * n
+        bench_data.write_score_parts(os.path.join(folder, 'scores.npy.parts'), salt.score_meta('bench', sequences, 10),
+                                     len(sequences))
+        merged = bench_step('merge', folder, str(len(sequences)))[-1]
+        scores = np.load(os.path.join(folder, 'scores.npy'), mmap_mode='r')
+        assert scores.shape == (len(sequences), 3) and not np.isnan(scores[-100:]).any()
+        peaks[n] = prepared['peak_mb'], prepared['children_peak_mb'], merged['peak_mb']
+        shutil.rmtree(folder)
+    for what, small, large in zip(('prepare', 'its workers', 'the merge'), peaks[2_000_000], peaks[8_000_000]):
+        assert large - small < 50, (what, peaks)
+
+
 def damage_index(folder, prefix, offset, value):
     raw = bytearray(open(f'{prefix}.idx', 'rb').read())
     raw[offset:offset + len(value)] = value
@@ -1425,11 +1459,53 @@ def test_bad_indexed_datasets_are_one_line_errors_and_write_nothing(megatron, tm
 def test_the_vocabulary_check_resumes(megatron, tmp_path, capsys):
     folder, tok, _, _ = megatron
     out = tmp_path / 'out'
-    prepare.prepare_megatron([str(folder / 'books')], str(out), tok, check_tokens=3000)
+    prepare.prepare_megatron([str(folder / 'books')], str(out), tok, check_tokens=3000, check_fraction=1)
     spans = len(glob.glob(str(out / 'input_*.json')))
     os.remove(out / 'input_001.json')  # as a kill would leave it
-    meta = prepare.prepare_megatron([str(folder / 'books')], str(out), tok, check_tokens=3000)
+    meta = prepare.prepare_megatron([str(folder / 'books')], str(out), tok, check_tokens=3000, check_fraction=1)
     assert f'{spans - 1} of {spans} inputs already done' in capsys.readouterr().out and len(meta['inputs']) == spans
+    assert meta['source']['checked_tokens'] == sum(p['tokens'] for p in meta['indexed']['pieces'])
+
+
+def test_the_vocabulary_check_samples_and_reading_checks_the_rest(megatron, tmp_path):
+    """The default check reads a sample of spans spread over the data, the first always; a token beyond the
+    vocabulary that the sample missed ends training's read of its window in one line naming the .bin."""
+    folder, tok, documents, _ = megatron
+    tokens = np.concatenate(documents[:400])
+    spans, sampled = -(-len(tokens) // 1000), math.ceil(0.2 * -(-len(tokens) // 1000))
+    checked = [i * spans // sampled for i in range(sampled)]
+    missed = next(i for i in range(spans) if i not in checked)
+    tokens[1000 * missed + 500] = tok.vocab_size + 3
+    bad = str(tmp_path / 'bad')
+    megatron_write(bad, [tokens[:len(tokens) // 2], tokens[len(tokens) // 2:]], dtype=np.int32)
+    meta = prepare.prepare_megatron([bad], str(tmp_path / 'out'), tok, 0, check_tokens=1000, check_fraction=0.2)
+    assert [m['job']['span'] for m in meta['inputs']] == [[1000 * i, min(len(tokens), 1000 * i + 1000)] for i in checked]
+    assert meta['source']['checked_tokens'] == sum(min(len(tokens), 1000 * i + 1000) - 1000 * i for i in checked)
+    sequences = data.TokenSequences(str(tmp_path / 'out'), 'train', 100)
+    with pytest.raises(common.InputError, match=f'bad.bin .*token id {tok.vocab_size + 3} >= vocab size') as e:
+        sequences.get(np.arange(len(sequences)))
+    assert '\n' not in str(e.value)
+    with pytest.raises(common.InputError, match='--check_fraction in \\(0, 1\\]'):
+        prepare.main(['megatron', bad, '--tokenizer', tok.folder, '--check_fraction', '0', '--out_dir',
+                      str(tmp_path / 'none')])
+
+
+def test_an_index_is_read_a_block_at_a_time_to_the_same_runs(megatron, tmp_path, monkeypatch):
+    """Documents read a few at a time (a run of one split crossing many blocks) give the runs and meta.json of
+    reading them whole: the .idx of the Pile (2.9 GB) is read INDEX_CHUNK entries at a time."""
+    folder, tok, _, _ = megatron
+    prefixes = [str(folder / 'books'), str(folder / 'plays')]
+    prepare.prepare_megatron(prefixes, str(tmp_path / 'whole'), tok, VAL_FRACTION)
+    monkeypatch.setattr(prepare, 'INDEX_CHUNK', 7)
+    prepare.prepare_megatron(prefixes, str(tmp_path / 'blocks'), tok, VAL_FRACTION)
+    for name in ('train.runs.npy', 'val.runs.npy', 'meta.json'):
+        assert (tmp_path / 'blocks' / name).read_bytes() == (tmp_path / 'whole' / name).read_bytes(), name
+    assert not glob.glob(str(tmp_path / 'blocks' / '.*'))  # no temporary file left behind
+    documents = megatron[2]
+    val = [prepare._is_val_index(n, c, VAL_FRACTION) for n, c in (('books', 400), ('plays', len(documents) - 400))]
+    runs = np.load(tmp_path / 'blocks' / 'val.runs.npy')
+    assert runs[:, 1].sum() == sum(len(d) for d, v in zip(documents, np.concatenate(val)) if v)
+    assert len(runs) == sum(int(v[0]) + int((v[1:] & ~v[:-1]).sum()) for v in val)  # no run cut at a block's end
 
 
 @pytest.mark.slow
@@ -1541,6 +1617,117 @@ def test_bad_tables_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(common.InputError, match='HuggingFaceFW/fineweb-edu: cannot be read \\(offline') as e:
         prepare.main(['hf', 'HuggingFaceFW/fineweb-edu', '--name', 'sample-10BT', '--out_dir', str(tmp_path / 'hf')])
     assert '\n' not in str(e.value) and not (tmp_path / 'hf').exists()
+
+
+def damage_row_group(path, group):
+    """Overwrite the page header of a row group's text column (write_parquet's "content"): the footer still reads,
+    that group no longer decodes."""
+    import pyarrow.parquet
+    offset = pyarrow.parquet.ParquetFile(path).metadata.row_group(group).column(1).data_page_offset
+    raw = bytearray(open(path, 'rb').read())
+    raw[offset:offset + 24] = b'\xff' * 24
+    open(path, 'wb').write(bytes(raw))
+
+
+def test_damaged_parquet_files_are_one_line_errors_and_nothing_is_left_as_done(tmp_path):
+    """A file that is not parquet, or cut in half, is refused before anything is written; a row group that cannot
+    be decoded ends its input without its manifest and the run without meta.json (pyarrow 26 made all three an
+    AttributeError of our own except clause)."""
+    good = str(tmp_path / 'good.parquet')
+    write_parquet(good, table_documents(200))
+    (tmp_path / 'text.parquet').write_text('not a parquet file\n')
+    (tmp_path / 'half.parquet').write_bytes(open(good, 'rb').read()[:os.path.getsize(good) // 2])
+    flags = ['--text_column', 'content', '--out_dir']
+    for name in ('text', 'half'):
+        path = str(tmp_path / f'{name}.parquet')
+        with pytest.raises(common.InputError, match='not a parquet file, or a truncated one') as e:
+            prepare.main(['parquet', good, path, *flags, str(tmp_path / name)])
+        assert str(e.value).startswith(path) and '\n' not in str(e.value)
+        assert not (tmp_path / name).exists()  # refused before anything was written
+    bad = str(tmp_path / 'bad.parquet')
+    shutil.copy(good, bad)
+    damage_row_group(bad, 2)
+    result = run_script('prepare.py', 'parquet', good, bad, *flags, str(tmp_path / 'out'), check=False)
+    assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
+    assert result.stderr.startswith(f'error: {bad}: row group 2 of 4: cannot be decoded (OSError: ')
+    assert not (tmp_path / 'out' / 'input_001.json').exists() and not (tmp_path / 'out' / 'meta.json').exists()
+
+
+def saved_dataset(folder, documents, shards=4):
+    import datasets
+    rows = {'content': [t for t, _ in documents], 'source': [s for _, s in documents]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(folder), num_shards=shards)
+
+
+def test_a_damaged_dataset_folder_is_one_line_naming_it(tmp_path):
+    """Each file of a save_to_disk folder damaged, cut short, replaced or missing: one line naming the folder, and
+    the output left without meta.json."""
+    saved_dataset(tmp_path / 'saved', table_documents(100))
+    arrow = sorted(name for name in os.listdir(tmp_path / 'saved') if name.endswith('.arrow'))[1]
+    damages = {'state.json not JSON': lambda folder: (folder / 'state.json').write_text('{not json'),
+               'dataset_info.json not JSON': lambda folder: (folder / 'dataset_info.json').write_text('{not json'),
+               'an Arrow file cut in half': lambda folder: (folder / arrow).write_bytes(
+                   (folder / arrow).read_bytes()[:(folder / arrow).stat().st_size // 2]),
+               'an Arrow file not Arrow': lambda folder: (folder / arrow).write_bytes(b'hello world' * 10),
+               'an Arrow file missing': lambda folder: (folder / arrow).unlink()}
+    for i, (damage, apply) in enumerate(damages.items()):
+        folder = tmp_path / f'damaged{i}'
+        shutil.copytree(tmp_path / 'saved', folder)
+        apply(folder)
+        with pytest.raises(common.InputError) as e:
+            prepare.main(['hf', str(folder), '--text_column', 'content', '--out_dir', str(tmp_path / f'out{i}')])
+        assert str(e.value).startswith(str(folder)) and '\n' not in str(e.value), damage
+        assert not (tmp_path / f'out{i}' / 'meta.json').exists(), damage
+
+
+def test_a_local_dataset_resumes_by_its_content_not_its_path(tmp_path, capsys):
+    documents = table_documents(60)
+    saved_dataset(tmp_path / 'a', documents, shards=1)
+    command = ['--text_column', 'content', '--subset_column', 'source', '--out_dir', str(tmp_path / 'out')]
+    first = prepare.main(['hf', str(tmp_path / 'a'), *command])
+    os.rename(tmp_path / 'a', tmp_path / 'b')  # moved: the same dataset
+    prepare.main(['hf', str(tmp_path / 'b'), *command])
+    assert '1 of 1 inputs already done' in capsys.readouterr().out
+    shutil.rmtree(tmp_path / 'b')
+    saved_dataset(tmp_path / 'b', documents[:59] + [('another last row', 'x')], shards=1)  # changed in place
+    second = prepare.main(['hf', str(tmp_path / 'b'), *command])
+    assert '0 of 1 inputs already done' in capsys.readouterr().out
+    assert second['subsets'] == sorted(set(first['subsets']) | {'x'})
+
+
+def write_table_inputs(folder):
+    """The inputs of the pile tests (input 1 over one encoding batch) as parquet files of the same rows."""
+    paths, contents = write_pile_inputs(folder, SIZES)
+    for path, lines in zip(paths, contents):
+        write_parquet(path.replace('.jsonl.zst', '.parquet'), list(lines.values()))
+    return [path.replace('.jsonl.zst', '.parquet') for path in paths]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source', ['parquet', 'hf'])
+def test_killed_table_tokenization_resumes_to_identical_files(source, tmp_path):
+    """parquet files, and the same files as a streamed dataset's data_files: SIGKILL the parent alone midway, and
+    the same command again resumes to the files of an uninterrupted run."""
+    paths = write_table_inputs(str(tmp_path))
+    command = ['parquet', *paths] if source == 'parquet' else ['hf', 'parquet', '--data_files', *paths]
+    cli = lambda out: subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'prepare.py'), *command, '--text_column', 'content', '--subset_column',
+         'source', '--val_fraction', str(VAL_FRACTION), '--shard_tokens', str(SHARD_TOKENS), '--out_dir', str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = cli(tmp_path / 'whole')
+    assert run.communicate(timeout=300)[0] and run.returncode == 0
+    out = tmp_path / 'resumed'
+    run = cli(out)
+    deadline = time.time() + 120
+    while not ((out / 'input_000.json').exists() and (out / 'train_001000.bin').exists()):
+        assert run.poll() is None and time.time() < deadline, run.communicate()[0]
+        time.sleep(0.01)
+    kill_the_parent_alone(run)
+    assert not (out / 'input_001.json').exists() and not (out / 'meta.json').exists(), 'nothing was left to resume'
+    run = cli(out)
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 0 and 'of 4 inputs already done' in output and '0 of 4 inputs already done' not in output
+    assert files_of(out) == files_of(tmp_path / 'whole')  # no temporary file of the killed run is left behind either
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2394,6 +2581,21 @@ def test_selection_size_is_what_stage_1_reads_unless_a_fraction_is_set():
     for fraction, stage1 in ((0, 20_000), (0.00001, 3_200)):
         with pytest.raises(common.InputError, match='select_fraction'):
             salt.selection_size(19_200, fraction, stage1)
+
+
+def test_the_ranking_of_a_score_file_is_lexsorts_in_one_array_of_keys():
+    """Float32 scores (a score file's) rank by keys sorted in place: the order of a lexsort on (-score, id),
+    through ties, both zeros, infinities and NaN (last, as a sort puts it); float64 scores take the lexsort."""
+    rng = np.random.default_rng(0)
+    median = np.round(rng.normal(0, 2, 5000), 1).astype(np.float32)  # many ties, negatives
+    median[rng.integers(0, 5000, 300)] = rng.choice(np.float32([0.0, -0.0, np.inf, -np.inf, np.nan]), 300)
+    scores = np.stack([median, rng.random(5000, dtype=np.float32), rng.random(5000, dtype=np.float32)], axis=1)
+    expected = np.lexsort((np.arange(5000), -median.astype(np.float64)))
+    order = salt.ranking(scores)
+    assert order.dtype == np.int64 and order.tolist() == expected.tolist()
+    assert salt.ranking(scores.astype(np.float64)).tolist() == expected.tolist()
+    ranks = [0, 1, 2, 2498, 2499, 2500, 4997, 4998, 4999]
+    assert salt.ranked(scores, ranks).tolist() == expected[ranks].tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------
