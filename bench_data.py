@@ -180,6 +180,7 @@ def bench_score(folder, steps=20):
 # of the score parts and its report
 
 PYTHIA_SEQUENCES, PYTHIA_TOKENS, PYTHIA_PIECES = 146_432_000, 2049, 20
+KD_SEQUENCES = 36_000 * 512  # config/pile_student.py: kd_steps x the global batch, what SALT_DS's stage 1 reads
 CHUNK = 1 << 22  # sequences written (and score records made) at a time
 SCORE_BATCH, SCORE_RANKS = 16, 8  # salt.py score's default batch size, on 8 GPUs
 
@@ -295,8 +296,8 @@ def train_start(sim, start):
                                                      data_fingerprint=fingerprint))
     report('load_scores', start)
     start = clock()
-    selected = salt.select_top(scores, 0.25)
-    report('select_top (0.25)', start, selected=len(selected))
+    selected = salt.select_top(scores, salt.selection_size(len(scores), 0, KD_SEQUENCES))
+    report('select_top (what stage 1 reads)', start, selected=len(selected))
     start = clock()
     salt.selection_summary(scores, selected)
     report('selection_summary', start)
@@ -305,7 +306,7 @@ def train_start(sim, start):
     checkpoint_manager.fingerprints(f'{fingerprint}/{val_data.fingerprint()}', selected, 'bench')
     report('val_set and fingerprints', start)
     start = clock()
-    loader = data.BatchLoader(train_data, 8, ids=selected)
+    loader = data.BatchLoader(train_data, 8, ids=selected, accumulation=64, stream='student/selection')
     loader.next_batch()
     report('BatchLoader (selection) and its first batch', start)
     start = clock()
@@ -313,10 +314,11 @@ def train_start(sim, start):
         loader.next_batch()
     seconds = clock()[1] - start[1]
     report('the next 100 batches', start, tokens_per_cpu_s=round(100 * 8 * (PYTHIA_TOKENS - 1) / seconds))
-    del loader, selected, scores
     start = clock()
-    data.BatchLoader(train_data, 8).next_batch()
-    report('stage 2: BatchLoader (every sequence) and its first batch', start)
+    read = loader.read_ids(KD_SEQUENCES // 512)
+    del loader, selected, scores
+    data.BatchLoader(train_data, 8, accumulation=64, skip=read).next_batch()
+    report("stage 2: BatchLoader (every sequence, stage 1's left out of its epoch) and its first batch", start)
 
 
 def salt_report(sim, start):
@@ -326,7 +328,7 @@ def salt_report(sim, start):
     report('IndexedSequences.domains()', start)
     start = clock()
     salt.report_main(argparse.Namespace(scores=sim('scores.npy'), data_dir=data_dir, block_size=PYTHIA_TOKENS - 1,
-                                        max_sequences=0, select_fraction=0.25, examples=3,
+                                        max_sequences=0, select_fraction=0, kd_sequences=KD_SEQUENCES, examples=3,
                                         out_dir=sim('selection')))
     report('salt.py report', start)
 

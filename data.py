@@ -318,7 +318,9 @@ class BatchLoader:
         self.accumulation, self.stream, self.device = accumulation, stream, torch.device(device)
         # a subset (e.g. SALT_DS's selection) is a set: sorted and deduplicated, so its order can't matter
         # (every sequence: their number, epoch_order's range)
-        self.ids = len(sequences) if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
+        self.ids = len(sequences) if ids is None else np.asarray(ids, dtype=np.int64)
+        if ids is not None and not (self.ids[1:] > self.ids[:-1]).all():  # select_top's are: no sort of 18M ids
+            self.ids = np.unique(self.ids)
         self.n_ids = len(sequences) if ids is None else len(self.ids)
         if ids is not None and self.n_ids and (self.ids[0] < 0 or self.ids[-1] >= len(sequences)):
             raise IndexError(f"ids must be in [0, {len(sequences)})")
