@@ -635,9 +635,10 @@ class doing:
         with self.lock:
             self.study['doing'] = self.study['doing'] + [self.what]
 
-    def __exit__(self, *exc):
-        with self.lock:
-            self.study['doing'] = [w for w in self.study['doing'] if w != self.what]
+    def __exit__(self, error, *rest):
+        if error is None:  # what a stop or a failure interrupted stays, for the report
+            with self.lock:
+                self.study['doing'] = [w for w in self.study['doing'] if w != self.what]
 
 
 def in_parallel(jobs, tasks, done):

@@ -1401,12 +1401,13 @@ def bench_step(*args):
 @pytest.mark.slow
 def test_prepare_and_the_score_merge_hold_the_same_memory_at_any_number_of_sequences(tmp_path):
     """Pythia's preshuffled Pile simulated (bench_data.py pythia: an .idx of its shape beside a sparse .bin in 20
-    pieces) at 2M and 8M sequences of 2049 tokens: prepare.py megatron (its workers too) and the merge of salt.py
-    score's parts peak at the same memory. Reading the .idx whole, and the records of every part, they grew by
-    about 45 bytes a sequence: 270 MB between these two sizes, 6.5 GB at the Pile's 146M."""
+    pieces) at 5M and 10M sequences of 2049 tokens, both above the 4M entries prepare reads of an .idx at a time
+    (prepare.INDEX_CHUNK, whose buffers a smaller one does not fill): prepare.py megatron (its workers too) and the
+    merge of salt.py score's parts peak at the same memory. Reading the .idx whole, and the records of every part,
+    they grew by about 45 bytes a sequence: 225 MB between these two sizes, 6.5 GB at the Pile's 146M."""
     import bench_data
     peaks = {}
-    for n in (2_000_000, 8_000_000):
+    for n in (5_000_000, 10_000_000):
         folder = str(tmp_path / str(n))
         bench_data.write_pythia(folder, n)
         prepared = bench_step('prepare', folder, 'pieces')[-1]
@@ -1420,7 +1421,7 @@ def test_prepare_and_the_score_merge_hold_the_same_memory_at_any_number_of_seque
         assert scores.shape == (len(sequences), 3) and not np.isnan(scores[-100:]).any()
         peaks[n] = prepared['peak_mb'], prepared['children_peak_mb'], merged['peak_mb']
         shutil.rmtree(folder)
-    for what, small, large in zip(('prepare', 'its workers', 'the merge'), peaks[2_000_000], peaks[8_000_000]):
+    for what, small, large in zip(('prepare', 'its workers', 'the merge'), peaks[5_000_000], peaks[10_000_000]):
         assert large - small < 50, (what, peaks)
 
 
@@ -3523,7 +3524,8 @@ def test_a_second_job_on_a_live_runs_out_dir_is_refused_and_a_killed_ones_lock_i
     is not dead) ends at once, in one line naming the holder, and touches nothing: the first run goes on to the
     losses of a run alone. Killed with SIGKILL, a run leaves no stale lock: the same command starts and resumes.
     A score file being written is held alike."""
-    settings = ['--max_steps=30', '--ckpt_interval=5', '--eval_interval=30']
+    # lr_decay_steps: the longer rerun below keeps the learning rate of every step the run took
+    settings = ['--max_steps=30', '--ckpt_interval=5', '--eval_interval=30', '--lr_decay_steps=60']
     train(text_data, tmp_path / 'alone', *settings)
     out = tmp_path / 'run'
     first = subprocess.Popen(train_command(text_data, out, *settings), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -3685,7 +3687,7 @@ def test_a_step_with_an_inf_gradient_changes_no_weight_and_no_optimizer_state(fu
 
 NONSENSE_SETTINGS = ['learning_rate=-0.001', 'learning_rate=0.0', 'min_lr=0.01', 'batch_size=0', 'block_size=0',
                      'grad_accum_steps=0', 'max_steps=0', 'warmup_steps=5000', 'kd_weight=1.5', 'kd_weight=-0.1',
-                     'teacher_temperature=0.0', 'select_fraction=0.0', 'select_fraction=1.5', "kd_schedule='cosine'",
+                     'teacher_temperature=0.0', 'select_fraction=-0.1', 'select_fraction=1.5', "kd_schedule='cosine'",
                      "kd_loss='cosine'", 'eval_interval=0', 'ckpt_interval=-1', "init_from='gpt3'", "model_size='huge'",
                      "lr_schedule='linear'", 'decay_fraction=1.5', "branch_steps='a,b'", "branch_from='nowhere'"]
 
@@ -4051,7 +4053,7 @@ def test_report_on_pile_data_with_subsets(slm, tmp_path):
 
     sequences = data.TokenSequences(pile, 'train', 16)
     scores = np.load(scores_file)
-    picked = salt.select_top(scores, 0.3)
+    picked = salt.select_top(scores, round(0.3 * len(scores)))
     domains, names = sequences.domains()
     md = (out_dir / 'selection.md').read_text()
     assert md in result.stdout  # printed and saved
@@ -4720,7 +4722,8 @@ def test_scores_on_cuda_equal_the_cpu_scores(fp32_matmul_precision):
     gpu_scores = gpu_scores.float().cpu().numpy()
     np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=0, atol=SCORE_TOLERANCE)
     for fraction in (0.1, 0.25, 0.5):
-        cpu_picked, gpu_picked = salt.select_top(cpu_scores, fraction), salt.select_top(gpu_scores, fraction)
+        count = round(fraction * len(cpu_scores))
+        cpu_picked, gpu_picked = salt.select_top(cpu_scores, count), salt.select_top(gpu_scores, count)
         threshold = cpu_scores[cpu_picked, 0].min()  # the selection's boundary
         for seq in np.setxor1d(cpu_picked, gpu_picked):  # only a tie within the tolerance may go either way
             assert abs(cpu_scores[seq, 0] - threshold) <= 2 * SCORE_TOLERANCE, f"sequence {seq}"
@@ -5565,7 +5568,8 @@ def test_a_real_slm_teaches_salt_ds_students_that_resume_evaluate_sample_and_exp
                            'sample': ['sample.py', f'--ckpt={ckpt}', *sample_args],
                            'sample_smol': ['sample.py', f'--ckpt={smollm2}', *sample_args],
                            'report': ['salt.py', 'report', f'--scores={scores}', f'--data_dir={data_dir}',
-                                      '--block_size=32', f'--out_dir={tmp_path / "selection"}']})
+                                      '--block_size=32', '--select_fraction=0.25',
+                                      f'--out_dir={tmp_path / "selection"}']})
     for name, result in results.items():
         assert result.returncode == 0, (name, result.stderr[-3000:])
     ours, theirs = (json.load(open(tmp_path / f'{name}.json'))['results'] for name in ('ckpt', 'hf'))
