@@ -405,7 +405,8 @@ while step < max_steps:
     kd_weight_now = torch.full((), current.kd_weight, device=device)
     for micro in range(grad_accum_steps):
         x, y = loader.next_batch()
-        step_ids += loader.last_ids.tolist()
+        if ids_log:
+            step_ids += loader.last_ids.tolist()
         with gradient_sync(micro == grad_accum_steps - 1):
             loss, ce, kd = loss_on(x, y, current, kd_weight_now)
             (loss / grad_accum_steps).backward()
