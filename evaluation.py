@@ -8,6 +8,7 @@ choice in HellaSwag's format, last-word cloze in LAMBADA's.
       --fewshot_file hellaswag:hellaswag_train.jsonl                       # 10-shot
   torchrun --standalone --nproc_per_node=8 evaluation.py --ckpt out/pile/student/ckpt --task ...
   python evaluation.py --ckpt /models/pythia-1.4b --data_dir data/pile_neox --block_size 2048   # its val loss
+  python evaluation.py --ckpt out/demo/salt/ckpt          # the induction loss alone
 
 --ckpt: a train.py checkpoint, a transformers model's directory or a GPT-2 name ('gpt2', ...), each scored with its
 own tokenizer (a checkpoint's is its data's: tokenizer.py). --task TASK:PATH, repeatable (or comma-separated,
@@ -23,7 +24,8 @@ every task when K > 0; use another split than the one evaluated), drawn for each
 seeded with (--seed, task, example index): the same prompts for any number of ranks.
 
 --data_dir DIR --block_size N: the val loss (val_loss, as train.py logs it) on DIR's val split, in the data's
-tokens, which must be the model's (--val_sequences K: K of them, spread over the split; default all).
+tokens, which must be the model's (--val_sequences K: K of them, spread over the split; default all), and its
+in-context score. Always: the induction loss (both scores: "In-context learning" below, docs/evaluation.md).
 
 Prints a line per task (scores, chance level, examples, contexts cut from the left to fit the block size)
 and with --out writes them to a JSON file with the settings. Under torchrun the examples are split across
@@ -82,6 +84,7 @@ def val_loss(model, val_data, val_set, *, batch_size, rank=0, world_size=1, auto
     model.eval()
     # per subset: the sequences' CE sums, their mean CE squared, and their count
     sums = torch.zeros(3, max(1, len(names)), dtype=torch.float64, device=device)
+    by_position = torch.zeros(val_data.block_size, dtype=torch.float64, device=device)  # CE sums per position
     starts = range(0, len(ids), batch_size)
     mine = starts[rank::world_size]
     for i in range(-(-len(starts) // world_size)):
@@ -94,16 +97,61 @@ def val_loss(model, val_data, val_set, *, batch_size, rank=0, world_size=1, auto
             per_sequence = ce.double().mean(dim=1)
             for row, values in enumerate((per_sequence, per_sequence ** 2, torch.ones_like(per_sequence))):
                 sums[row].index_add_(0, subset, values)
+            by_position += ce.double().sum(dim=0)
     if world_size > 1:
         dist.all_reduce(sums)
+        dist.all_reduce(by_position)
     model.train()
     mean, mean_square, n = sums[0].sum() / sums[2].sum(), sums[1].sum() / sums[2].sum(), sums[2].sum()
     standard_error = ((mean_square - mean ** 2).clamp(min=0) / n).sqrt()  # the sequences have equal lengths
-    record = dict(val_loss=mean.item(), val_loss_se=standard_error.item())
+    record = dict(val_loss=mean.item(), val_loss_se=standard_error.item(),
+                  in_context_score=in_context_score((by_position / sums[2].sum()).tolist()))
     if names:
         record['val_loss_subsets'] = {name: (sums[0, i] / sums[2, i]).item() for i, name in enumerate(names)
                                       if sums[2, i] > 0}
     return record
+
+# ----------------------------------------------------------------------------------------------------------
+# In-context learning: what a model gains from its context (distillation in pre-training can weaken it, arXiv
+# 2509.01649). Both scores come from the model's forward alone: any train.py checkpoint or transformers model
+
+
+def in_context_score(loss_by_position, early=0.08, late=0.78, window=1 / 32):
+    """Olsson et al. (2022)'s in-context learning score: the mean CE at a late position of the sequence minus that at
+    an early one (tokens 100 and 10 of 128 by default; they took 500 and 50), each averaged over a window of
+    positions around it (a single position of a few hundred val sequences is too noisy to compare runs). Negative:
+    later tokens, with more context, are predicted better; the more negative, the more the model uses its
+    context. loss_by_position: the mean CE of the token predicted at each position (position t predicts t + 1)."""
+    length = len(loss_by_position)
+    half = max(0, round(window * length / 2))
+
+    def around(fraction):
+        centre = min(length - 1, round(fraction * length))
+        return float(np.mean(loss_by_position[max(0, centre - half):centre + half + 1]))
+    return around(late) - around(early)
+
+
+@torch.no_grad()
+def induction_loss(model, vocab_size, *, sequences=16, length=None, seed=0, batch_size=16, autocast=None):
+    """The induction score: the mean CE on the second copy of a sequence of uniformly random tokens repeated twice,
+    over `sequences` of them (seeded: the same tokens for every model of this vocabulary). Nothing but the first
+    copy predicts the second, so a model that copies from its context (induction heads, Olsson et al. 2022) drives it
+    toward 0, and one that does not stays near log(vocab_size), a uniform guess. The second copy's first token is
+    left out: no context predicts it. length: tokens per copy, half the model's block size by default."""
+    length = length or model.config.block_size // 2
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (sequences, length), generator=generator)
+    device = next(model.parameters()).device
+    repeated = torch.cat([tokens, tokens], dim=1).to(device)
+    was_training, total = model.training, 0.0
+    model.eval()
+    for first in range(0, sequences, batch_size):
+        x = repeated[first:first + batch_size]
+        with autocast or nullcontext():
+            ce, _ = model(x[:, :-1], x[:, 1:], reduction='none')
+        total += ce[:, length:].double().sum().item()  # position t predicts t + 1: from the second copy's second token
+    model.train(was_training)
+    return total / (sequences * (length - 1))
 
 # ----------------------------------------------------------------------------------------------------------
 # The task files: read and checked once, apart from the scoring
@@ -448,15 +496,20 @@ def main(args):
     ranks = dict(batch_size=args.batch_size, rank=rank, world_size=world_size, autocast=autocast)
     results = {'val': val_loss(model, val_data, val_set(val_data, args.val_sequences or len(val_data)), **ranks)
                } if val_data else {}
+    vocab_size = model.config.vocab_size  # every rank the same few sequences
+    results['induction'] = dict(uniform_guess=math.log(vocab_size), induction_loss=induction_loss(
+        model, vocab_size, batch_size=args.batch_size, autocast=autocast))
     results.update(evaluate_tasks(model, tasks, tok, shots=args.shots, seed=args.seed, progress=rank == 0,
                                   **ranks) if tasks else {})
     if rank == 0:
         if val_data:
             print(f"val loss {results['val']['val_loss']:.4f} (standard error {results['val']['val_loss_se']:.4f}) on "
                   f"{min(len(val_data), args.val_sequences or len(val_data)):,} val sequences of {args.block_size} "
-                  f"tokens of {args.data_dir}")
+                  f"tokens of {args.data_dir}; in-context score {results['val']['in_context_score']:+.4f}")
+        print(f"induction loss {results['induction']['induction_loss']:.4f} (a uniform guess: "
+              f"{results['induction']['uniform_guess']:.4f}; a model that copies: 0)")
         for name, scores in results.items():
-            if name != 'val':
+            if name not in ('val', 'induction'):
                 print(result_line(name, scores))
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -491,8 +544,6 @@ if __name__ == '__main__':
     args = parser.parse_args()
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
-    if not args.task and not args.data_dir:
-        parser.error("give a --task TASK:PATH, or --data_dir DIR (with --block_size) for the val loss")
     if args.data_dir and args.block_size < 1 or args.val_sequences < 0:
         parser.error(f"--data_dir needs --block_size >= 1 (got {args.block_size}) and --val_sequences >= 0")
     main(args)

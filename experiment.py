@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import matplotlib
 matplotlib.use('Agg')  # files only, no display
@@ -45,6 +46,7 @@ import numpy as np
 import salt
 from data import ORDER_VERSION, TokenSequences
 from bench_train import Stopped, on_sigterm, read_records as read_raw_records
+from configurator import OPTIONAL
 from model import GPTConfig
 
 RUNS = ('baseline', 'salt', 'salt_ds', 'selection_only')  # selection_only: SALT_DS's selection in stage 1, w = 0
@@ -399,7 +401,7 @@ def task_table(curves, runs, seeds):
     return markdown_table(['run'] + metrics, rows)
 
 
-def cost_table(out, seeds, runs):
+def cost_table(out, seeds, runs, slms):
     """KD-stage vs plain step time of the main SALT and SALT_DS runs, each SLM's, against the FLOP estimate of what
     KD adds: its teacher's forward over a student step (model.GPTConfig.flops_per_token)."""
     def model_config(run_dir):  # the header's model_args (runs before them: the preset of their model_size)
@@ -411,7 +413,7 @@ def cost_table(out, seeds, runs):
     student = model_config(run_folder(out, seeds[0], 'baseline'))
     rows = []
     for label in [label for label in main_labels(runs) if runs[label][0] != 'baseline']:
-        slm = model_config(os.path.join(out, runs[label][1]))
+        slm = model_config(os.path.dirname(slms[runs[label][1]]['ckpt']))
         teacher_flops = slm.flops_per_token(student.block_size, backward=False)
         flop_ratio = teacher_flops / student.flops_per_token(student.block_size)
         for seed in seeds:
@@ -525,25 +527,51 @@ def parse_fractions(text):
     return fractions
 
 
-# --design: the defaults of a study's flags ('demo': the arguments' own). 'branches', the default study
-# (docs/cpu_studies.md): Llama students whose parameters are mostly blocks, in a 4,096-token BPE trained on the
-# corpus's train split, WSD branches at four fractions, SALT, SALT_DS and the selection-only control with an SLM that
-# stays ahead of the student, three seeds, two runs at a time (one a core); --weak_slm_config config/branches_slm.py
-# adds an SLM that the student passes
-DESIGNS = {'branches': dict(name='branches', student_config='config/branches_student.py',
-                            slm_config='config/branches_slm_strong.py', fractions=[0.5, 0.7, 0.85, 1.0],
-                            seeds=[1337, 1338, 1339], selection_only=True, jobs=2,
-                            tokenize='stdlib --tokenizer data/tokenizer_stdlib_bpe4096')}
-BPE = ('data/stdlib', 4096, 20_000_000, 'data/tokenizer_stdlib_bpe4096')  # its tokenizer: trained on, size, bytes, dir
+# --design: the defaults of a study's flags ('demo': the arguments' own), each on a corpus (--corpus) in a BPE trained
+# on its own train split. 'branches', the default study (docs/cpu_studies.md): Llama students whose parameters are
+# mostly blocks, in a 4,096-token BPE, WSD branches at four fractions, SALT, SALT_DS and the selection-only control
+# with an SLM that stays ahead of the student, three seeds, two runs at a time (one a core); --weak_slm_config
+# config/branches_slm.py adds an SLM that the student passes. 'tokens': one tiny student (a 1,024-token BPE) at
+# several budgets of tokens per parameter (--budgets), each budget a branches study of its own, one SLM for all
+STUDY = dict(fractions=[0.5, 0.7, 0.85, 1.0], seeds=[1337, 1338, 1339], selection_only=True, jobs=2, corpus='stdlib',
+             tokenize='')
+DESIGNS = {'branches': dict(STUDY, name='branches', student_config='config/branches_student.py',
+                            slm_config='config/branches_slm_strong.py', bpe_vocab=4096),
+           'tokens': dict(STUDY, name='tokens', student_config='config/tokens_student.py',
+                          slm_config='config/tokens_slm.py', bpe_vocab=1024, budgets=[1, 4, 16, 32],
+                          seeds=[1337, 1338])}
+BPE_BYTES = 20_000_000  # the BPE is trained on the first 20 MB of the corpus's train split
 
 
-def make_bpe():
-    """The branches design's tokenizer: GPT-2's tokens of the stdlib first, then a BPE on their train split's text."""
-    data_dir, vocab_size, max_bytes, out_dir = BPE
-    run([sys.executable, os.path.join(HERE, 'prepare.py'), 'stdlib', f'--out_dir={data_dir}'],
-        done_file=os.path.join(data_dir, 'meta.json'))
-    run([sys.executable, os.path.join(HERE, 'prepare.py'), 'bpe', f'--data_dir={data_dir}', f'--vocab_size={vocab_size}',
-         f'--max_bytes={max_bytes}', f'--out_dir={out_dir}'], done_file=os.path.join(out_dir, 'tokenizer.json'))
+def corpus_name(corpus):
+    """A folder name for a corpus given as prepare.py's arguments: 'stdlib' stays itself; 'text a.txt b.txt' gives
+    'text_a_' and a hash of the whole (two corpora never share a folder)."""
+    words = [os.path.splitext(os.path.basename(word.rstrip('/')))[0] for word in shlex.split(corpus)
+             if not word.startswith('-')]
+    if shlex.split(corpus) == words[:1]:
+        return words[0]
+    return '_'.join(words[:2] + [f"{zlib.crc32(corpus.encode()):08x}"])
+
+
+def corpus_in_bpe(corpus, vocab_size):
+    """The corpus (prepare.py's arguments) in a BPE of vocab_size trained on its own train split: GPT-2's tokens of it
+    first (data/<name>), the BPE on their text (data/tokenizer_<name>_bpe<V>), then the corpus again in the BPE, the
+    data directory returned (data/<name>_bpe<V>). Each is made once."""
+    name = corpus_name(corpus)
+    gpt2, bpe, data_dir = f'data/{name}', f'data/tokenizer_{name}_bpe{vocab_size}', f'data/{name}_bpe{vocab_size}'
+    prepare = [sys.executable, os.path.join(HERE, 'prepare.py'), *shlex.split(corpus)]
+    run(prepare + [f'--out_dir={gpt2}'], done_file=os.path.join(gpt2, 'meta.json'))
+    run([sys.executable, os.path.join(HERE, 'prepare.py'), 'bpe', f'--data_dir={gpt2}', f'--vocab_size={vocab_size}',
+         f'--max_bytes={BPE_BYTES}', f'--out_dir={bpe}'], done_file=os.path.join(bpe, 'tokenizer.json'))
+    run(prepare + [f'--tokenizer={bpe}', f'--out_dir={data_dir}'], done_file=os.path.join(data_dir, 'meta.json'))
+    return data_dir
+
+
+def parse_budgets(text):
+    budgets = [float(b) for b in text.split(',')]
+    if not all(b > 0 for b in budgets):
+        raise argparse.ArgumentTypeError(f"--budgets {text!r}: expected tokens per parameter above 0, e.g. 1,4,16")
+    return budgets
 
 
 def parse_ablation(text):
@@ -612,7 +640,7 @@ def run_slm(args, student, study, name, config, top_ks):
     always went (the scores beside the seeds, so that a study that ran before finds them), a further SLM's in its
     own folder. Returns its checkpoint, score files, minutes of training and scoring, and final val loss."""
     out = os.path.join('out', args.name)
-    slm_dir = os.path.join(out, name)
+    slm_dir = args.slm_dir if name == 'slm' and args.slm_dir else os.path.join(out, name)
     with doing(study, f'training the SLM {name}'):
         train(args.nproc, config, slm_dir, [f'--{k}={v}' for k, v in args.slm_set])
     with doing(study, f'scoring the pool with the SLM {name}'):
@@ -875,7 +903,8 @@ def report_tables(args, student, study, done):
             "\n## Wall-clock\n\n" + wallclock_table(curves, done, seeds, study['costs']) +
             (f"\n## Ablations\n\n{ablation_tables(curves, args, student, max_step, done)}" if args.ablate else "") +
             extra_tables(curves, done, seeds, max_step, out) +
-            "\n## Cost per step\n\n" + cost_table(out, seeds, done) + branches_tables(args, student, study, done))
+            "\n## Cost per step\n\n" + cost_table(out, seeds, done, study['slms']) +
+            branches_tables(args, student, study, done))
 
 
 def branched(args, study, done):
@@ -909,7 +938,8 @@ def write_report(args, student, study, stopped=False):
     results = os.path.join('results', args.name)
     done = {label: plan for label, plan in study['runs'].items()
             if all((seed, label) in study['curves'] for seed in args.seeds)}
-    report = (f"# SALT experiment `{args.name}`\n\n{args.student_config} (students), seeds {args.seeds}\n" +
+    report = (f"# SALT experiment `{args.name}`\n\n{args.corpus_line}\n\n{args.student_config} (students), seeds "
+              f"{args.seeds}\n" +
               "".join(f"- SLM `{name}`: {slm['config']}, trained in {slm['minutes']:.1f} min, scored the pool in "
                       f"{slm['score_minutes']:.1f} min, final val loss {slm['val_loss']:.4f}\n"
                       for name, slm in study['slms'].items()) + "\n" +
@@ -924,6 +954,208 @@ def write_report(args, student, study, stopped=False):
     if branched(args, study, done):
         plot_fractions(study, branched(args, study, done), args.seeds, os.path.join(results, 'fractions.png'))
     return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --budgets (the tokens design): the study once per budget of tokens per parameter, one SLM for them all
+
+
+def student_params(student):
+    """The student's parameters, counted from its shape in its data's vocabulary (the tied embedding included): what
+    a budget of tokens per parameter is per."""
+    vocab_size = TokenSequences(student['data_dir'], 'train', student['block_size']).vocab_size
+    return GPTConfig.from_preset(student['model_size'], architecture=student.get('architecture') or None,
+                                 block_size=student['block_size'], vocab_size=vocab_size,
+                                 **{key: student[key] for key in OPTIONAL if student.get(key) is not None}).n_params()
+
+
+def tokens_per_step(config):
+    return config['batch_size'] * config.get('grad_accum_steps', 1) * config['block_size']
+
+
+def at_tokens(config, tokens):
+    """config's settings that change with the steps, for a run of `tokens` tokens: its steps, and its KD stage,
+    warmup, evaluations and checkpoints at the config's own shares of them."""
+    steps = max(1, round(tokens / tokens_per_step(config)))
+    settings = scaled(config, steps) | {'warmup_steps': max(1, round(config['warmup_steps'] * steps /
+                                                                        config['max_steps']))}
+    return {key: settings[key] for key in ('max_steps', 'kd_steps', 'warmup_steps', 'eval_interval', 'ckpt_interval')
+            if key in settings}
+
+
+def budget_settings(student, budget, n_params):
+    """The student's settings at `budget` tokens per parameter. Its pool is the first sequences of the corpus, as many
+    as its steps read: each is read once. Stage 1 stays the config's share of the steps at every budget (17%, the
+    paper's 36K of ~208K), and a budget's shorter branches keep that stage 1 whole, as the paper's shorter SALT run
+    keeps its n_KD."""
+    settings = at_tokens(student, budget * n_params)
+    return settings | {'train_sequences': settings['max_steps'] * tokens_per_step(student) // student['block_size']}
+
+
+def budget_name(budget):
+    return f"{budget:g}x"
+
+
+def run_budgets(args, student):
+    """The study once per budget of tokens per parameter, the shortest first (its baselines train beside the SLM), each
+    in out/<name>/<B>x/ with its own report in results/<name>/<B>x/; one SLM, trained first on the longest budget's
+    tokens in out/<name>/slm, for them all (each budget's pool scored with it); the report over the budgets,
+    results/<name>/table.md and budgets.png, rewritten after each."""
+    n_params = student_params(student)
+    slm = read_config(args.slm_config) | dict(args.slm_set)
+    slm_set = args.slm_set + list(at_tokens(slm, max(args.budgets) * n_params).items())
+    studies = {}
+    for budget in sorted(args.budgets):
+        settings = budget_settings(student, budget, n_params)
+        budget_args = argparse.Namespace(**{**vars(args), 'name': f"{args.name}/{budget_name(budget)}",
+                                            'set': args.set + list(settings.items()), 'slm_set': slm_set,
+                                            'slm_dir': os.path.join('out', args.name, 'slm')})
+        study = new_study(f"{budget:g} tokens per parameter of the student's {n_params:,}: {settings['max_steps']} "
+                          f"steps over a pool of {settings['train_sequences']:,} sequences, stage 1 "
+                          f"{settings['kd_steps']} steps ({settings['kd_steps'] / settings['max_steps']:.0%}).\n\n")
+        studies[budget] = (budget_args, student | settings, study)
+        os.makedirs(os.path.join('results', budget_args.name), exist_ok=True)
+        try:
+            run_study(budget_args, student | settings, study)
+        except Stopped:
+            write_report(budget_args, student | settings, study, stopped=True)
+            raise
+        finally:
+            write_budgets_report(args, studies, n_params)
+
+
+def budget_rows(args, studies):
+    """(budget, its args, its study, the main runs whose branches all finished) of each budget with its baselines'."""
+    rows = []
+    for budget, (budget_args, _, study) in sorted(studies.items()):
+        done = {label: plan for label, plan in study['runs'].items()
+                if all((seed, label) in study['curves'] for seed in args.seeds)}
+        labels = branched(budget_args, study, done)
+        if labels:
+            rows.append((budget, budget_args, study, labels))
+    return rows
+
+
+def reach_cell(study, label, seeds):
+    """The fraction of the steps at which a run reaches the same seed's baseline at 100%, over the seeds."""
+    losses = fraction_curves(study, [label, 'baseline'], seeds)
+    reach = [fraction_reached(losses[(seed, label)], losses[(seed, 'baseline')][1.0]) for seed in seeds]
+    return spread(reach, '.0%') if None not in reach else f"not reached ({reach.count(None)} of {len(reach)} seeds)"
+
+
+def budgets_table(args, rows):
+    """One row a budget: the steps and stage 1; what the baseline's last 30% of the steps are worth; the fraction at
+    which each other run reaches the baseline's 100%; the step at which the baseline passes the SLM's val loss."""
+    methods = [label for label in ('salt', 'salt_ds', 'selection_only') if any(label in r[3] for r in rows)]
+    table = []
+    for budget, budget_args, study, labels in rows:
+        seeds, config = args.seeds, header_of(run_folder(os.path.join('out', budget_args.name), args.seeds[0],
+                                                         'baseline'))['config']
+        losses = fraction_curves(study, ['baseline'], seeds)
+        short = min([f for f in losses[(seeds[0], 'baseline')] if f < 1] or [1.0], key=lambda f: abs(f - 0.7))
+        last = [losses[(seed, 'baseline')][short] - losses[(seed, 'baseline')][1.0] for seed in seeds]
+        slm_loss = study['slms']['slm']['val_loss']
+        passes = [steps_to_reach(study['curves'][(seed, 'baseline')], slm_loss) for seed in seeds]
+        table.append([f"{budget:g}", f"{config['max_steps']:,} ({config['kd_steps']:,})", spread(last, '+.4f')] +
+                     [reach_cell(study, label, seeds) if label in labels else '-' for label in methods] +
+                     [spread(passes, '.0f') if None not in passes else
+                      f"not passed ({passes.count(None)} of {len(passes)} seeds)"])
+    return markdown_table(["tokens per parameter", "steps (stage 1)", "the baseline's last 30% of the steps"] +
+                          [f"{label} reaches the baseline's 100% at" for label in methods] +
+                          ["the baseline passes the SLM's val loss at step"], table)
+
+
+def leads_table(args, rows):
+    """Per budget and KD run, its lead over the same seed's baseline (the baseline's val loss minus its own) at the
+    end of stage 1 (the evaluation at or before it) and at the end."""
+    table = []
+    for budget, budget_args, study, labels in rows:
+        curves, seeds = study['curves'], args.seeds
+        header = header_of(run_folder(os.path.join('out', budget_args.name), seeds[0], 'baseline'))
+        kd_steps = header['config']['kd_steps']
+        ends = [[r['step'] for r in curves[(seeds[0], 'baseline')] if r['step'] <= kd_steps][-1],
+                curves[(seeds[0], 'baseline')][-1]['step']]
+        for label in [label for label in labels if label in ('salt', 'salt_ds')]:
+            table.append([f"{budget:g}", label] + [spread([val_at(curves[(seed, 'baseline')], step) -
+                                                           val_at(curves[(seed, label)], step) for seed in seeds],
+                                                          '+.4f') for step in ends])
+    return markdown_table(['tokens per parameter', 'run', "KD's lead at the end of stage 1",
+                           "KD's lead at the end"], table)
+
+
+def in_context_table(args, rows):
+    """Per budget and run, at its end: the induction loss and the in-context score (evaluation.py), each beside its
+    difference from the same seed's baseline's."""
+    table = []
+    for budget, _, study, labels in rows:
+        for label in labels:
+            cells = []
+            for key in ('induction_loss', 'in_context_score'):
+                finals = [study['curves'][(seed, label)][-1].get(key) for seed in args.seeds]
+                baselines = [study['curves'][(seed, 'baseline')][-1].get(key) for seed in args.seeds]
+                if None in finals:  # trained before the scores were logged
+                    cells += ['-', '-']
+                    continue
+                cells += [spread(finals, '.4f'), '' if label == 'baseline' else
+                          spread([f - b for f, b in zip(finals, baselines)], '+.4f')]
+            table.append([f"{budget:g}", label] + cells)
+    return markdown_table(['tokens per parameter', 'run', 'induction loss', "minus the baseline's",
+                           'in-context score', "minus the baseline's"], table)
+
+
+def plot_budgets(args, rows, path):
+    """The fraction of the steps at which each run reaches the baseline's 100%, against tokens per parameter: the mean
+    over the seeds that reach it, each seed faint; a budget where some seed does not reach it is marked above 1."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    methods = [label for label in ('salt', 'salt_ds', 'selection_only') if any(label in r[3] for r in rows)]
+    for label, color in zip(methods, plt.get_cmap('tab10').colors[1:]):
+        means, budgets = [], []
+        for budget, _, study, labels in rows:
+            if label not in labels:
+                continue
+            losses = fraction_curves(study, [label, 'baseline'], args.seeds)
+            reach = [fraction_reached(losses[(seed, label)], losses[(seed, 'baseline')][1.0]) for seed in args.seeds]
+            ax.scatter([budget] * len(reach), [1.05 if r is None else r for r in reach], color=color, alpha=0.35,
+                       marker='o', s=18)
+            if None not in reach:
+                means.append(np.mean(reach))
+                budgets.append(budget)
+        ax.plot(budgets, means, color=color, linewidth=2.5, marker='o',
+                label=f"{label} (mean of {len(args.seeds)} seeds)")
+    ax.axhline(1.0, color='0.4', linewidth=1, label="the baseline's 100% (above: not reached)")
+    ax.axhline(0.7, color='0.4', linestyle='--', linewidth=1, label="the paper's claim: under 70%")
+    ax.set_xscale('log', base=2)
+    ax.set(xlabel='tokens per parameter (a study each)',
+           ylabel="fraction of the steps that reaches the baseline's 100%",
+           title=f"SALT's saving against the training budget, on {args.corpus or 'the configs’ data'}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_budgets_report(args, studies, n_params):
+    """results/<name>/table.md and budgets.png over the budgets whose runs and branches have finished."""
+    rows = budget_rows(args, studies)
+    results = os.path.join('results', args.name)
+    student = next(iter(studies.values()))[1]
+    report = (f"# SALT experiment `{args.name}`: budgets of tokens per parameter\n\n{args.corpus_line}\n\n"
+              f"{args.student_config} ({n_params:,} parameters, the tied embedding included), seeds {args.seeds}; "
+              f"one SLM ({args.slm_config}), trained on the longest budget's tokens. Each budget is a study of its "
+              f"own, its report in {results}/<budget>/table.md; stage 1 is "
+              f"{student['kd_steps'] / student['max_steps']:.0%} of each budget's steps.\n\n")
+    if rows:
+        report += ("## Where the claim can live\n\n" + budgets_table(args, rows) +
+                   "\n## KD's lead over the baseline\n\n" + leads_table(args, rows) +
+                   "\n## In-context learning at the end (evaluation.py)\n\n" + in_context_table(args, rows))
+        plot_budgets(args, rows, os.path.join(results, 'budgets.png'))
+    with open(os.path.join(results, 'table.md'), 'w') as f:
+        f.write(report)
+    return report
+
+
+def new_study(sizing=''):
+    return dict(curves={}, branches={}, branch_seconds={}, slms={}, runs={}, costs=None, doing=[], sizing=sizing)
 
 
 def parse_args():
@@ -952,6 +1184,13 @@ def parse_args():
                         help="each main run at these fractions of its steps too, a WSD branch each (1 = the run)")
     parser.add_argument('--weak_slm_config', default='',
                         help=f"a second SLM, out/<name>/{WEAK}: SALT and SALT_DS again with it, labelled '{WEAK}'")
+    parser.add_argument('--corpus', default='', metavar='ARGS',
+                        help="prepare.py's arguments of a corpus ('stdlib', 'text a.txt b.txt', 'parquet ...'): the "
+                             "runs' data is the corpus in a BPE trained on its train split ('' = the configs' "
+                             "data_dir)")
+    parser.add_argument('--bpe_vocab', type=int, default=4096, help="with --corpus: the BPE's vocabulary size")
+    parser.add_argument('--budgets', type=parse_budgets, default=[], metavar='B1,B2,...',
+                        help="the study once per budget of tokens per parameter of the student (the tokens design)")
     parser.add_argument('--design', choices=('demo', *DESIGNS), default='branches',
                         help="the defaults of the flags above, each still overridable: 'branches' (the default "
                              "study of docs/cpu_studies.md) or 'demo' (the earlier demo: the defaults shown)")
@@ -960,6 +1199,12 @@ def parse_args():
     parser.add_argument('--rate_file', help="gpu_check.sh's experiment_steps.jsonl: the rate --fit sizes by")
     parser.set_defaults(**DESIGNS.get(parser.parse_known_args()[0].design, {}))
     args = parser.parse_args()
+    args.slm_dir = ''  # where the first SLM trains: out/<name>/slm, or the one SLM of every budget
+    design = DESIGNS.get(args.design, {})
+    if args.corpus and args.corpus != design.get('corpus') and args.name == design.get('name'):  # on another corpus
+        args.name = f"{args.name}_{corpus_name(args.corpus)}"
+    if args.budgets and not args.fractions:
+        parser.error("--budgets compares the runs by their WSD branches: give --fractions too")
     if args.fractions:
         args.short = 0  # the branches give every shorter budget
     if min(args.nproc, args.top_k, args.jobs) < 1:
@@ -995,24 +1240,35 @@ def main():
         if key not in student:
             sys.exit(f"{args.student_config} must set {key}: experiment.py scores the data the students train on "
                      f"and sizes the shorter runs by it")
-    study = dict(curves={}, branches={}, branch_seconds={}, slms={}, runs={}, costs=None, doing=[], sizing='')
+    study = new_study()
     if args.fit:
         student, study['sizing'] = fit_study(args, student)
         print(study['sizing'].strip(), flush=True)
-    if args.design == 'branches' and args.tokenize == DESIGNS['branches']['tokenize']:
-        make_bpe()
-    if args.tokenize:
+    if args.corpus:  # every run's data: the corpus in a BPE of its own
+        student['data_dir'] = corpus_in_bpe(args.corpus, args.bpe_vocab)
+        args.set.append(('data_dir', student['data_dir']))
+        args.slm_set.append(('data_dir', student['data_dir']))
+    elif args.tokenize:
         run([sys.executable, os.path.join(HERE, 'prepare.py'), *shlex.split(args.tokenize),
              f"--out_dir={student['data_dir']}"], done_file=os.path.join(student['data_dir'], 'meta.json'))
+    train_tokens = len(TokenSequences(student['data_dir'], 'train', 1))
+    args.corpus_line = (f"Corpus: `prepare.py {args.corpus}` in a {args.bpe_vocab:,}-token BPE trained on its train "
+                        f"split"
+                        if args.corpus else f"Corpus: {student['data_dir']}") + f", {train_tokens:,} train tokens."
     results = os.path.join('results', args.name)
     os.makedirs(results, exist_ok=True)
     if args.jobs > 1:  # one run per core: a small model's run gains less from a second thread than from a second run
         os.environ.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // args.jobs)))
     signal.signal(signal.SIGTERM, on_sigterm)  # the time limit of the command: report what finished, then stop
     try:
+        if args.budgets:
+            run_budgets(args, student)
+            print(f"wrote {results}/table.md and {results}/budgets.png")
+            return
         run_study(args, student, study)
     except Stopped:
-        write_report(args, student, study, stopped=True)
+        if not args.budgets:  # (run_budgets reports the budget it stopped in)
+            write_report(args, student, study, stopped=True)
         print(f"stopped by the time limit while {'; '.join(study['doing'])}: {results}/table.md holds the runs that finished")
         sys.exit(124)
     print(write_report(args, student, study))

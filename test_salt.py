@@ -3135,6 +3135,7 @@ def test_the_loss_runs_in_the_autocast_dtype(monkeypatch):
     small student's step), though the LayerNorm hands it fp32 hidden states and the weights are fp32."""
     gemm_dtypes = []
     real_matmul = losses._matmul
+    losses.disagreement('torch', torch.device('cpu'), torch.bfloat16)  # the path's probe (its own dtypes) runs first
     monkeypatch.setattr(losses, '_matmul', lambda a, b, out_dtype: gemm_dtypes.append(a.dtype) or real_matmul(a, b, out_dtype))
     model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=32))
     x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
@@ -3195,9 +3196,56 @@ def test_val_loss_per_subset_and_few_shot_tasks_are_logged(tmp_path, pile, files
         logits = model(val.get(ids)[:, :-1]).double()
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), val.get(ids)[:, 1:].flatten())
         assert final['val_loss_subsets'][name] == pytest.approx(ce.item(), rel=1e-5), name
+    sequences = val.get(evaluated)  # the in-context score from the loss at each position, brute force
+    by_position = torch.nn.functional.cross_entropy(model(sequences[:, :-1]).double().transpose(1, 2),
+                                                    sequences[:, 1:], reduction='none').mean(dim=0)
+    assert final['in_context_score'] == pytest.approx(evaluation.in_context_score(by_position.tolist()), abs=1e-5)
+    assert final['induction_loss'] == pytest.approx(evaluation.induction_loss(model, model.config.vocab_size), rel=1e-5)
     scores = evaluation.evaluate_tasks(model, evaluation.read_tasks(tasks), GPT2_TOKENIZER)
     for task, metric in (('hellaswag', 'acc_norm'), ('lambada', 'ppl')):
         assert final[f'{task}/{metric}'] == pytest.approx(scores[task][metric], rel=1e-5)
+
+
+def repeated_random(vocab_size, length, count, seed):
+    tokens = torch.randint(0, vocab_size, (count, length), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([tokens, tokens], dim=1)
+
+
+def test_the_in_context_score_is_the_late_loss_minus_the_early_one_each_over_a_window():
+    """Tokens 100 and 10 of 128 (Olsson et al.'s 500 and 50 of 512, scaled), each the mean of the 5 positions around
+    it."""
+    losses = np.arange(128.0) ** 2
+    assert evaluation.in_context_score(losses) == pytest.approx(np.mean(losses[98:103]) - np.mean(losses[8:13]))
+    assert evaluation.in_context_score([3.0] * 16) == 0.0
+
+
+def test_the_induction_and_in_context_scores_of_a_model_that_copies_and_of_an_untrained_one():
+    """A two-layer GPT trained for 200 steps on random sequences repeated twice learns to copy the first copy (an
+    induction head): its loss on the second copy goes near 0, the score's bound, and its in-context score (the late
+    position in the second copy, the early one in the first) near -log(vocab). The untrained model guesses: log(vocab)
+    on the second copy, and no gain from context."""
+    torch.manual_seed(0)
+    vocab, length = 64, 16
+    model = GPT(GPTConfig(block_size=2 * length, vocab_size=vocab, n_layer=2, n_head=2, n_embd=64, bias=False))
+    uniform = math.log(vocab)
+
+    def scores():
+        sequences = repeated_random(vocab, length, 64, seed=1)
+        with torch.no_grad():
+            ce, _ = model(sequences[:, :-1], sequences[:, 1:], reduction='none')
+        return (evaluation.induction_loss(model, vocab, sequences=32),
+                evaluation.in_context_score(ce.mean(dim=0).tolist()))
+    induction, in_context = scores()
+    assert induction == pytest.approx(uniform, abs=0.15) and abs(in_context) < 0.15
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(200):
+        sequences = repeated_random(vocab, length, 32, seed=100 + step)
+        loss, _, _ = model(sequences[:, :-1], sequences[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    induction, in_context = scores()
+    assert induction < 0.1 * uniform and in_context < -0.8 * uniform
 
 
 def test_experiment_tables_per_subset_and_task_pair_runs_by_seed():
@@ -3311,6 +3359,72 @@ def test_experiment_fractions_table_and_plot_from_wsd_branches(tmp_path, text_da
         assert row[4] == ('not reached' if expected is None else f"{expected:.0%}")
         assert float(row[5]) == pytest.approx(baseline - losses[1.0], abs=2e-4)
     assert (tmp_path / 'results' / 'toy' / 'fractions.png').stat().st_size > 10_000
+    rerun = run_script(*command, cwd=tmp_path)
+    assert '[run]' not in rerun.stdout
+
+
+def test_each_budget_of_tokens_keeps_the_kd_stage_the_configs_share_of_its_steps():
+    """The tokens design: at every budget the steps read budget x parameters tokens, each sequence of the pool once,
+    stage 1 is 17% of them (config/tokens_student.py's share) and the warmup 4%."""
+    import experiment
+    student = experiment.read_config(os.path.join(REPO, 'config', 'tokens_student.py'))
+    for budget in (1, 4, 16, 32):
+        settings = experiment.budget_settings(student, budget, 262_720)
+        steps = settings['max_steps']
+        assert steps == round(budget * 262_720 / 2048) and settings['train_sequences'] == steps * 16
+        assert settings['kd_steps'] / steps == pytest.approx(0.17, abs=0.005)
+        assert settings['warmup_steps'] / steps == pytest.approx(0.04, abs=0.005)
+    assert experiment.budget_settings(student, 16, 262_720) == {key: student[key] for key in settings}  # as written
+
+
+@pytest.mark.slow
+def test_the_tokens_design_tables_budgets_from_one_slm(tmp_path, text_data):
+    """--budgets at toy size: two budgets of tokens per parameter, each a study of its own with WSD branches at 50%,
+    one SLM trained first on the longer budget's tokens and reused; the report over the budgets gives a row per
+    budget, KD's leads and both in-context scores of every run, and the plot."""
+    import experiment
+    common = f"data_dir = {text_data!r}\nblock_size = 16\nbatch_size = 2\neval_batches = 2\nlog_interval = 1\n"
+    (tmp_path / 'slm.py').write_text(common + "model_size = 'demo-slm'\nmax_steps = 4\neval_interval = 4\n"
+                                     "warmup_steps = 1\nrole = 'slm'\n")
+    (tmp_path / 'student.py').write_text(common + "model_size = 'demo-student'\nmax_steps = 20\nkd_steps = 4\n"
+                                         "eval_interval = 5\nwarmup_steps = 2\nlearning_rate = 3e-3\n"
+                                         "ckpt_interval = 20\n"
+                                         "lr_schedule = 'wsd'\ndecay_fraction = 0.5\ntrain_sequences = 40\n")
+    student = experiment.read_config(str(tmp_path / 'student.py'))
+    n_params = experiment.student_params(student)
+    budgets = [320 / n_params, 640 / n_params]  # 10 and 20 steps of 32 tokens
+    command = [os.path.join(REPO, 'experiment.py'), '--design=tokens', '--name=toy', '--corpus=',
+               '--slm_config=slm.py', '--student_config=student.py', '--seeds', '1337', '--jobs=2',
+               '--fractions', '0.5,1.0', '--budgets', ','.join(map(str, budgets))]
+    run_script(*command, cwd=tmp_path)
+    out, results = tmp_path / 'out' / 'toy', tmp_path / 'results' / 'toy'
+    names = [experiment.budget_name(b) for b in budgets]
+    assert sorted(os.listdir(out)) == sorted(names + ['slm'])  # one SLM
+    slm = [r for r in map(json.loads, open(out / 'slm' / 'metrics.jsonl')) if r.get('type') == 'header']
+    assert len(slm) == 1 and slm[0]['config']['max_steps'] == 20  # the longer budget's tokens, trained once
+    for name, steps in zip(names, (10, 20)):
+        config = [r for r in map(json.loads, open(out / name / 'seed1337' / 'salt' / 'metrics.jsonl'))][0]['config']
+        assert (config['max_steps'], config['kd_steps'], config['train_sequences']) == (steps, steps // 5, steps * 2)
+        assert config['teacher_ckpt'] == str(os.path.join('out', 'toy', 'slm', 'ckpt'))
+        assert (results / name / 'table.md').exists() and (out / name / 'scores_top10.npy').exists()
+    report = (results / 'table.md').read_text()
+    table = report.split('## Where the claim can live\n\n')[1].split('\n\n')[0].splitlines()
+    assert table[0] == ("| tokens per parameter | steps (stage 1) | the baseline's last 30% of the steps | salt "
+                        "reaches the "
+                        "baseline's 100% at | salt_ds reaches the baseline's 100% at | selection_only reaches the "
+                        "baseline's 100% at | the baseline passes the SLM's val loss at step |")
+    rows = [[cell.strip() for cell in row.split('|')[1:-1]] for row in table[2:]]
+    assert [row[:2] for row in rows] == [[f"{budgets[0]:g}", '10 (2)'], [f"{budgets[1]:g}", '20 (4)']]
+    baseline = step_records(out / names[1] / 'seed1337' / 'baseline')
+    half = step_records(out / names[1] / 'seed1337' / 'baseline_50pct')
+    assert float(rows[1][2]) == pytest.approx(half[10]['val_loss'] - baseline[20]['val_loss'], abs=2e-4)
+    leads = report.split("## KD's lead over the baseline\n\n")[1].split('\n\n')[0].splitlines()
+    assert [row.split('|')[2].strip() for row in leads[2:]] == ['salt', 'salt_ds'] * 2
+    in_context = report.split('## In-context learning at the end (evaluation.py)\n\n')[1].splitlines()
+    cells = {(row.split('|')[1].strip(), row.split('|')[2].strip()): row.split('|')[3:-1] for row in in_context[2:]}
+    assert len(cells) == 8 and float(cells[(f"{budgets[1]:g}", 'baseline')][0]) == pytest.approx(
+        baseline[20]['induction_loss'], abs=1e-4)
+    assert (results / 'budgets.png').stat().st_size > 10_000
     rerun = run_script(*command, cwd=tmp_path)
     assert '[run]' not in rerun.stdout
 

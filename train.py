@@ -321,10 +321,14 @@ def gradient_sync(on):
 
 
 def evaluate():
-    """The metrics of an evaluation: val loss, overall and per data subset, and the few-shot tasks' scores."""
+    """The metrics of an evaluation: val loss, overall and per data subset, the two in-context learning scores
+    (evaluation.py), and the few-shot tasks' scores."""
     ranks = dict(batch_size=batch_size, rank=rank, world_size=world_size, autocast=autocast)
     with nullcontext() if eval_compiled else torch.compiler.set_stance('force_eager'):
         record = evaluation.val_loss(raw_model, val_data, val_set, **ranks)
+        # every rank the same sequences (under fsdp each takes part in every forward)
+        record['induction_loss'] = evaluation.induction_loss(raw_model, model_config.vocab_size, batch_size=batch_size,
+                                                             autocast=autocast)
         results = evaluation.evaluate_tasks(raw_model, tasks, text_tokenizer, shots=eval_shots, **ranks) if tasks else {}
     return dict(record, **{f"{task}/{metric}": value for task, scores in results.items()
                            for metric, value in scores.items()
