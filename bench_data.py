@@ -265,8 +265,8 @@ def run_step(name, folder, *args):
         return report(f'prepare.py megatron ({args[0]})', start)
     if name == 'check':  # the vocabulary check's rate, on a real (not sparse) file in the page cache
         return bench_check(folder, start)
-    if name == 'merge':
-        merge_scores(sim('scores.npy'), int(args[0]))
+    if name == 'merge':  # the parts score the train split
+        merge_scores(sim('scores.npy'), len(data.TokenSequences(sim('data_pieces'), 'train', PYTHIA_TOKENS - 1)))
         return report('salt.py score: merge of the parts', start)
     if name == 'report':
         return salt_report(sim, start)
@@ -362,8 +362,7 @@ def bench_pythia(folder, n_sequences):
             start = time.perf_counter()
             write_pythia(folder, n_sequences)
             print(f"wrote the simulation of {n_sequences:,} sequences in {time.perf_counter() - start:.0f} s")
-        steps = [('prepare', 'whole'), ('prepare', 'pieces'), ('merge', str(n_sequences)), ('start',), ('report',),
-                 ('check',)]
+        steps = [('prepare', 'whole'), ('prepare', 'pieces'), ('merge',), ('start',), ('report',), ('check',)]
         for step in steps:
             if step[0] == 'merge' and not os.path.exists(os.path.join(folder, 'scores.npy.parts')):
                 sequences = data.TokenSequences(os.path.join(folder, 'data_pieces'), 'train', PYTHIA_TOKENS - 1)

@@ -70,7 +70,7 @@ def val_set(val_data, count):
         subsets, names = val_data.domains()
     except InputError:  # the overall val loss only
         return ids, np.zeros(len(ids), dtype=np.int64), []
-    return ids, subsets[ids], names
+    return ids, subsets[ids].astype(np.int64), names  # (int64: index_add_'s index)
 
 
 @torch.no_grad()

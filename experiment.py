@@ -4,15 +4,17 @@ the student three ways (baseline, SALT, SALT_DS) with the same seed, data order 
 budgets too (WSD branches, --fractions; or SALT and SALT_DS again on 70% of the steps, --short) -> a results
 table and val-loss curves in results/<name>/.
 
-  python experiment.py                     # the default study on Python's standard library, CPU, 2 seeds: WSD
-                                           # branches at 50/60/70/85/100%, a BPE of the corpus, a strong and a
-                                           # weak SLM (--design branches, docs/cpu_studies.md)
+  python experiment.py                     # the default study on Python's standard library, CPU, 3 seeds: WSD
+                                           # branches at 50/70/85/100%, a BPE of the corpus, an SLM ahead of the
+                                           # student, the selection-only control (--design branches)
+  python experiment.py --design tokens     # the same at budgets of 1, 4, 16 and 32 tokens per parameter, one SLM
+  python experiment.py --design tokens --corpus "text shakespeare.txt"   # on another corpus (prepare.py's args)
   python experiment.py --design demo       # the earlier demo: GPT-2's tokens, cosine, --short 0.7, one SLM
   python experiment.py --design demo --name pile --slm_config config/pile_slm.py \\
       --student_config config/pile_student.py --nproc 8 --tokenize=   # data tokenized with `prepare.py pile ...`
   python experiment.py --ablate kd_weight=0.5,0.667,0.9 --ablate top_k=1,10,100
 
-Every seed (--seeds, two by default) trains every run; the tables give each seed and the mean. An ablation
+The designs are described in docs/cpu_studies.md. Every seed (--seeds) trains every run; the tables give each seed and the mean. An ablation
 `--ablate KEY=V1,V2,...` trains one more student per value and seed: SALT with --KEY=V, or SALT_DS for the
 selection's keys (top_k, select_fraction), and adds a table per KEY to the report. A value may bring settings of
 its own after a '+': `--ablate kd_end=teacher+kd_steps=600` (the adaptive end of stage 1, at most 600 steps).
@@ -1186,8 +1188,8 @@ def parse_args():
                         help=f"a second SLM, out/<name>/{WEAK}: SALT and SALT_DS again with it, labelled '{WEAK}'")
     parser.add_argument('--corpus', default='', metavar='ARGS',
                         help="prepare.py's arguments of a corpus ('stdlib', 'text a.txt b.txt', 'parquet ...'): the "
-                             "runs' data is the corpus in a BPE trained on its train split ('' = the configs' "
-                             "data_dir)")
+                             "runs' data is the corpus in a BPE trained on its train split, whatever the configs' "
+                             "data_dir ('' = the configs' data_dir, made by --tokenize where it is missing)")
     parser.add_argument('--bpe_vocab', type=int, default=4096, help="with --corpus: the BPE's vocabulary size")
     parser.add_argument('--budgets', type=parse_budgets, default=[], metavar='B1,B2,...',
                         help="the study once per budget of tokens per parameter of the student (the tokens design)")
@@ -1203,6 +1205,9 @@ def parse_args():
     design = DESIGNS.get(args.design, {})
     if args.corpus and args.corpus != design.get('corpus') and args.name == design.get('name'):  # on another corpus
         args.name = f"{args.name}_{corpus_name(args.corpus)}"
+    if args.corpus and args.tokenize:
+        parser.error(f"--corpus {args.corpus!r} makes the runs' data, --tokenize {args.tokenize!r} the configs' "
+                     f"data_dir: give one (--corpus= for the configs' data_dir)")
     if args.budgets and not args.fractions:
         parser.error("--budgets compares the runs by their WSD branches: give --fractions too")
     if args.fractions:

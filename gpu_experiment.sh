@@ -63,7 +63,7 @@ status=0
 [ -f "$data/meta.json" ] || limited "${limits[0]}" python3 "$here/prepare.py" "${tree[@]}" --out_dir "$data" || status=$?
 if [ $status = 0 ]; then
     (cd "$work" && limited "${limits[1]}" python3 "$here/experiment.py" --name $name --slm_config "$here/config/gpu_slm.py" \
-        --student_config "$here/config/gpu_student.py" --seeds 1337 --tokenize= --weak_slm_config= --jobs 1 \
+        --student_config "$here/config/gpu_student.py" --seeds 1337 --corpus= --weak_slm_config= --jobs 1 \
         --no-selection_only \
         --fractions $fractions "${sizes[@]}" "$@") || status=$?
 fi

@@ -1340,6 +1340,7 @@ def test_megatron_cores_datasets_read_in_place_document_by_document(megatron):
         first = np.searchsorted(np.cumsum([len(d) for d in mine]), np.arange(len(sequences)) * block_size, 'right')
         books = sum(v == in_val for v in val[:400])
         assert [names[d] for d in domains] == ['books' if f < books else 'plays' for f in first]
+        assert domains.dtype == np.uint8  # one byte a sequence: 139 MB for the Pile's 139M, not 1.1 GB
 
 
 def test_pythias_2049_token_sequences_are_the_windows_of_block_size_2048(megatron, tmp_path):
@@ -1416,7 +1417,7 @@ def test_prepare_and_the_score_merge_hold_the_same_memory_at_any_number_of_seque
             'train']['documents'] > 0.9 * n
         bench_data.write_score_parts(os.path.join(folder, 'scores.npy.parts'), salt.score_meta('bench', sequences, 10),
                                      len(sequences))
-        merged = bench_step('merge', folder, str(len(sequences)))[-1]
+        merged = bench_step('merge', folder)[-1]
         scores = np.load(os.path.join(folder, 'scores.npy'), mmap_mode='r')
         assert scores.shape == (len(sequences), 3) and not np.isnan(scores[-100:]).any()
         peaks[n] = prepared['peak_mb'], prepared['children_peak_mb'], merged['peak_mb']
@@ -3326,7 +3327,7 @@ def test_experiment_fractions_table_and_plot_from_wsd_branches(tmp_path, text_da
                                          "eval_interval = 5\nwarmup_steps = 2\nlearning_rate = 3e-3\n"
                                          "lr_schedule = 'wsd'\ndecay_fraction = 0.5\nlog_interval = 1\n")
     command = [os.path.join(REPO, 'experiment.py'), '--name=toy', '--slm_config=slm.py', '--student_config=student.py',
-               '--tokenize=', '--seeds', '1337', '--fractions', '0.6,1.0', '--weak_slm_config=slm.py']
+               '--corpus=', '--seeds', '1337', '--fractions', '0.6,1.0', '--weak_slm_config=slm.py']
     run_script(*command, cwd=tmp_path)
     report = (tmp_path / 'results' / 'toy' / 'table.md').read_text()
     assert "- SLM `weak_slm`: slm.py, trained in " in report and (tmp_path / 'out/toy/weak_slm/scores_top10.npy').exists()
