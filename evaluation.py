@@ -132,26 +132,33 @@ def in_context_score(loss_by_position, early=0.08, late=0.78, window=1 / 32):
 
 
 @torch.no_grad()
-def induction_loss(model, vocab_size, *, sequences=16, length=None, seed=0, batch_size=16, autocast=None):
-    """The induction score: the mean CE on the second copy of a sequence of uniformly random tokens repeated twice,
-    over `sequences` of them (seeded: the same tokens for every model of this vocabulary). Nothing but the first
-    copy predicts the second, so a model that copies from its context (induction heads, Olsson et al. 2022) drives it
-    toward 0, and one that does not stays near log(vocab_size), a uniform guess. The second copy's first token is
-    left out: no context predicts it. length: tokens per copy, half the model's block size by default."""
+def induction_losses(model, vocab_size, *, sequences=16, length=None, seed=0, batch_size=16, autocast=None):
+    """{'induction_loss': the induction score, the mean CE on the second copy of a sequence of uniformly random tokens
+    repeated twice, 'first_copy_loss': the same on the first copy}, over `sequences` of them (seeded: the same tokens
+    for every model of this vocabulary). Nothing but the first copy predicts the second, so a model that copies from
+    its context (induction heads, Olsson et al. 2022) drives the induction loss toward 0, and one that does not stays
+    at its first copy's loss: near log(vocab_size) untrained, above it once trained on text, whose token frequencies
+    random tokens do not follow. The first token of each copy is left out (no context predicts it), so both
+    average the same positions of a copy. length: tokens per copy, half the model's block size by default."""
     length = length or model.config.block_size // 2
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab_size, (sequences, length), generator=generator)
-    device = next(model.parameters()).device
-    repeated = torch.cat([tokens, tokens], dim=1).to(device)
-    was_training, total = model.training, 0.0
+    tokens = torch.randint(0, vocab_size, (sequences, length), generator=torch.Generator().manual_seed(seed))
+    repeated = torch.cat([tokens, tokens], dim=1).to(next(model.parameters()).device)
+    was_training, totals = model.training, torch.zeros(2, dtype=torch.float64)
     model.eval()
     for first in range(0, sequences, batch_size):
         x = repeated[first:first + batch_size]
         with autocast or nullcontext():
             ce, _ = model(x[:, :-1], x[:, 1:], reduction='none')
-        total += ce[:, length:].double().sum().item()  # position t predicts t + 1: from the second copy's second token
+        # position t predicts t + 1: each copy from its second token on
+        totals += torch.stack([ce[:, :length - 1].double().sum(), ce[:, length:].double().sum()]).cpu()
     model.train(was_training)
-    return total / (sequences * (length - 1))
+    first_copy, second_copy = (totals / (sequences * (length - 1))).tolist()
+    return dict(induction_loss=second_copy, first_copy_loss=first_copy)
+
+
+def induction_loss(model, vocab_size, **settings):
+    """induction_losses' induction score alone."""
+    return induction_losses(model, vocab_size, **settings)['induction_loss']
 
 # ----------------------------------------------------------------------------------------------------------
 # The task files: read and checked once, apart from the scoring
@@ -497,7 +504,7 @@ def main(args):
     results = {'val': val_loss(model, val_data, val_set(val_data, args.val_sequences or len(val_data)), **ranks)
                } if val_data else {}
     vocab_size = model.config.vocab_size  # every rank the same few sequences
-    results['induction'] = dict(uniform_guess=math.log(vocab_size), induction_loss=induction_loss(
+    results['induction'] = dict(uniform_guess=math.log(vocab_size), **induction_losses(
         model, vocab_size, batch_size=args.batch_size, autocast=autocast))
     results.update(evaluate_tasks(model, tasks, tok, shots=args.shots, seed=args.seed, progress=rank == 0,
                                   **ranks) if tasks else {})
@@ -506,8 +513,9 @@ def main(args):
             print(f"val loss {results['val']['val_loss']:.4f} (standard error {results['val']['val_loss_se']:.4f}) on "
                   f"{min(len(val_data), args.val_sequences or len(val_data)):,} val sequences of {args.block_size} "
                   f"tokens of {args.data_dir}; in-context score {results['val']['in_context_score']:+.4f}")
-        print(f"induction loss {results['induction']['induction_loss']:.4f} (a uniform guess: "
-              f"{results['induction']['uniform_guess']:.4f}; a model that copies: 0)")
+        induction = results['induction']
+        print(f"induction loss {induction['induction_loss']:.4f}, on the first copy {induction['first_copy_loss']:.4f} "
+              f"(a uniform guess: {induction['uniform_guess']:.4f}; a model that copies: 0 on the second copy)")
         for name, scores in results.items():
             if name not in ('val', 'induction'):
                 print(result_line(name, scores))

@@ -1086,23 +1086,26 @@ def leads_table(args, rows):
 
 
 def in_context_table(args, rows):
-    """Per budget and run, at its end: the induction loss and the in-context score (evaluation.py), each beside its
-    difference from the same seed's baseline's."""
+    """Per budget and run, at its end: the induction loss beside the first copy's loss (a model that copies has the
+    first far above the second), and the in-context score (evaluation.py); each score beside its difference from
+    the same seed's baseline's."""
     table = []
     for budget, _, study, labels in rows:
         for label in labels:
             cells = []
-            for key in ('induction_loss', 'in_context_score'):
+            for key in ('induction_loss', 'first_copy_loss', 'in_context_score'):
                 finals = [study['curves'][(seed, label)][-1].get(key) for seed in args.seeds]
                 baselines = [study['curves'][(seed, 'baseline')][-1].get(key) for seed in args.seeds]
-                if None in finals:  # trained before the scores were logged
-                    cells += ['-', '-']
-                    continue
-                cells += [spread(finals, '.4f'), '' if label == 'baseline' else
-                          spread([f - b for f, b in zip(finals, baselines)], '+.4f')]
+                if None in finals:  # trained before it was logged
+                    cells += ['-'] if key == 'first_copy_loss' else ['-', '-']
+                elif key == 'first_copy_loss':
+                    cells.append(spread(finals, '.4f'))
+                else:
+                    cells += [spread(finals, '.4f'), '' if label == 'baseline' else
+                              spread([f - b for f, b in zip(finals, baselines)], '+.4f')]
             table.append([f"{budget:g}", label] + cells)
     return markdown_table(['tokens per parameter', 'run', 'induction loss', "minus the baseline's",
-                           'in-context score', "minus the baseline's"], table)
+                           "the first copy's loss", 'in-context score', "minus the baseline's"], table)
 
 
 def plot_budgets(args, rows, path):

@@ -3201,7 +3201,9 @@ def test_val_loss_per_subset_and_few_shot_tasks_are_logged(tmp_path, pile, files
     by_position = torch.nn.functional.cross_entropy(model(sequences[:, :-1]).double().transpose(1, 2),
                                                     sequences[:, 1:], reduction='none').mean(dim=0)
     assert final['in_context_score'] == pytest.approx(evaluation.in_context_score(by_position.tolist()), abs=1e-5)
-    assert final['induction_loss'] == pytest.approx(evaluation.induction_loss(model, model.config.vocab_size), rel=1e-5)
+    induction = evaluation.induction_losses(model, model.config.vocab_size)
+    assert [final['induction_loss'], final['first_copy_loss']] == pytest.approx(
+        [induction['induction_loss'], induction['first_copy_loss']], rel=1e-5)
     scores = evaluation.evaluate_tasks(model, evaluation.read_tasks(tasks), GPT2_TOKENIZER)
     for task, metric in (('hellaswag', 'acc_norm'), ('lambada', 'ppl')):
         assert final[f'{task}/{metric}'] == pytest.approx(scores[task][metric], rel=1e-5)
@@ -3222,8 +3224,8 @@ def test_the_in_context_score_is_the_late_loss_minus_the_early_one_each_over_a_w
 
 def test_the_induction_and_in_context_scores_of_a_model_that_copies_and_of_an_untrained_one():
     """A two-layer GPT trained for 200 steps on random sequences repeated twice learns to copy the first copy (an
-    induction head): its loss on the second copy goes near 0, the score's bound, and its in-context score (the late
-    position in the second copy, the early one in the first) near -log(vocab). The untrained model guesses: log(vocab)
+    induction head): its loss on the second copy goes near 0, the score's bound, while the first copy's stays a guess,
+    and its in-context score (the late position in the second copy, the early one in the first) near -log(vocab). The untrained model guesses: log(vocab)
     on the second copy, and no gain from context."""
     torch.manual_seed(0)
     vocab, length = 64, 16
@@ -3234,10 +3236,11 @@ def test_the_induction_and_in_context_scores_of_a_model_that_copies_and_of_an_un
         sequences = repeated_random(vocab, length, 64, seed=1)
         with torch.no_grad():
             ce, _ = model(sequences[:, :-1], sequences[:, 1:], reduction='none')
-        return (evaluation.induction_loss(model, vocab, sequences=32),
+        return (evaluation.induction_losses(model, vocab, sequences=32),
                 evaluation.in_context_score(ce.mean(dim=0).tolist()))
     induction, in_context = scores()
-    assert induction == pytest.approx(uniform, abs=0.15) and abs(in_context) < 0.15
+    assert induction['induction_loss'] == pytest.approx(uniform, abs=0.15) and abs(in_context) < 0.15
+    assert induction['first_copy_loss'] == pytest.approx(uniform, abs=0.15)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(200):
         sequences = repeated_random(vocab, length, 32, seed=100 + step)
@@ -3246,7 +3249,9 @@ def test_the_induction_and_in_context_scores_of_a_model_that_copies_and_of_an_un
         optimizer.step()
         optimizer.zero_grad()
     induction, in_context = scores()
-    assert induction < 0.1 * uniform and in_context < -0.8 * uniform
+    assert induction['induction_loss'] < 0.1 * uniform and in_context < -0.8 * uniform
+    assert induction['first_copy_loss'] > 0.9 * uniform  # nothing to copy yet: the first copy stays a guess
+    assert evaluation.induction_loss(model, vocab, sequences=32) == induction['induction_loss']
 
 
 def test_experiment_tables_per_subset_and_task_pair_runs_by_seed():
@@ -3423,8 +3428,12 @@ def test_the_tokens_design_tables_budgets_from_one_slm(tmp_path, text_data):
     assert [row.split('|')[2].strip() for row in leads[2:]] == ['salt', 'salt_ds'] * 2
     in_context = report.split('## In-context learning at the end (evaluation.py)\n\n')[1].splitlines()
     cells = {(row.split('|')[1].strip(), row.split('|')[2].strip()): row.split('|')[3:-1] for row in in_context[2:]}
-    assert len(cells) == 8 and float(cells[(f"{budgets[1]:g}", 'baseline')][0]) == pytest.approx(
-        baseline[20]['induction_loss'], abs=1e-4)
+    final = baseline[20]
+    assert len(cells) == 8 and [float(cells[(f"{budgets[1]:g}", 'baseline')][i]) for i in (0, 2, 3)] == pytest.approx(
+        [final['induction_loss'], final['first_copy_loss'], final['in_context_score']], abs=1e-4)
+    salt_final = step_records(out / names[1] / 'seed1337' / 'salt')[20]
+    assert float(cells[(f"{budgets[1]:g}", 'salt')][1]) == pytest.approx(
+        salt_final['induction_loss'] - final['induction_loss'], abs=2e-4)
     assert (results / 'budgets.png').stat().st_size > 10_000
     rerun = run_script(*command, cwd=tmp_path)
     assert '[run]' not in rerun.stdout

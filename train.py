@@ -327,8 +327,8 @@ def evaluate():
     with nullcontext() if eval_compiled else torch.compiler.set_stance('force_eager'):
         record = evaluation.val_loss(raw_model, val_data, val_set, **ranks)
         # every rank the same sequences (under fsdp each takes part in every forward)
-        record['induction_loss'] = evaluation.induction_loss(raw_model, model_config.vocab_size, batch_size=batch_size,
-                                                             autocast=autocast)
+        record.update(evaluation.induction_losses(raw_model, model_config.vocab_size, batch_size=batch_size,
+                                                  autocast=autocast))
         results = evaluation.evaluate_tasks(raw_model, tasks, text_tokenizer, shots=eval_shots, **ranks) if tasks else {}
     return dict(record, **{f"{task}/{metric}": value for task, scores in results.items()
                            for metric, value in scores.items()
