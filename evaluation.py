@@ -131,6 +131,9 @@ def in_context_score(loss_by_position, early=0.08, late=0.78, window=1 / 32):
     return around(late) - around(early)
 
 
+INDUCTION_LENGTH = 64  # tokens per copy of the induction score's sequences
+
+
 @torch.no_grad()
 def induction_losses(model, vocab_size, *, sequences=16, length=None, seed=0, batch_size=16, autocast=None):
     """{'induction_loss': the induction score, the mean CE on the second copy of a sequence of uniformly random tokens
@@ -139,8 +142,9 @@ def induction_losses(model, vocab_size, *, sequences=16, length=None, seed=0, ba
     its context (induction heads, Olsson et al. 2022) drives the induction loss toward 0, and one that does not stays
     at its first copy's loss: near log(vocab_size) untrained, above it once trained on text, whose token frequencies
     random tokens do not follow. The first token of each copy is left out (no context predicts it), so both
-    average the same positions of a copy. length: tokens per copy, half the model's block size by default."""
-    length = length or model.config.block_size // 2
+    average the same positions of a copy. length: tokens per copy, 64 by default (half the block where it is
+    shorter): a transformers model's block of 8K tokens would make it a long forward for nothing more."""
+    length = length or min(INDUCTION_LENGTH, model.config.block_size // 2)
     tokens = torch.randint(0, vocab_size, (sequences, length), generator=torch.Generator().manual_seed(seed))
     repeated = torch.cat([tokens, tokens], dim=1).to(next(model.parameters()).device)
     was_training, totals = model.training, torch.zeros(2, dtype=torch.float64)
