@@ -3384,6 +3384,25 @@ def test_each_budget_of_tokens_keeps_the_kd_stage_the_configs_share_of_its_steps
 
 
 @pytest.mark.slow
+def test_a_corpus_is_the_runs_data_in_a_bpe_trained_on_its_own_text(tmp_path, monkeypatch):
+    """--corpus: any corpus prepare.py reads becomes the runs' data in a BPE of its train split, in folders named by
+    the corpus (another file, another folder), each made once."""
+    import experiment
+    monkeypatch.chdir(tmp_path)
+    corpus = f"text {REAL_TEXT}"
+    data_dir = experiment.corpus_in_bpe(corpus, 300)
+    name = experiment.corpus_name(corpus)
+    assert data_dir == f'data/{name}_bpe300' and name.startswith('text_') and name != experiment.corpus_name(
+        f"text {REAL_TEXT} {REAL_TEXT}") and experiment.corpus_name('stdlib') == 'stdlib'
+    meta = json.load(open(os.path.join(data_dir, 'meta.json')))
+    assert meta['vocab_size'] == 300 and meta['tokenizer']['name'] == f'tokenizer_{name}_bpe300'
+    assert meta['source']['kind'] == 'text' and len(data.TokenSequences(data_dir, 'train', 16)) > 100
+    made = os.path.getmtime(os.path.join(data_dir, 'meta.json'))
+    assert experiment.corpus_in_bpe(corpus, 300) == data_dir and os.path.getmtime(
+        os.path.join(data_dir, 'meta.json')) == made
+
+
+@pytest.mark.slow
 def test_the_tokens_design_tables_budgets_from_one_slm(tmp_path, text_data):
     """--budgets at toy size: two budgets of tokens per parameter, each a study of its own with WSD branches at 50%,
     one SLM trained first on the longer budget's tokens and reused; the report over the budgets gives a row per
