@@ -1038,10 +1038,15 @@ def budget_rows(args, studies):
     return rows
 
 
-def reach_cell(study, label, seeds):
-    """The fraction of the steps at which a run reaches the same seed's baseline at 100%, over the seeds."""
+def reaches(study, label, seeds):
+    """Per seed, the fraction of the steps at which a run reaches the same seed's baseline at 100% (None: never)."""
     losses = fraction_curves(study, [label, 'baseline'], seeds)
-    reach = [fraction_reached(losses[(seed, label)], losses[(seed, 'baseline')][1.0]) for seed in seeds]
+    return [fraction_reached(losses[(seed, label)], losses[(seed, 'baseline')][1.0]) for seed in seeds]
+
+
+def reach_cell(study, label, seeds):
+    """reaches() over the seeds, as a table cell."""
+    reach = reaches(study, label, seeds)
     return spread(reach, '.0%') if None not in reach else f"not reached ({reach.count(None)} of {len(reach)} seeds)"
 
 
@@ -1118,8 +1123,7 @@ def plot_budgets(args, rows, path):
         for budget, _, study, labels in rows:
             if label not in labels:
                 continue
-            losses = fraction_curves(study, [label, 'baseline'], args.seeds)
-            reach = [fraction_reached(losses[(seed, label)], losses[(seed, 'baseline')][1.0]) for seed in args.seeds]
+            reach = reaches(study, label, args.seeds)
             ax.scatter([budget] * len(reach), [1.05 if r is None else r for r in reach], color=color, alpha=0.35,
                        marker='o', s=18)
             if None not in reach:
