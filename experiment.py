@@ -1019,9 +1019,9 @@ def run_budgets(args, student):
         os.makedirs(os.path.join('results', budget_args.name), exist_ok=True)
         try:
             run_study(budget_args, student | settings, study)
-        except Stopped:
+        except Stopped:  # reported here, and raised again with what it stopped and where that report is
             write_report(budget_args, student | settings, study, stopped=True)
-            raise
+            raise Stopped(study['doing'], os.path.join('results', budget_args.name))
         finally:
             write_budgets_report(args, studies, n_params)
 
@@ -1278,10 +1278,11 @@ def main():
             print(f"wrote {results}/table.md and {results}/budgets.png")
             return
         run_study(args, student, study)
-    except Stopped:
-        if not args.budgets:  # (run_budgets reports the budget it stopped in)
+    except Stopped as stop:
+        doing, where = stop.args or (study['doing'], results)  # run_budgets' Stopped: the budget's, reported
+        if not stop.args:
             write_report(args, student, study, stopped=True)
-        print(f"stopped by the time limit while {'; '.join(study['doing'])}: {results}/table.md holds the runs that finished")
+        print(f"stopped by the time limit while {'; '.join(doing)}: {where}/table.md holds the runs that finished")
         sys.exit(124)
     print(write_report(args, student, study))
     print(f"wrote {results}/table.md and {results}/val_loss.png")

@@ -3456,6 +3456,20 @@ def test_the_tokens_design_tables_budgets_from_one_slm(tmp_path, text_data):
     assert (results / 'budgets.png').stat().st_size > 10_000
     rerun = run_script(*command, cwd=tmp_path)
     assert '[run]' not in rerun.stdout
+    # a budget between the two, stopped by the time limit: its own report says so, the command names it
+    budgets.insert(1, 480 / n_params)  # 15 steps; the SLM (the longest budget's) is reused
+    command[-1] = ','.join(map(str, budgets))
+    returncode, output = stop_experiment([sys.executable] + command, tmp_path,
+                                         out / experiment.budget_name(budgets[1]) / 'seed1337' / 'baseline')
+    where = os.path.join('results', 'toy', experiment.budget_name(budgets[1]))
+    assert returncode == 124 and re.search(
+        rf"stopped by the time limit while .*training .+: {re.escape(where)}/table.md", output), output
+    assert re.search(r'^\*\*Stopped by its time limit\*\* while .*training ', (tmp_path / where / 'table.md').read_text(),
+                     re.M)
+    table = (results / 'table.md').read_text().split('## Where the claim can live\n\n')[1].split('\n\n')[0]
+    # the budgets run before the stop (those after it keep their own reports, and return to this one when rerun)
+    assert [row.split('|')[1].strip() for row in table.splitlines()[2:]] == [f"{budgets[0]:g}"]
+    assert (results / experiment.budget_name(budgets[2]) / 'table.md').exists()
 
 
 def experiment_module():
@@ -3519,6 +3533,20 @@ def test_branches_wallclock_counts_the_slm_apart_and_the_branches_in_their_run()
     assert rows[4][:4] == ['salt weak_slm', '1', '1.0', '0.0'] and rows[4][-2:] == ['not reached', '-']
 
 
+def stop_experiment(command, cwd, run_dir):
+    """Start experiment.py's command, and stop it as the time limit would once the run in run_dir has begun:
+    (its exit status, its output)."""
+    process = subprocess.Popen(command, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / 'metrics.jsonl').exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)  # what `timeout` does at the limit: the whole process group
+    output = process.communicate(timeout=120)[0]
+    return process.returncode, output
+
+
 @pytest.mark.slow
 def test_experiment_stopped_by_its_time_limit_reports_the_runs_that_finished(tmp_path, text_data):
     """The report is rewritten after every run, and once more when the time limit's SIGTERM stops the study: a
@@ -3530,16 +3558,9 @@ def test_experiment_stopped_by_its_time_limit_reports_the_runs_that_finished(tmp
                                          "eval_interval = 10\n")
     command = [sys.executable, os.path.join(REPO, 'experiment.py'), '--design=demo', '--name=toy',
                '--slm_config=slm.py', '--student_config=student.py', '--tokenize=', '--seeds', '1337']
-    process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    started = tmp_path / 'out' / 'toy' / 'seed1337' / 'salt' / 'metrics.jsonl'  # the baseline has finished
-    deadline = time.time() + 300
-    while not started.exists():
-        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGTERM)  # what `timeout` does at the limit: the whole process group
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 124, output
+    # the baseline has finished once salt has begun
+    returncode, output = stop_experiment(command, tmp_path, tmp_path / 'out' / 'toy' / 'seed1337' / 'salt')
+    assert returncode == 124, output
     report = (tmp_path / 'results' / 'toy' / 'table.md').read_text()
     stopped = re.search(r'^\*\*Stopped by its time limit\*\* while training (\S+) \(seed 1337\): ', report, re.M)
     assert stopped and stopped[1] in ('salt', 'salt_ds'), report  # salt may have finished before the signal came
